@@ -34,6 +34,9 @@ class build_ext(_build_ext):
             for pair in self.cython_directives.split(","):
                 key, _, value = pair.partition("=")
                 directives[key.strip()] = value.strip() not in ("False", "false", "0")
+        # setuptools' build_ext is Cython's when Cython is installed, and that
+        # one reads cython_directives as a dict: hand it the parsed one.
+        self.cython_directives = directives
         debug = bool(os.environ.get("FASTSMTP_DEBUG"))
         self.distribution.ext_modules[:] = cythonize(
             self.distribution.ext_modules,

@@ -1,0 +1,350 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The SMTP hot path in C: command lines and DATA content.
+
+Rules of this module:
+- It is a small kernel with a Python-shaped API: any buffer in (acquired with
+  PyObject_GetBuffer and released in ``finally``, as httptools does), owned
+  ``bytes`` out, no exception ever unwinding through C.
+- It holds no policy.  Limits come in; violations come out as LineTooLong,
+  ``oversize`` and the ``bare_*`` flags; the session picks the reply.
+- Every answer here, down to which octets each feed returns, equals the
+  answer of _parser_py.py, the pure-Python twin.  The contract is written
+  out there; the tests hold both to it.  Change both or neither.
+"""
+
+cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.ref cimport PyObject, Py_XDECREF
+from libc.string cimport memchr, memcpy, memmove
+
+cdef extern from "Python.h":
+    # Declared by hand so that the new object stays a raw reference that
+    # _PyBytes_Resize may shrink in place once the content length is known.
+    PyObject* _bytes_alloc "PyBytes_FromStringAndSize" (const char *v, Py_ssize_t n) except NULL
+    char* _bytes_data "PyBytes_AS_STRING" (PyObject *o)
+    int _PyBytes_Resize(PyObject **o, Py_ssize_t n) except -1
+
+cdef enum:
+    CR = 13
+    LF = 10
+    DOT = 46
+    BARE_LF = 1     # LineReader.bare bits
+    BARE_CR = 2
+
+__all__ = ["LineTooLong", "LineReader", "DataReader", "DEBUG"]
+
+#: True in builds made with FASTSMTP_DEBUG set (the ``_debug_*`` counters count).
+DEBUG = FASTSMTP_DEBUG
+
+
+class LineTooLong(ValueError):
+    """A line, CRLF included, is longer than the reader's ``max_length``."""
+
+
+@cython.final
+cdef class LineReader:
+    """Split input at CRLF, and only at CRLF (RFC 5321 §2.3.8)."""
+
+    def __cinit__(self):
+        self._buf = NULL
+        self._cap = 0
+
+    def __init__(self, Py_ssize_t max_length=DEFAULT_MAX_LINE):
+        if max_length < 2:
+            raise ValueError("max_length must leave room for the CRLF")
+        self._max = max_length
+        self._reset()
+        self.bare = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self._buf)
+
+    def __len__(self):
+        return self._end - self._start
+
+    def feed(self, data):
+        cdef Py_buffer view
+        cdef const char *p
+        cdef Py_ssize_t n, skipped
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            p = <const char *>view.buf
+            n = view.len
+            if self._discarding:
+                skipped = self._skip(p, n)
+                p += skipped
+                n -= skipped
+            if n:
+                self._append(p, n)
+        finally:
+            PyBuffer_Release(&view)
+
+    def readline(self):
+        cdef const char *buf = self._buf
+        cdef const char *q
+        cdef Py_ssize_t start = self._start, j, length
+        cdef bytes line
+        while self._scan < self._end:
+            q = <const char *>memchr(buf + self._scan, LF, <size_t>(self._end - self._scan))
+            if q == NULL:
+                if FASTSMTP_DEBUG:
+                    self._debug_scanned += self._end - self._scan
+                self._scan = self._end
+                break
+            j = q - buf
+            if FASTSMTP_DEBUG:
+                self._debug_scanned += j + 1 - self._scan
+            self._scan = j + 1
+            if j == start or buf[j - 1] != CR:
+                continue            # a bare LF is content, not an end of line
+            length = j + 1 - start
+            if length > self._max:
+                self._advance(j + 1)
+                raise LineTooLong(f"line of {length} octets, limit {self._max}")
+            line = PyBytes_FromStringAndSize(buf + start, length - 2)
+            self.bare = 0
+            if memchr(buf + start, LF, <size_t>(length - 2)) != NULL:
+                self.bare |= BARE_LF
+            if memchr(buf + start, CR, <size_t>(length - 2)) != NULL:
+                self.bare |= BARE_CR
+            self._advance(j + 1)
+            return line
+        length = self._end - start
+        if length > self._max:
+            # Drop what we hold and, in feed(), the rest of the line up to
+            # its CRLF: memory stays bounded by one line however long it is.
+            self._discard_cr = buf[self._end - 1] == CR
+            self._discarding = True
+            self._advance(self._end)
+            raise LineTooLong(f"line of more than {self._max} octets")
+        return None
+
+    def take(self):
+        cdef bytes rest = PyBytes_FromStringAndSize(self._buf + self._start,
+                                                    self._end - self._start)
+        self._advance(self._end)
+        self._discarding = self._discard_cr = False
+        return rest
+
+    cdef void _reset(self) noexcept:
+        self._start = self._end = self._scan = 0
+        self._discarding = self._discard_cr = False
+
+    cdef void _advance(self, Py_ssize_t pos) noexcept:
+        self._start = pos
+        if pos == self._end:
+            self._start = self._end = self._scan = 0
+            if self._cap > LINE_BUFFER_SHRINK:
+                PyMem_Free(self._buf)
+                self._buf = NULL
+                self._cap = 0
+
+    cdef Py_ssize_t _skip(self, const char *p, Py_ssize_t n) noexcept:
+        # Discard up to and including the CRLF that ends an overlong line;
+        # return how many octets of p that took.
+        cdef const char *q
+        cdef Py_ssize_t i = 0
+        if n == 0:
+            return 0
+        if self._discard_cr and p[0] == LF:
+            self._discarding = self._discard_cr = False
+            return 1
+        while True:
+            q = <const char *>memchr(p + i, LF, <size_t>(n - i))
+            if q == NULL:
+                self._discard_cr = p[n - 1] == CR
+                return n
+            i = q - p + 1
+            if i > 1 and p[i - 2] == CR:
+                self._discarding = self._discard_cr = False
+                return i
+
+    cdef int _append(self, const char *p, Py_ssize_t n) except -1:
+        cdef Py_ssize_t used, cap
+        cdef char *buf
+        if self._end + n > self._cap:
+            used = self._end - self._start
+            if used + n <= self._cap and self._start >= used:
+                memmove(self._buf, self._buf + self._start, <size_t>used)
+            else:
+                cap = max(self._cap * 2, used + n, <Py_ssize_t>LINE_BUFFER_MIN)
+                buf = <char *>PyMem_Malloc(<size_t>cap)
+                if buf == NULL:
+                    raise MemoryError()
+                if used:
+                    memcpy(buf, self._buf + self._start, <size_t>used)
+                PyMem_Free(self._buf)
+                self._buf = buf
+                self._cap = cap
+            self._scan -= self._start
+            self._end = used
+            self._start = 0
+        memcpy(self._buf + self._end, p, <size_t>n)
+        self._end += n
+        return 0
+
+
+@cython.final
+cdef class DataReader:
+    """Find the end of DATA (RFC 5321 §4.1.1.4) and undo dot-stuffing (§4.5.2)."""
+
+    def __cinit__(self):
+        self._out = NULL
+
+    def __init__(self, Py_ssize_t max_size, bint normalize=False):
+        if max_size < 0:
+            raise ValueError("max_size must not be negative")
+        self._max_size = max_size
+        self._normalize = normalize
+        self.reset()
+
+    def reset(self):
+        self.done = self.oversize = self.bare_lf = self.bare_cr = False
+        self.size = 0
+        self._state = ST_LINE_START
+
+    def feed(self, data):
+        cdef Py_buffer view
+        cdef PyObject *out = NULL
+        cdef Py_ssize_t n, cap, consumed
+        if self.done:
+            return b"", 0
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            n = view.len
+            if n == 0:
+                return b"", 0
+            # Output is at most the input plus a held-back CR; normalizing can
+            # double every octet and add a held-back CR and a pending LF.
+            cap = 2 * n + 3 if self._normalize else n + 1
+            if self.oversize:
+                cap = 0
+            elif cap > self._max_size - self.size:
+                cap = self._max_size - self.size
+            if cap > 0:
+                out = _bytes_alloc(NULL, cap)
+                self._out = _bytes_data(out)
+            self._outlen = 0
+            consumed = self._scan(<const char *>view.buf, n)
+            if self._outlen == 0:
+                return b"", consumed
+            if self._outlen != cap:
+                _PyBytes_Resize(&out, self._outlen)
+            return <object>out, consumed
+        finally:
+            self._out = NULL
+            Py_XDECREF(out)
+            PyBuffer_Release(&view)
+
+    cdef Py_ssize_t _scan(self, const char *p, Py_ssize_t n) noexcept:
+        # Content is copied in runs: p[run:i] is content not yet emitted.
+        cdef Py_ssize_t i = 0, j, run = 0
+        cdef const char *q
+        cdef DataState state = self._state
+        # 1. Settle the state the previous feed ended in (n > 0).
+        if state == ST_CR:
+            if p[0] == LF:
+                i = 1
+                state = ST_LINE_START
+            else:
+                self.bare_cr = True
+                if self._normalize:
+                    self._emit(b"\n", 1)
+                state = ST_MID
+        elif state == ST_DOT:
+            if p[0] == CR:
+                if n == 1:
+                    self._state = ST_DOT_CR
+                    return 1
+                if p[1] == LF:
+                    self.done = True
+                    return 2
+            state = ST_MID              # the dot was stuffing: dropped
+        elif state == ST_DOT_CR:
+            if p[0] == LF:
+                self.done = True
+                return 1
+            self.bare_cr = True
+            self._emit(b"\r\n", 2 if self._normalize else 1)
+            state = ST_MID
+        # 2. One line per turn: memchr to its LF, then look at its two ends.
+        while i < n:
+            if state == ST_LINE_START:
+                if p[i] == DOT:
+                    self._emit(p + run, i - run)
+                    if i + 1 == n:
+                        state = ST_DOT
+                        run = n
+                        break
+                    if p[i + 1] == CR:
+                        if i + 2 == n:
+                            state = ST_DOT_CR
+                            run = n
+                            break
+                        if p[i + 2] == LF:
+                            self.done = True
+                            return i + 3
+                    i += 1
+                    run = i
+                state = ST_MID
+            q = <const char *>memchr(p + i, LF, <size_t>(n - i))
+            if q == NULL:
+                run = self._crs(p, run, i, n - 1)
+                state = ST_CR if p[n - 1] == CR else ST_MID
+                break
+            j = q - p
+            if j > i and p[j - 1] == CR:
+                run = self._crs(p, run, i, j - 1)
+                state = ST_LINE_START
+            else:
+                run = self._crs(p, run, i, j)
+                self.bare_lf = True
+                if self._normalize:
+                    self._emit(p + run, j - run)
+                    self._emit(b"\r\n", 2)
+                    run = j + 1
+                state = ST_MID
+            i = j + 1
+        self._emit(p + run, n - run)
+        self._state = state
+        return n
+
+    cdef Py_ssize_t _crs(self, const char *p, Py_ssize_t run,
+                         Py_ssize_t a, Py_ssize_t b) noexcept:
+        # Every CR in p[a:b] is bare: no LF follows it.  Flag it, and with
+        # normalize make it a CRLF.  Returns the new start of the run.
+        cdef const char *q
+        if b <= a:
+            return run
+        if self._normalize:
+            q = <const char *>memchr(p + a, CR, <size_t>(b - a))
+            while q != NULL:
+                self.bare_cr = True
+                a = q - p + 1
+                self._emit(p + run, a - run)
+                self._emit(b"\n", 1)
+                run = a
+                q = <const char *>memchr(p + a, CR, <size_t>(b - a)) if a < b else NULL
+        elif not self.bare_cr and memchr(p + a, CR, <size_t>(b - a)) != NULL:
+            self.bare_cr = True
+        return run
+
+    cdef void _emit(self, const char *src, Py_ssize_t m) noexcept:
+        # Count m content octets; copy those that still fit under max_size.
+        cdef Py_ssize_t keep
+        if m <= 0:
+            return
+        if not self.oversize:
+            keep = self._max_size - self.size
+            if keep >= m:
+                keep = m
+            else:
+                self.oversize = True    # RFC 1870 §6.3: refused with 552 at the end
+            if keep > 0:
+                memcpy(self._out + self._outlen, src, <size_t>keep)
+                self._outlen += keep
+                if FASTSMTP_DEBUG:
+                    self._debug_copies += 1
+        self.size += m

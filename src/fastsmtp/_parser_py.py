@@ -1,0 +1,297 @@
+"""The SMTP parser in plain Python: the fallback and the oracle.
+
+Rules of this module:
+- Same API and the same answers as the compiled ``_parser`` for every input
+  and every way of cutting it into feeds, down to which octets each feed
+  returns.  The differential tests hold the two to that.
+- It is written to be read: one line per loop turn, ``bytes.find`` for the
+  searching, no cleverness.  Speed is the compiled module's job.
+
+The contract (both implementations)
+-----------------------------------
+``LineReader`` splits command lines at CRLF and only at CRLF (RFC 5321
+§2.3.8): a bare LF or bare CR is content, and ``bare`` reports it (1 = a bare
+LF, 2 = a bare CR) for the line just returned.  A line longer than
+``max_length`` (CRLF included; RFC 5321 §4.5.3.1.4 gives 512 for commands and
+the caller adds an allowance for extensions) raises ``LineTooLong`` once.  If
+its CRLF has not arrived yet, everything up to and including that CRLF is then
+dropped as it comes in, never buffered, so memory stays bounded by
+``max_length`` plus one feed.  The search for CRLF resumes where it stopped,
+so input arriving one octet at a time costs O(n) in all (h11's
+``ReceiveBuffer``).
+
+``DataReader`` reads what follows the 354 reply to DATA:
+
+- The end of data is ``<CRLF>.<CRLF>`` (RFC 5321 §4.1.1.4) and nothing else.
+  The reader starts at a line start, because the CRLF that ended the DATA
+  command counts, so ``.<CRLF>`` alone is an empty message.  A line start is
+  the start of data or the octet after a real CRLF; a bare LF or bare CR does
+  not start a line.  So ``<LF>.<LF>``, ``<CR>.<CR>``, ``<CRLF>.<LF>``,
+  ``<CRLF>.<CR><CRLF>`` and the like are content (SMTP smuggling,
+  CVE-2023-51764).
+- The CRLF in front of the terminating dot is content: ``Hello<CRLF>.<CRLF>``
+  is the message ``Hello<CRLF>``.
+- A dot at line start that is not the terminator is stuffing and is removed
+  (RFC 5321 §4.5.2): ``..x`` -> ``.x``, ``.x`` -> ``x``.
+- ``bare_lf`` / ``bare_cr`` report an LF not preceded by CR and a CR not
+  followed by LF in the content.  With ``normalize`` each of them is stored as
+  CRLF (Postfix 3.9's ``smtpd_forbid_bare_newline = normalize``).  This never
+  moves the end of data, and a normalized line break is no line start for dot
+  handling: ``a<LF>.<CRLF>`` is ``a<CRLF>.<CRLF>`` in the output, not an end.
+- ``size`` counts content octets (after unstuffing and normalizing).  The
+  first ``max_size`` octets are returned; past that ``oversize`` is set and
+  the rest is counted but dropped, while the scan for the end goes on (RFC
+  1870 §6.3: the 552 comes after the end of data).
+
+Octets are emitted as soon as they are known to be content, with one
+exception: after ``<CRLF>.<CR>`` at the end of a feed, that CR is held back
+until the next octet shows whether it ends the data.  A dot at line start is
+never content, and a mid-line CR at the end of a feed is emitted at once (it
+is content whatever follows; only its flag, and with ``normalize`` its added
+LF, wait for the next octet).
+"""
+
+from __future__ import annotations
+
+__all__ = ["LineTooLong", "LineReader", "DataReader", "DEBUG", "stuff"]
+
+#: The pure-Python twin has no debug counters.
+DEBUG = False
+
+_CR, _LF, _DOT = 13, 10, 46
+
+# Where the DATA scanner stands between feeds (_parser.pxd: DataState).
+_LINE_START = 0  # at the start of data or right after a real CRLF
+_MID = 1  # inside a line; the previous octet is not a pending CR
+_CR_SEEN = 2  # inside a line; the last octet was a CR (already emitted)
+_DOT_SEEN = 3  # a '.' at line start (never emitted: end or unstuffed)
+_DOT_CR = 4  # '.' CR at line start; the CR is held back
+
+
+def _as_bytes(data: bytes | bytearray | memoryview) -> bytes:
+    # Any buffer, as the compiled module takes; unlike bytes(), never an int.
+    return data if type(data) is bytes else memoryview(data).tobytes()
+
+
+class LineTooLong(ValueError):
+    """A line, CRLF included, is longer than the reader's ``max_length``."""
+
+
+class LineReader:
+    """Split input at CRLF, and only at CRLF (RFC 5321 §2.3.8)."""
+
+    __slots__ = ("_buf", "_scan", "_max", "_discarding", "_discard_cr", "_bare")
+
+    def __init__(self, max_length: int = 1024) -> None:
+        if max_length < 2:
+            raise ValueError("max_length must leave room for the CRLF")
+        self._max = max_length
+        self._buf = bytearray()
+        self._scan = 0  # where the CRLF search resumes
+        self._discarding = False  # dropping an overlong line up to its CRLF
+        self._discard_cr = False  # ... and the last dropped octet was a CR
+        self._bare = 0
+
+    @property
+    def bare(self) -> int:
+        """Bit 1: the last line had a bare LF; bit 2: it had a bare CR."""
+        return self._bare
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        data = _as_bytes(data)
+        if self._discarding:
+            if not data:
+                return
+            if self._discard_cr and data[0] == _LF:
+                end = 1
+            else:
+                i = data.find(b"\r\n")
+                if i < 0:
+                    self._discard_cr = data[-1] == _CR
+                    return
+                end = i + 2
+            self._discarding = self._discard_cr = False
+            data = data[end:]
+        self._buf += data
+
+    def readline(self) -> bytes | None:
+        buf = self._buf
+        i = buf.find(b"\r\n", self._scan)
+        if i < 0:
+            if len(buf) > self._max:
+                # Drop what we hold and, in feed(), the rest of the line up
+                # to its CRLF: memory stays bounded however long the line is.
+                self._discard_cr = buf[-1] == _CR
+                self._discarding = True
+                self._clear()
+                raise LineTooLong(f"line of more than {self._max} octets")
+            # A CR at the end may be the first half of a CRLF: look again.
+            self._scan = max(len(buf) - 1, 0)
+            return None
+        line = bytes(buf[:i])
+        del buf[: i + 2]
+        self._scan = 0
+        if i + 2 > self._max:
+            raise LineTooLong(f"line of {i + 2} octets, limit {self._max}")
+        self._bare = (1 if b"\n" in line else 0) | (2 if b"\r" in line else 0)
+        return line
+
+    def take(self) -> bytes:
+        rest = bytes(self._buf)
+        self._clear()
+        self._discarding = self._discard_cr = False
+        return rest
+
+    def _clear(self) -> None:
+        self._buf = bytearray()
+        self._scan = 0
+
+
+class DataReader:
+    """Find the end of DATA (RFC 5321 §4.1.1.4) and undo dot-stuffing (§4.5.2)."""
+
+    __slots__ = (
+        "_max_size",
+        "_normalize",
+        "_state",
+        "_out",
+        "done",
+        "size",
+        "oversize",
+        "bare_lf",
+        "bare_cr",
+    )
+
+    def __init__(self, max_size: int, normalize: bool = False) -> None:
+        if max_size < 0:
+            raise ValueError("max_size must not be negative")
+        self._max_size = max_size
+        self._normalize = bool(normalize)
+        self._out: list[bytes] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.done = False
+        self.size = 0
+        self.oversize = False
+        self.bare_lf = False
+        self.bare_cr = False
+        self._state = _LINE_START
+
+    def feed(self, data: bytes | bytearray | memoryview) -> tuple[bytes, int]:
+        if self.done:
+            return b"", 0
+        data = _as_bytes(data)
+        if not data:
+            return b"", 0
+        self._out = []
+        consumed = self._scan(data)
+        out, self._out = self._out, []
+        return b"".join(out), consumed
+
+    def _scan(self, data: bytes) -> int:
+        n = len(data)
+        i = 0
+        state = self._state
+        # 1. Settle the state the previous feed ended in.
+        if state == _CR_SEEN:
+            if data[0] == _LF:
+                self._emit(b"\n")
+                i = 1
+                state = _LINE_START
+            else:
+                self.bare_cr = True
+                if self._normalize:
+                    self._emit(b"\n")
+                state = _MID
+        elif state == _DOT_SEEN:
+            if data[0] == _CR:
+                if n == 1:
+                    self._state = _DOT_CR
+                    return 1
+                if data[1] == _LF:
+                    self.done = True
+                    return 2
+            state = _MID  # the dot was stuffing: dropped
+        elif state == _DOT_CR:
+            if data[0] == _LF:
+                self.done = True
+                return 1
+            self.bare_cr = True
+            self._emit(b"\r\n" if self._normalize else b"\r")
+            state = _MID
+        # 2. One line per turn.
+        while i < n:
+            if state == _LINE_START:
+                if data[i] == _DOT:
+                    if i + 1 == n:
+                        self._state = _DOT_SEEN
+                        return n
+                    if data[i + 1] == _CR:
+                        if i + 2 == n:
+                            self._state = _DOT_CR
+                            return n
+                        if data[i + 2] == _LF:
+                            self.done = True
+                            return i + 3
+                    i += 1  # RFC 5321 §4.5.2: drop the stuffed dot
+                state = _MID
+            j = data.find(b"\n", i)
+            if j < 0:
+                self._content(data[i : n - 1])
+                self._emit(data[n - 1 :])
+                state = _CR_SEEN if data[n - 1] == _CR else _MID
+                break
+            if j > i and data[j - 1] == _CR:
+                self._content(data[i : j - 1])
+                self._emit(b"\r\n")
+                state = _LINE_START
+            else:
+                self._content(data[i:j])
+                self.bare_lf = True
+                self._emit(b"\r\n" if self._normalize else b"\n")
+                state = _MID
+            i = j + 1
+        self._state = state
+        return n
+
+    def _content(self, chunk: bytes) -> None:
+        # Emit content that holds no LF and is followed by no LF: any CR in
+        # it is bare.
+        if b"\r" in chunk:
+            self.bare_cr = True
+            if self._normalize:
+                chunk = chunk.replace(b"\r", b"\r\n")
+        self._emit(chunk)
+
+    def _emit(self, chunk: bytes) -> None:
+        # Count the octets; keep those that still fit under max_size.
+        m = len(chunk)
+        if not self.oversize:
+            room = self._max_size - self.size
+            if m > room:
+                self.oversize = True  # RFC 1870 §6.3: refused with 552 at the end
+                chunk = chunk[:room]
+            if chunk:
+                self._out.append(chunk)
+        self.size += m
+
+
+def stuff(content: bytes) -> bytes:
+    """Return ``content`` as a client sends it after DATA (RFC 5321 §4.5.2).
+
+    Every line that starts with '.' gets one more '.', and the terminator
+    ``.<CRLF>`` is appended.  Non-empty content that does not end with CRLF
+    gets a CRLF first, as clients do, so the result then decodes to
+    ``content + b"\\r\\n"``.  Only CRLF ends a line here, exactly as in the
+    readers: a '.' after a bare LF is not stuffed.
+    """
+    if content and not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    out = content.replace(b"\r\n.", b"\r\n..")
+    if out.startswith(b"."):
+        out = b"." + out
+    return out + b".\r\n"

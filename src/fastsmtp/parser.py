@@ -1,0 +1,31 @@
+"""The parser the rest of fastsmtp uses: compiled if possible, else the twin.
+
+``FASTSMTP_PUREPYTHON=1`` forces the pure-Python twin (as uvicorn's ``auto``
+modules fall back when httptools is missing); so does a missing compiled
+module.  Both give the same answers; ``IMPLEMENTATION`` says which one runs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+__all__ = ["LineReader", "DataReader", "LineTooLong", "IMPLEMENTATION"]
+
+IMPLEMENTATION: str
+
+if TYPE_CHECKING:  # one interface for the type checker: _parser.pyi
+    from ._parser import DataReader, LineReader, LineTooLong
+elif os.environ.get("FASTSMTP_PUREPYTHON", "") not in ("", "0"):
+    from ._parser_py import DataReader, LineReader, LineTooLong
+
+    IMPLEMENTATION = "python"
+else:
+    try:
+        from ._parser import DataReader, LineReader, LineTooLong
+    except ImportError:
+        from ._parser_py import DataReader, LineReader, LineTooLong
+
+        IMPLEMENTATION = "python"
+    else:
+        IMPLEMENTATION = "cython"

@@ -1,0 +1,132 @@
+"""Properties of the parser, checked with Hypothesis.
+
+- The compiled module and the pure-Python twin give identical answers, feed
+  by feed, for any input and any chunking.
+- Chunking never changes the answer.
+- Dot-stuffing round-trips: DataReader(stuff(m)) == m, ending exactly at the
+  end of stuff(m).
+- The readers agree with ``expected_data``, the contract over whole inputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import replace
+from types import ModuleType
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastsmtp import _parser_py
+from fastsmtp._parser_py import stuff
+from fastsmtp._testing import chunked, expected_data, read_data, read_lines
+
+PURE = os.environ.get("FASTSMTP_PUREPYTHON", "") not in ("", "0")
+BIG = 1 << 40
+SETTINGS = settings(max_examples=200, deadline=None)
+
+
+def compiled() -> ModuleType:
+    if PURE:
+        pytest.skip("FASTSMTP_PUREPYTHON=1: the compiled parser is not required")
+    return importlib.import_module("fastsmtp._parser")
+
+
+@pytest.fixture(scope="module", params=["cython", "python"])
+def impl(request: pytest.FixtureRequest) -> ModuleType:
+    return _parser_py if request.param == "python" else compiled()
+
+
+# Inputs rich in the octets that matter, so that terminators, near-misses,
+# stuffed dots and bare line ends all turn up often.
+PIECES = [b"\r", b"\n", b".", b"\r\n", b"\r\n.", b"\r\n.\r\n", b"..", b"x", b"yz", b"\x00", b"\xff"]
+wire = st.one_of(
+    st.lists(st.sampled_from(PIECES), max_size=60).map(b"".join),
+    st.binary(max_size=200),
+)
+# Chunk sizes, cycled; one octet at a time is drawn often, because that puts
+# a feed boundary at every position, including inside a terminator.
+sizes = st.one_of(st.just([1]), st.lists(st.integers(1, 64), min_size=1, max_size=8))
+# A line of a message: any octets but CR and LF; it may start with dots.
+line = st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+dotted_line = st.tuples(st.sampled_from([b"", b".", b".."]), line).map(b"".join)
+message = st.lists(dotted_line, max_size=20).map(lambda ls: b"".join(x + b"\r\n" for x in ls))
+
+
+@SETTINGS
+@given(payload=wire, cuts=sizes, max_size=st.integers(0, 300), normalize=st.booleans())
+def test_data_twin_equals_compiled(
+    payload: bytes, cuts: list[int], max_size: int, normalize: bool
+) -> None:
+    c = compiled()
+    chunks = chunked(payload, cuts)
+    assert read_data(c.DataReader(max_size, normalize), chunks) == read_data(
+        _parser_py.DataReader(max_size, normalize), chunks
+    )
+
+
+@SETTINGS
+@given(payload=wire, cuts=sizes, normalize=st.booleans())
+def test_chunking_never_changes_the_answer(
+    impl: ModuleType, payload: bytes, cuts: list[int], normalize: bool
+) -> None:
+    whole = read_data(impl.DataReader(BIG, normalize), [payload])
+    split = read_data(impl.DataReader(BIG, normalize), chunked(payload, cuts))
+    assert replace(split, pieces=()) == replace(whole, pieces=())
+
+
+@SETTINGS
+@given(payload=wire, max_size=st.integers(0, 300), normalize=st.booleans())
+def test_agrees_with_the_contract(
+    impl: ModuleType, payload: bytes, max_size: int, normalize: bool
+) -> None:
+    payload += b"\r\n.\r\n"  # make sure it ends
+    expected = expected_data(payload, max_size, normalize)
+    result = read_data(impl.DataReader(max_size, normalize), [payload])
+    assert expected is not None and result.done
+    assert result == replace(expected, pieces=result.pieces)
+
+
+@SETTINGS
+@given(content=message, cuts=sizes, trailing=wire)
+def test_stuffing_round_trips(
+    impl: ModuleType, content: bytes, cuts: list[int], trailing: bytes
+) -> None:
+    sent = stuff(content)
+    result = read_data(impl.DataReader(BIG), chunked(sent + trailing, cuts))
+    assert result.done and result.content == content and result.consumed == len(sent)
+    assert not (result.bare_lf or result.bare_cr or result.oversize)
+
+
+@SETTINGS
+@given(payload=wire, cuts=sizes, max_length=st.integers(2, 40))
+def test_lines_twin_equals_compiled(payload: bytes, cuts: list[int], max_length: int) -> None:
+    c = compiled()
+    chunks = chunked(payload, cuts)
+    readers = c.LineReader(max_length), _parser_py.LineReader(max_length)
+    got = [read_lines(r, chunks) for r in readers]
+    assert got[0] == got[1]
+    assert len(readers[0]) == len(readers[1])
+    assert readers[0].take() == readers[1].take()
+
+
+@SETTINGS
+@given(payload=wire, cuts=sizes, max_length=st.integers(2, 40))
+def test_lines_chunking_never_changes_the_answer(
+    impl: ModuleType, payload: bytes, cuts: list[int], max_length: int
+) -> None:
+    payload += b"\r\n"  # no partial line left: the discard state cannot differ
+    whole = impl.LineReader(max_length)
+    split = impl.LineReader(max_length)
+    assert read_lines(whole, [payload]) == read_lines(split, chunked(payload, cuts))
+    assert len(whole) == len(split) == 0
+
+
+@SETTINGS
+@given(lines=st.lists(line, max_size=10), cuts=sizes)
+def test_lines_round_trip(impl: ModuleType, lines: list[bytes], cuts: list[int]) -> None:
+    payload = b"".join(x + b"\r\n" for x in lines)
+    reader = impl.LineReader(1024)
+    assert read_lines(reader, chunked(payload, cuts)) == [(x, 0) for x in lines]

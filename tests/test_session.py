@@ -1,0 +1,365 @@
+"""The sans-IO session: every (state, command) pair, pipelining, DATA, limits.
+
+No sockets here: bytes go in, events and reply bytes come out.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+
+from fastsmtp.errors import RemoteProtocolError
+from fastsmtp.events import (
+    ConnectionClosed,
+    Data,
+    Ehlo,
+    EndOfMessage,
+    Event,
+    Helo,
+    Help,
+    MailFrom,
+    MessageChunk,
+    Noop,
+    Quit,
+    RcptTo,
+    Reply,
+    Rset,
+    Vrfy,
+)
+from fastsmtp.session import (
+    CLOSED,
+    DATA,
+    GREETED,
+    MAIL,
+    NEED_DATA,
+    PAUSED,
+    RCPT,
+    READY,
+    TRANSITIONS,
+    Limits,
+    Session,
+)
+
+OK = Reply(250, "2.0.0", "Ok")
+GO_AHEAD = Reply(354, "", "go ahead")
+NO = Reply(550, "5.1.1", "no such user")
+
+
+def default_answer(event: Event) -> Reply:
+    return GO_AHEAD if isinstance(event, Data) else OK
+
+
+def drive(
+    session: Session, data: bytes, answer: Callable[[Event], Reply] = default_answer
+) -> tuple[list[object], bytes]:
+    """Feed ``data``, answer every command, return (events and error replies, bytes out)."""
+    session.receive_data(data)
+    seen: list[object] = []
+    out = []
+    while True:
+        try:
+            event = session.next_event()
+        except RemoteProtocolError as exc:
+            seen.append(exc.reply)
+            out.append(session.send(exc.reply))
+            continue
+        if event is NEED_DATA or event is PAUSED:
+            break
+        seen.append(event)
+        if isinstance(event, (MessageChunk, ConnectionClosed)):
+            if isinstance(event, ConnectionClosed):
+                break
+            continue
+        out.append(session.send(answer(event)))
+    return seen, b"".join(out)
+
+
+def session_in(state: type, limits: Limits = Limits()) -> Session:
+    s = Session(limits)
+    script = {
+        GREETED: b"",
+        READY: b"EHLO client.example\r\n",
+        MAIL: b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\n",
+        RCPT: b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n",
+    }[state]
+    if script:
+        drive(s, script)
+    assert s.state is state
+    return s
+
+
+COMMANDS = {
+    Helo: b"HELO client.example\r\n",
+    Ehlo: b"EHLO client.example\r\n",
+    MailFrom: b"MAIL FROM:<x@example.org>\r\n",
+    RcptTo: b"RCPT TO:<y@example.net>\r\n",
+    Data: b"DATA\r\n",
+    Rset: b"RSET\r\n",
+    Noop: b"NOOP\r\n",
+    Vrfy: b"VRFY someone\r\n",
+    Help: b"HELP\r\n",
+    Quit: b"QUIT\r\n",
+}
+
+
+@pytest.mark.parametrize("state", [GREETED, READY, MAIL, RCPT], ids=repr)
+@pytest.mark.parametrize("command", list(COMMANDS), ids=lambda c: c.__name__)
+def test_every_state_and_command(state: type, command: type) -> None:
+    """The transition table is the contract: allowed commands advance, others get 503 5.5.1."""
+    s = session_in(state)
+    seen, out = drive(s, COMMANDS[command])
+    allowed = TRANSITIONS[state]
+    if command in allowed:
+        assert type(seen[0]) is command
+        target = allowed[command]
+        assert s.state is (state if target is None else target)
+    else:
+        assert seen == [Reply(503, "5.5.1", seen[0].text)]  # type: ignore[union-attr]
+        assert out.startswith(b"503 5.5.1 ")
+        assert s.state is state
+
+
+@pytest.mark.parametrize(
+    "state,command,text",
+    [
+        (GREETED, MailFrom, b"send HELO/EHLO first"),
+        (MAIL, MailFrom, b"nested MAIL"),
+        (RCPT, MailFrom, b"nested MAIL"),
+        (READY, RcptTo, b"need MAIL"),
+        (MAIL, Data, b"no valid recipients"),
+        (READY, Data, b"need MAIL"),
+    ],
+)
+def test_order_errors_say_why(state: type, command: type, text: bytes) -> None:
+    _, out = drive(session_in(state), COMMANDS[command])
+    assert out.startswith(b"503 5.5.1 ") and text in out
+
+
+def test_refused_rcpt_does_not_advance() -> None:
+    s = session_in(MAIL)
+    seen, out = drive(s, b"RCPT TO:<nobody@example.net>\r\n", lambda e: NO)
+    assert out == NO.encoded
+    assert s.state is MAIL and s.envelope.rcpt_to == []
+    _, out = drive(s, b"DATA\r\n")
+    assert out.startswith(b"503 5.5.1")
+
+
+def test_pipelined_batch_yields_one_command_at_a_time() -> None:
+    s = Session()
+    s.receive_data(b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n")
+    first = s.next_event()
+    assert isinstance(first, Ehlo)
+    # Until the EHLO is answered, the session holds the rest back.
+    assert s.next_event() is PAUSED
+    s.send(OK)
+    assert isinstance(s.next_event(), MailFrom)
+    s.send(OK)
+    rcpt = s.next_event()
+    assert isinstance(rcpt, RcptTo) and rcpt.address.raw == b"c@d.example"
+    s.send(OK)
+    assert isinstance(s.next_event(), Data)
+    s.send(GO_AHEAD)
+    assert s.state is DATA
+    assert s.next_event() is NEED_DATA
+
+
+def test_message_content_and_commands_after_it() -> None:
+    s = session_in(RCPT)
+    seen, out = drive(s, b"DATA\r\nSubject: hi\r\n\r\n..dot\r\nbody\r\n.\r\nQUIT\r\n")
+    kinds = [type(e) for e in seen]
+    assert kinds == [Data, MessageChunk, EndOfMessage, Quit]
+    assert seen[1].data == b"Subject: hi\r\n\r\n.dot\r\nbody\r\n"  # type: ignore[attr-defined]
+    eom = seen[2]
+    assert isinstance(eom, EndOfMessage) and eom.size == len(seen[1].data) and eom.refusal is None  # type: ignore[attr-defined]
+    assert s.state is CLOSED
+    assert out.endswith(b"250 2.0.0 Ok\r\n")
+
+
+def test_data_split_byte_by_byte() -> None:
+    s = session_in(RCPT)
+    drive(s, b"DATA\r\n")
+    payload = b"line one\r\n..\r\n\r\n.\r\n"  # a stuffed lone dot, a blank line, the end
+    got = b""
+    seen_all: list[object] = []
+    for i in range(len(payload)):
+        seen, _ = drive(s, payload[i : i + 1])
+        seen_all += seen
+    got = b"".join(e.data for e in seen_all if isinstance(e, MessageChunk))
+    assert got == b"line one\r\n.\r\n\r\n"
+    assert isinstance(seen_all[-1], EndOfMessage)
+
+
+def test_empty_message() -> None:
+    s = session_in(RCPT)
+    seen, _ = drive(s, b"DATA\r\n.\r\n")
+    assert [type(e) for e in seen] == [Data, EndOfMessage]
+    assert seen[1].size == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "lookalike",
+    [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r\r\n", b"\r\n\x00.\r\n"],
+)
+def test_smuggled_terminators_are_content(lookalike: bytes) -> None:
+    s = session_in(RCPT)
+    smuggled = b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nevil\r\n.\r\n"
+    seen, _ = drive(s, b"DATA\r\nhello" + lookalike + smuggled)
+    assert [type(e) for e in seen] == [Data, MessageChunk, EndOfMessage]
+    eom = seen[-1]
+    assert isinstance(eom, EndOfMessage)
+    # Under the default policy a bare CR/LF makes the message refused.
+    if b"\x00" not in lookalike:
+        assert eom.refusal is not None and eom.refusal.code == 550
+
+
+def test_bare_lf_normalize_accepts() -> None:
+    s = session_in(RCPT, Limits(bare_lf="normalize"))
+    seen, _ = drive(s, b"DATA\r\na\nb\r\n.\r\n")
+    assert seen[1].data == b"a\r\nb\r\n"  # type: ignore[attr-defined]
+    assert seen[2].refusal is None and seen[2].bare_lf  # type: ignore[attr-defined]
+
+
+def test_oversize_message_is_read_to_the_end_then_refused() -> None:
+    s = session_in(RCPT, Limits(max_message_size=100))
+    seen, out = drive(s, b"DATA\r\n" + b"x" * 70 + b"\r\n" + b"y" * 70 + b"\r\n.\r\nNOOP\r\n")
+    eom = [e for e in seen if isinstance(e, EndOfMessage)][0]
+    assert eom.refusal is not None and eom.refusal.code == 552 and eom.size == 144
+    assert sum(len(e.data) for e in seen if isinstance(e, MessageChunk)) <= 100
+    assert isinstance(seen[-1], Noop) and s.state is READY
+
+
+def test_size_parameter_over_limit() -> None:
+    s = session_in(READY, Limits(max_message_size=1000))
+    _, out = drive(s, b"MAIL FROM:<a@b.example> SIZE=1001\r\n")
+    assert out.startswith(b"552 5.3.4")
+    _, out = drive(s, b"MAIL FROM:<a@b.example> SIZE=1000\r\n")
+    assert out.startswith(b"250")
+
+
+@pytest.mark.parametrize(
+    "line,code",
+    [
+        (b"MAIL FROM:<a@b.example> FOO=bar\r\n", b"555 5.5.4"),
+        (b"MAIL FROM:<a@b.example> BODY=BINARYMIME\r\n", b"501 5.5.4"),
+        (b"MAIL FROM:<a@b.example> SIZE=abc\r\n", b"501 5.5.4"),
+        (b"MAIL FROM:a@b.example\r\n", b"501 5.5.4"),
+        (b"MAIL FROM:<a..b@b.example>\r\n", b"553 5.1.7"),
+        (b"MAIL FROM:<\xc3\xa9@b.example>\r\n", b"553 5.6.7"),
+        (b"MAIL FROM:<a@b.example> BODY=8BITMIME SMTPUTF8\r\n", b"250"),
+        (b"MAIL FROM:<\xc3\xa9@b.example> SMTPUTF8\r\n", b"250"),
+        (b"MAIL FROM:<>\r\n", b"250"),
+    ],
+)
+def test_mail_parameters_and_syntax(line: bytes, code: bytes) -> None:
+    _, out = drive(session_in(READY), line)
+    assert out.startswith(code), out
+
+
+@pytest.mark.parametrize(
+    "line,code",
+    [
+        (b"RCPT TO:<b@example.net> NOTIFY=NEVER\r\n", b"555 5.5.4"),
+        (b"RCPT TO:b@example.net\r\n", b"501 5.5.4"),
+        (b"RCPT TO:<b@@example.net>\r\n", b"553 5.1.3"),
+        (b"RCPT TO:<\xc3\xa9@example.net>\r\n", b"553 5.6.7"),
+        (b"RCPT TO:<postmaster>\r\n", b"250"),
+    ],
+)
+def test_rcpt_syntax(line: bytes, code: bytes) -> None:
+    _, out = drive(session_in(MAIL), line)
+    assert out.startswith(code), out
+
+
+@pytest.mark.parametrize(
+    "line,code",
+    [
+        (b"HELO\r\n", b"501 5.5.4"),
+        (b"EHLO   \r\n", b"501 5.5.4"),
+        (b"FOO bar\r\n", b"500 5.5.2"),
+        (b"\r\n", b"500 5.5.2"),
+        (b"MAILX FROM:<a@b>\r\n", b"500 5.5.2"),
+        (b"DATA now\r\n", b"501 5.5.4"),
+        (b"QUIT now\r\n", b"501 5.5.4"),
+        (b"NOOP anything\r\n", b"250"),
+        (b"noop\r\n", b"250"),
+        (b"HELP\r\n", b"250"),
+        (b"NO\nOP\r\n", b"500 5.5.2"),
+    ],
+)
+def test_command_syntax(line: bytes, code: bytes) -> None:
+    _, out = drive(session_in(READY), line)
+    assert out.startswith(code), out
+
+
+def test_line_too_long_is_refused_and_session_continues() -> None:
+    s = session_in(READY, Limits(max_command_line=512))
+    _, out = drive(s, b"NOOP " + b"x" * 600 + b"\r\nNOOP\r\n")
+    assert out == b"500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
+
+
+def test_too_many_recipients() -> None:
+    s = session_in(MAIL, Limits(max_recipients=3))
+    _, out = drive(s, b"".join(b"RCPT TO:<u%d@example.net>\r\n" % i for i in range(5)))
+    assert out.count(b"250") == 3 and out.count(b"452 4.5.3") == 2
+    assert len(s.envelope.rcpt_to) == 3
+
+
+def test_too_many_errors_closes_with_421() -> None:
+    s = session_in(READY, Limits(max_errors=3))
+    _, out = drive(s, b"BAD\r\nBAD\r\nBAD\r\nNOOP\r\n")
+    assert out.endswith(b"421 4.7.0 Error: too many errors\r\n")
+    assert out.count(b"500 5.5.2") == 3 and b"250" not in out
+    assert s.state is CLOSED
+    assert s.next_event() is PAUSED
+
+
+def test_quit_closes() -> None:
+    s = session_in(READY)
+    _, out = drive(s, b"QUIT\r\nNOOP\r\n")
+    assert s.state is CLOSED and out == OK.encoded
+
+
+def test_ehlo_resets_transaction() -> None:
+    s = session_in(RCPT)
+    drive(s, b"EHLO again.example\r\n")
+    assert s.state is READY and s.envelope.rcpt_to == [] and s.envelope.mail_from is None
+
+
+def test_rset_before_helo_stays_greeted() -> None:
+    s = Session()
+    drive(s, b"RSET\r\n")
+    assert s.state is GREETED
+
+
+def test_eof_yields_connection_closed() -> None:
+    s = session_in(READY)
+    s.receive_data(b"NOOP")
+    s.receive_data(b"")
+    assert isinstance(s.next_event(), ConnectionClosed)
+
+
+def test_eof_during_data() -> None:
+    s = session_in(RCPT)
+    drive(s, b"DATA\r\npartial")
+    s.receive_data(b"")
+    event = s.next_event()
+    assert isinstance(event, (MessageChunk, ConnectionClosed))
+    while not isinstance(event, ConnectionClosed):
+        event = s.next_event()
+
+
+def test_unsolicited_421_closes() -> None:
+    s = session_in(READY)
+    out = s.send(Reply(421, "4.4.2", "timeout"))
+    assert out == b"421 4.4.2 timeout\r\n" and s.state is CLOSED
+
+
+def test_send_without_owed_command_is_a_bug() -> None:
+    with pytest.raises(RuntimeError):
+        Session().send(OK)
+
+
+def test_multiline_reply_encoding() -> None:
+    assert Reply(250, "", "host\nPIPELINING\nSIZE 10").encoded == b"250-host\r\n250-PIPELINING\r\n250 SIZE 10\r\n"
+    assert Reply(550, "5.1.1", "no").encoded == b"550 5.1.1 no\r\n"

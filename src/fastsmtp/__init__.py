@@ -1,0 +1,54 @@
+"""fastsmtp: a fast, durable inbound SMTP receiver that delivers into Maildir folders."""
+
+from ._version import __version__
+from .config import Config, ConfigError
+from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError, StorageError
+from .events import (
+    Address,
+    ConnectionClosed,
+    Data,
+    Ehlo,
+    EndOfMessage,
+    Event,
+    Helo,
+    Help,
+    MailFrom,
+    MessageChunk,
+    Noop,
+    Quit,
+    RcptTo,
+    Reply,
+    Rset,
+    Vrfy,
+)
+from .session import NEED_DATA, PAUSED, Limits, Session
+
+__all__ = [
+    "__version__",
+    "Config",
+    "ConfigError",
+    "ProtocolError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "StorageError",
+    "Address",
+    "Event",
+    "Helo",
+    "Ehlo",
+    "MailFrom",
+    "RcptTo",
+    "Data",
+    "Rset",
+    "Noop",
+    "Vrfy",
+    "Help",
+    "Quit",
+    "MessageChunk",
+    "EndOfMessage",
+    "ConnectionClosed",
+    "Reply",
+    "Session",
+    "Limits",
+    "NEED_DATA",
+    "PAUSED",
+]

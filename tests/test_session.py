@@ -11,6 +11,7 @@ import pytest
 
 from fastsmtp.errors import RemoteProtocolError
 from fastsmtp.events import (
+    Bdat,
     ConnectionClosed,
     Data,
     Ehlo,
@@ -47,6 +48,10 @@ NO = Reply(550, "5.1.1", "no such user")
 
 
 def default_answer(event: Event) -> Reply:
+    """What the server answers when nothing refuses: the session's own refusal, 354, or 250."""
+    refusal = getattr(event, "refusal", None)
+    if refusal is not None:
+        return refusal
     return GO_AHEAD if isinstance(event, Data) else OK
 
 
@@ -67,9 +72,9 @@ def drive(
         if event is NEED_DATA or event is PAUSED:
             break
         seen.append(event)
-        if isinstance(event, (MessageChunk, ConnectionClosed)):
-            if isinstance(event, ConnectionClosed):
-                break
+        if isinstance(event, ConnectionClosed):
+            break
+        if isinstance(event, (MessageChunk, Bdat)):  # these owe no reply
             continue
         out.append(session.send(answer(event)))
     return seen, b"".join(out)
@@ -363,3 +368,123 @@ def test_send_without_owed_command_is_a_bug() -> None:
 def test_multiline_reply_encoding() -> None:
     assert Reply(250, "", "host\nPIPELINING\nSIZE 10").encoded == b"250-host\r\n250-PIPELINING\r\n250 SIZE 10\r\n"
     assert Reply(550, "5.1.1", "no").encoded == b"550 5.1.1 no\r\n"
+
+
+# -- BDAT (RFC 3030) -----------------------------------------------------------------
+
+
+def test_bdat_chunks_are_opaque_and_exact() -> None:
+    from fastsmtp.events import Bdat, EndOfChunk
+
+    s = session_in(RCPT)
+    payload = b"a\r\n.\r\nMAIL FROM:<evil@x>\r\n"  # a terminator and a command, as content
+    seen, out = drive(s, b"BDAT %d\r\n" % len(payload) + payload + b"BDAT 3 LAST\r\nxyzNOOP\r\n")
+    kinds = [type(e) for e in seen]
+    assert kinds == [Bdat, MessageChunk, EndOfChunk, Bdat, MessageChunk, EndOfMessage, Noop]
+    assert seen[0] == Bdat(len(payload), False, True) and seen[3] == Bdat(3, True, False)
+    assert seen[1].data == payload and seen[4].data == b"xyz"  # type: ignore[attr-defined]
+    assert seen[5].size == len(payload) + 3  # type: ignore[attr-defined]
+    assert s.state is READY and out.count(b"250") == 3
+
+
+def test_bdat_byte_by_byte() -> None:
+    s = session_in(RCPT)
+    stream = b"BDAT 4\r\nab\r\nBDAT 2 LAST\r\n.."
+    seen_all: list[object] = []
+    for i in range(len(stream)):
+        seen, _ = drive(s, stream[i : i + 1])
+        seen_all += seen
+    content = b"".join(e.data for e in seen_all if isinstance(e, MessageChunk))
+    assert content == b"ab\r\n.."
+    assert isinstance(seen_all[-1], EndOfMessage) and s.state is READY
+
+
+def test_bdat_zero_last_ends_the_message() -> None:
+    s = session_in(RCPT)
+    seen, _ = drive(s, b"BDAT 0 LAST\r\n")
+    assert isinstance(seen[-1], EndOfMessage) and seen[-1].size == 0
+
+
+def test_bdat_unreadable_size_closes() -> None:
+    s = session_in(RCPT)
+    _, out = drive(s, b"BDAT lots\r\nNOOP\r\n")
+    assert out == b"501 5.5.4 Syntax: BDAT size [LAST]\r\n" and s.state is CLOSED
+
+
+def test_bdat_out_of_order_octets_are_skipped_then_503() -> None:
+    s = session_in(READY)
+    _, out = drive(s, b"BDAT 6\r\nNOOP\r\nNOOP\r\n")
+    # The six octets "NOOP\r\n" are the chunk; the second NOOP is a command.
+    assert out == b"503 5.5.1 Error: need MAIL command\r\n250 2.0.0 Ok\r\n"
+
+
+def test_data_after_bdat_is_refused() -> None:
+    s = session_in(RCPT)
+    _, out = drive(s, b"BDAT 1\r\nxDATA\r\n")
+    assert out.endswith(b"503 5.5.1 Error: only BDAT may follow BDAT\r\n")
+
+
+def test_bdat_over_the_size_limit() -> None:
+    from fastsmtp.events import EndOfChunk
+
+    s = session_in(RCPT, Limits(max_message_size=10))
+    seen, out = drive(s, b"BDAT 6\r\nabcdefBDAT 6\r\nghijklBDAT 1 LAST\r\nm")
+    chunk_ends = [e for e in seen if isinstance(e, EndOfChunk)]
+    assert chunk_ends[0].refusal is None and chunk_ends[1].refusal is not None
+    assert sum(len(e.data) for e in seen if isinstance(e, MessageChunk)) == 10
+    assert b"552 5.3.4" in out and out.endswith(b"503 5.5.1 Error: need MAIL command\r\n")
+
+
+def test_rset_ends_a_bdat_transaction() -> None:
+    s = session_in(RCPT)
+    drive(s, b"BDAT 1\r\nxRSET\r\n")
+    assert s.state is READY and s.envelope.rcpt_to == []
+
+
+# -- STARTTLS (RFC 3207) -------------------------------------------------------------
+
+
+def test_starttls_not_configured() -> None:
+    _, out = drive(session_in(READY), b"STARTTLS\r\n")
+    assert out.startswith(b"502 5.5.1")
+
+
+def test_starttls_discards_pipelined_input_and_resets() -> None:
+    from fastsmtp.events import StartTLS
+
+    s = session_in(READY, Limits(starttls=True))
+    s.receive_data(b"STARTTLS\r\nNOOP\r\nMAIL FROM:<a@b.example>\r\n")
+    assert isinstance(s.next_event(), StartTLS)
+    assert s.send(Reply(220, "2.0.0", "Ready")) == b"220 2.0.0 Ready\r\n"
+    assert s.state is GREETED and s.tls and s.helo is None
+    assert s.next_event() is NEED_DATA  # the NOOP and the MAIL are gone
+    _, out = drive(s, b"EHLO again.example\r\nSTARTTLS\r\n")
+    assert out.endswith(b"503 5.5.1 Error: TLS already active\r\n")
+
+
+@pytest.mark.parametrize(
+    "state,line,code",
+    [
+        (READY, b"STARTTLS now\r\n", b"501 5.5.4"),
+        (GREETED, b"STARTTLS\r\n", b"503 5.5.1"),
+        (MAIL, b"STARTTLS\r\n", b"503 5.5.1"),
+        (RCPT, b"STARTTLS\r\n", b"503 5.5.1"),
+    ],
+)
+def test_starttls_errors(state: type, line: bytes, code: bytes) -> None:
+    _, out = drive(session_in(state, Limits(starttls=True)), line)
+    assert out.startswith(code)
+
+
+@pytest.mark.parametrize("line", [b"GET / HTTP/1.1\r\n", b"POST /x HTTP/1.0\r\n", b"CONNECT a:25 HTTP/1.1\r\n", b"USER bob\r\n"])
+def test_other_protocols_are_closed_at_once(line: bytes) -> None:
+    s = Session()
+    _, out = drive(s, line + b"Host: x\r\n\r\n")
+    assert out == b"221 2.7.0 Error: not an SMTP command; closing\r\n"
+    assert s.state is CLOSED
+
+
+def test_huge_ehlo_argument_is_refused() -> None:
+    s = Session()
+    _, out = drive(s, b"EHLO " + b"a" * 256 + b"\r\nEHLO " + b"a" * 255 + b"\r\n")
+    assert out.startswith(b"501 5.5.4") and out.endswith(b"250 2.0.0 Ok\r\n")

@@ -22,6 +22,9 @@ __all__ = [
     "MailFrom",
     "RcptTo",
     "Data",
+    "Bdat",
+    "EndOfChunk",
+    "StartTLS",
     "Rset",
     "Noop",
     "Vrfy",
@@ -115,6 +118,39 @@ class RcptTo(Event):
 
 @dataclass(frozen=True, slots=True)
 class Data(Event):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Bdat(Event):
+    """``BDAT <size> [LAST]`` (RFC 3030 §2): a chunk of exactly ``size`` octets follows.
+
+    Owes no reply of its own: the reply belongs to the chunk, and comes with
+    ``EndOfChunk`` (or ``EndOfMessage`` for the LAST chunk) once its octets
+    have arrived.  ``first`` says whether it opens the message.
+    """
+
+    size: int
+    last: bool
+    first: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfChunk(Event):
+    """All octets of a non-LAST BDAT chunk arrived; owes its reply.
+
+    ``total`` is the message size so far.  ``refusal`` is set when the running
+    total went over the size limit (552 5.3.4); any 4xx/5xx reply ends the
+    transaction.
+    """
+
+    size: int
+    total: int
+    refusal: "Reply | None" = None
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS(Event):
     pass
 
 

@@ -32,6 +32,17 @@ After a positive reply to DATA, the session reads message content with the
 compiled ``DataReader`` and produces ``MessageChunk`` events (already
 dot-unstuffed, owing no reply), then one ``EndOfMessage``.  Only
 ``<CRLF>.<CRLF>`` ends the data.
+
+BDAT (RFC 3030) is the one command whose reply follows its payload: the
+session yields ``Bdat`` (owing nothing), the chunk's octets as
+``MessageChunk`` events, then ``EndOfChunk`` (or ``EndOfMessage`` for LAST),
+which owes the reply.  The octets are counted, never parsed, so nothing in
+them can end a message early.  A BDAT out of order still has its octets
+read and dropped before its 503, or the byte stream would be lost.
+
+STARTTLS (RFC 3207): a 220 to it discards everything the client sent after
+the command (CVE-2011-0411) and resets the session to GREETED; the server
+then runs the TLS handshake and the client starts over with EHLO.
 """
 
 from __future__ import annotations
@@ -43,9 +54,11 @@ from ._abnf import parse_mail_argument, parse_rcpt_argument
 from .errors import LocalProtocolError, RemoteProtocolError
 from .events import (
     Address,
+    Bdat,
     ConnectionClosed,
     Data,
     Ehlo,
+    EndOfChunk,
     EndOfMessage,
     Event,
     Helo,
@@ -58,6 +71,7 @@ from .events import (
     RcptTo,
     Reply,
     Rset,
+    StartTLS,
     Vrfy,
 )
 from .parser import DataReader, LineReader, LineTooLong
@@ -72,6 +86,7 @@ __all__ = [
     "MAIL",
     "RCPT",
     "DATA",
+    "BDAT",
     "CLOSED",
     "NEED_DATA",
     "PAUSED",
@@ -115,6 +130,10 @@ class DATA(State):
     """Reading message content after 354."""
 
 
+class BDAT(State):
+    """A BDAT transaction between (or inside) chunks, before LAST."""
+
+
 class CLOSED(State):
     """QUIT answered, or a 421 sent: the server closes the connection."""
 
@@ -132,30 +151,47 @@ class PAUSED(Sentinel):
 # RFC 5321 §4.1.4).  EHLO/HELO in a transaction reset it (§4.1.4), RSET
 # leaves GREETED alone (no HELO has happened yet).
 _ANYTIME = {Noop: None, Vrfy: None, Help: None, Quit: CLOSED}
+_RESET = {Helo: READY, Ehlo: READY, Rset: READY}
 TRANSITIONS: dict[type[State], dict[type[Event], type[State] | None]] = {
     GREETED: {Helo: READY, Ehlo: READY, Rset: GREETED, **_ANYTIME},
-    READY: {Helo: READY, Ehlo: READY, MailFrom: MAIL, Rset: READY, **_ANYTIME},
-    MAIL: {Helo: READY, Ehlo: READY, RcptTo: RCPT, Rset: READY, **_ANYTIME},
-    RCPT: {Helo: READY, Ehlo: READY, RcptTo: RCPT, Data: DATA, Rset: READY, **_ANYTIME},
+    # STARTTLS only outside a transaction, and back to GREETED (RFC 3207 §4.2).
+    READY: {**_RESET, MailFrom: MAIL, StartTLS: GREETED, **_ANYTIME},
+    MAIL: {**_RESET, RcptTo: RCPT, **_ANYTIME},
+    RCPT: {**_RESET, RcptTo: RCPT, Data: DATA, Bdat: BDAT, **_ANYTIME},
     DATA: {},
+    # RFC 3030 §2: once BDAT has started, only more BDAT (or a reset).
+    BDAT: {**_RESET, Bdat: BDAT, **_ANYTIME},
     CLOSED: {},
 }
-# ``None`` above means "stay in the current state".
+# ``None`` above means "stay in the current state".  Bdat moves when it is
+# read, not when answered: its reply comes after its octets.
 
 _NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
 _NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
 _NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
 _NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 _NO_RCPT = Reply(503, "5.5.1", "Error: no valid recipients")
+_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+_ONLY_BDAT = Reply(503, "5.5.1", "Error: only BDAT may follow BDAT")
 ORDER_ERRORS: dict[tuple[type[State], type[Event]], Reply] = {
     (GREETED, MailFrom): _NEED_HELO,
+    (GREETED, StartTLS): _NEED_HELO,
     (GREETED, RcptTo): _NEED_MAIL,
     (GREETED, Data): _NEED_MAIL,
+    (GREETED, Bdat): _NEED_MAIL,
     (READY, RcptTo): _NEED_MAIL,
     (READY, Data): _NEED_MAIL,
+    (READY, Bdat): _NEED_MAIL,
     (MAIL, MailFrom): _NESTED_MAIL,
     (MAIL, Data): _NO_RCPT,
+    (MAIL, Bdat): _NO_RCPT,
+    (MAIL, StartTLS): _IN_TRANSACTION,
     (RCPT, MailFrom): _NESTED_MAIL,
+    (RCPT, StartTLS): _IN_TRANSACTION,
+    (BDAT, MailFrom): _NESTED_MAIL,
+    (BDAT, RcptTo): _ONLY_BDAT,
+    (BDAT, Data): _ONLY_BDAT,
+    (BDAT, StartTLS): _IN_TRANSACTION,
 }
 
 UNKNOWN_COMMAND = Reply(500, "5.5.2", "Error: command not recognized")
@@ -169,6 +205,19 @@ UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Error: unsupported MAIL/RCPT parameter"
 BAD_PARAMETER = Reply(501, "5.5.4", "Error: bad parameter value")
 # RFC 6531 §3.5: a non-ASCII address needs SMTPUTF8 on MAIL.
 NEED_SMTPUTF8 = Reply(553, "5.6.7", "Error: non-ASCII address needs SMTPUTF8")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
+TLS_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
+# RFC 3030 §2: a BDAT whose size cannot be read leaves the byte stream with
+# no known boundary; the only safe answer is to close (Postfix does too).
+BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT size [LAST]")
+# Another protocol on the SMTP port: a browser or a proxy probe (cross-
+# protocol attacks relay these through HTTP clients), or a POP3 client.
+# Postfix closes on the same words (smtpd_forbidden_commands); so do we.
+NOT_SMTP = Reply(221, "2.7.0", "Error: not an SMTP command; closing")
+_FORBIDDEN = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS", b"USER", b"PROXY"})
+# RFC 1035 §2.3.4: a domain name is at most 255 octets; an address literal
+# is shorter still.  A longer HELO argument is not a name.
+MAX_HELO = 255
 
 
 def _syntax(usage: str) -> Reply:
@@ -181,6 +230,7 @@ _NO_ARGUMENT = {
     b"DATA": _syntax("DATA"),
     b"RSET": _syntax("RSET"),
     b"QUIT": _syntax("QUIT"),
+    b"STARTTLS": _syntax("STARTTLS"),
 }
 
 
@@ -190,7 +240,14 @@ class _Refused(Event):
     __slots__ = ()
 
 
+class _Fatal(Event):
+    """Marks a command whose error reply must also end the session."""
+
+    __slots__ = ()
+
+
 _REFUSED = _Refused()
+_FATAL = _Fatal()
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +261,8 @@ class Limits:
     #: "reject": a message with a bare CR or LF is refused after its end
     #: (550 5.5.2); "normalize": stored with CRLF instead.
     bare_lf: str = "reject"
+    #: Whether STARTTLS can be offered (a certificate is configured).
+    starttls: bool = False
 
 
 class Envelope:
@@ -237,9 +296,23 @@ class Session:
         # Chunks received while in DATA; the reader takes them one per event
         # so that each network read becomes at most one MessageChunk.
         self._data_in: deque[bytes] = deque()
+        # True while octets are message content (DATA, or a BDAT chunk)
+        # rather than command lines.
+        self._raw = False
         self._owed: Event | None = None
         self._eom: EndOfMessage | None = None
         self._eof = False
+        #: Set once STARTTLS has been answered 220 (or the listener is
+        #: implicit TLS): the server owns the handshake.
+        self.tls = False
+        # The BDAT chunk being read: octets still to come, its size, whether
+        # it is LAST, the message size so far, and the reply it will get if
+        # it was out of order (its octets are read and dropped first).
+        self._chunk_left = 0
+        self._chunk_size = 0
+        self._chunk_last = False
+        self._chunk_error: Reply | None = None
+        self._bdat_total = 0
 
     # -- input ---------------------------------------------------------------
 
@@ -247,7 +320,7 @@ class Session:
         """Add received bytes; ``b""`` means the peer closed its side."""
         if not data:
             self._eof = True
-        elif self.state is DATA:
+        elif self._raw:
             self._data_in.append(data)
         else:
             self._lines.feed(data)
@@ -260,15 +333,21 @@ class Session:
         """
         if self._owed is not None or self.state is CLOSED:
             return PAUSED
-        if self.state is DATA:
-            return self._next_data_event()
+        if self._raw:
+            if self.state is DATA:
+                return self._next_data_event()
+            return self._next_chunk_event()
         try:
             event = self._next_command()
         except LocalProtocolError as exc:
-            self._owed = _REFUSED
+            self._owed = _FATAL if exc.reply is BDAT_SYNTAX or exc.reply is NOT_SMTP else _REFUSED
             raise exc._reraise_as_remote() from None
         if event is NEED_DATA:
+            if self._raw:  # an out-of-order BDAT: its octets come first
+                return self._next_chunk_event()
             return ConnectionClosed() if self._eof else NEED_DATA
+        if type(event) is Bdat:
+            return self._start_chunk(event)  # type: ignore[arg-type]
         self._owed = event  # type: ignore[assignment]
         return event
 
@@ -283,14 +362,19 @@ class Session:
             # RFC 5321 §2.3.8: lines end with CRLF only.  Accepting a bare
             # LF here would let a command hide inside another one.
             raise LocalProtocolError("bare CR or LF in a command", BARE_NEWLINE)
-        verb = line[:4].upper()
+        space = line.find(b" ")
+        verb = (line if space < 0 else line[:space]).upper()
         parse = _PARSERS.get(verb)
-        if parse is None or (len(line) > 4 and line[4] != 0x20):
+        if parse is None:
+            if verb in _FORBIDDEN:
+                raise LocalProtocolError(f"not SMTP: {verb!r}", NOT_SMTP)
             raise LocalProtocolError(f"unknown command {line[:16]!r}", UNKNOWN_COMMAND)
-        event = parse(self, verb, line[4:])
+        event = parse(self, verb, line[len(verb) :])
         next_state = TRANSITIONS[self.state]
         if type(event) not in next_state:
             reply = ORDER_ERRORS.get((self.state, type(event)), _NEED_MAIL)
+            if type(event) is Bdat:
+                return self._skip_chunk(event, reply)  # type: ignore[arg-type]
             raise LocalProtocolError("command out of order", reply)
         return event
 
@@ -298,6 +382,7 @@ class Session:
         if self._eom is not None:
             event, self._eom = self._eom, None
             self._owed = event
+            self._raw = False
             return event
         reader = self._data
         while self._data_in:
@@ -314,10 +399,65 @@ class Session:
                     self._eom = eom
                     return MessageChunk(content)
                 self._owed = eom
+                self._raw = False
                 return eom
             if content:
                 return MessageChunk(content)
         return ConnectionClosed() if self._eof else NEED_DATA
+
+    def _start_chunk(self, event: Bdat) -> Bdat:
+        """Enter a BDAT chunk: its octets are content, whatever they contain."""
+        if event.first:
+            self._bdat_total = 0
+        self.state = BDAT
+        self._begin_raw(event.size, event.last, None)
+        return event
+
+    def _skip_chunk(self, event: Bdat, reply: Reply) -> type[NEED_DATA]:
+        """Read and drop an out-of-order chunk, then answer ``reply``."""
+        self._begin_raw(event.size, event.last, reply)
+        return NEED_DATA  # next_event() continues in _next_chunk_event
+
+    def _begin_raw(self, size: int, last: bool, error: Reply | None) -> None:
+        self._chunk_left = self._chunk_size = size
+        self._chunk_last = last
+        self._chunk_error = error
+        self._raw = True
+        pending = self._lines.take()
+        if pending:
+            self._data_in.append(pending)
+
+    def _next_chunk_event(self) -> Event | type[NEED_DATA]:
+        limit = self.limits.max_message_size
+        while self._chunk_left and self._data_in:
+            piece = self._data_in.popleft()
+            if len(piece) > self._chunk_left:
+                self._data_in.appendleft(piece[self._chunk_left :])
+                piece = piece[: self._chunk_left]
+            self._chunk_left -= len(piece)
+            if self._chunk_error is not None:
+                continue
+            room = limit - self._bdat_total
+            self._bdat_total += len(piece)
+            if room > 0:
+                return MessageChunk(piece if len(piece) <= room else piece[:room])
+        if self._chunk_left:
+            return ConnectionClosed() if self._eof else NEED_DATA
+        # The chunk is complete; what follows it is command lines again.
+        self._raw = False
+        while self._data_in:
+            self._lines.feed(self._data_in.popleft())
+        if self._chunk_error is not None:
+            self._owed = _REFUSED
+            raise RemoteProtocolError("BDAT out of order", self._chunk_error)
+        refusal = MESSAGE_TOO_BIG if self._bdat_total > limit else None
+        event: Event
+        if self._chunk_last:
+            event = EndOfMessage(self._bdat_total, False, refusal)
+        else:
+            event = EndOfChunk(self._chunk_size, self._bdat_total, refusal)
+        self._owed = event
+        return event
 
     def _end_of_message(self) -> EndOfMessage:
         reader = self._data
@@ -347,9 +487,16 @@ class Session:
             raise RuntimeError(f"no command is waiting for a reply; cannot send {reply}")
         if reply.code >= 400:
             self.errors += 1
-        if type(event) is EndOfMessage:
-            self.envelope = Envelope()
-            self.state = READY
+        kind = type(event)
+        if kind is EndOfMessage or kind is EndOfChunk:
+            # The end of a message ends its transaction whatever the reply; a
+            # refused chunk ends it too (its data is gone).  An accepted
+            # chunk leaves the BDAT transaction open.
+            if kind is EndOfMessage or reply.code >= 400:
+                self.envelope = Envelope()
+                self.state = READY
+        elif event is _FATAL:
+            self.state = CLOSED
         elif reply.code < 400 and event is not _REFUSED:
             self._apply(event)
         if self.errors >= self.limits.max_errors and self.state is not CLOSED:
@@ -366,11 +513,22 @@ class Session:
             self._start_transaction(event)  # type: ignore[arg-type]
         elif kind is Data:
             self._data.reset()
+            self._raw = True
             pending = self._lines.take()
             if pending:
                 # Content a client sent before our 354 is content all the
                 # same: the line reader hands over what it had buffered.
                 self._data_in.append(pending)
+        elif kind is StartTLS:
+            # RFC 3207 §4.2: forget everything, including what the client
+            # pipelined after STARTTLS in plaintext (CVE-2011-0411): none of
+            # it may be executed inside the TLS session.
+            self._lines.take()
+            self._data_in.clear()
+            self.tls = True
+            self.helo = None
+            self.esmtp = False
+            self.envelope = Envelope()
         elif kind is Helo or kind is Ehlo:
             self.helo = event.domain  # type: ignore[attr-defined]
             self.esmtp = kind is Ehlo
@@ -395,7 +553,7 @@ class Session:
 
     def _parse_helo(self, verb: bytes, arg: bytes) -> Event:
         domain = arg.strip(b" ")
-        if not domain:
+        if not domain or len(domain) > MAX_HELO:
             raise LocalProtocolError("HELO/EHLO needs a domain", _EHLO_SYNTAX if verb == b"EHLO" else _HELO_SYNTAX)
         return Ehlo(domain) if verb == b"EHLO" else Helo(domain)
 
@@ -445,6 +603,26 @@ class Session:
             raise LocalProtocolError(f"{verb!r} takes no argument", _NO_ARGUMENT[verb])
         return _BARE_EVENTS[verb]
 
+    def _parse_bdat(self, verb: bytes, arg: bytes) -> Event:
+        parts = arg.split()
+        if (
+            not 1 <= len(parts) <= 2
+            or not parts[0].isdigit()
+            or len(parts[0]) > 18
+            or (len(parts) == 2 and parts[1].upper() != b"LAST")
+        ):
+            raise LocalProtocolError("unreadable BDAT size", BDAT_SYNTAX)
+        return Bdat(int(parts[0]), len(parts) == 2, self.state is not BDAT)
+
+    def _parse_starttls(self, verb: bytes, arg: bytes) -> Event:
+        if arg.strip(b" "):
+            raise LocalProtocolError("STARTTLS takes no argument", _NO_ARGUMENT[b"STARTTLS"])
+        if self.tls:
+            raise LocalProtocolError("STARTTLS inside TLS", TLS_ACTIVE)
+        if not self.limits.starttls:
+            raise LocalProtocolError("STARTTLS not configured", NOT_IMPLEMENTED)
+        return _STARTTLS
+
     def _parse_noop(self, verb: bytes, arg: bytes) -> Event:
         return _NOOP  # RFC 5321 §4.1.1.9: NOOP may carry a string; ignored.
 
@@ -456,6 +634,7 @@ class Session:
 
 
 _NOOP = Noop()
+_STARTTLS = StartTLS()
 _BARE_EVENTS: dict[bytes, Event] = {b"DATA": Data(), b"RSET": Rset(), b"QUIT": Quit()}
 _PARSERS = {
     b"HELO": Session._parse_helo,
@@ -468,4 +647,6 @@ _PARSERS = {
     b"NOOP": Session._parse_noop,
     b"VRFY": Session._parse_vrfy,
     b"HELP": Session._parse_help,
+    b"BDAT": Session._parse_bdat,
+    b"STARTTLS": Session._parse_starttls,
 }

@@ -53,6 +53,7 @@ class RunningServer:
         return socket.create_connection((self.host, self.port), timeout=timeout)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        workers = self.workers()
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -60,7 +61,38 @@ class RunningServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        wait_gone(workers)
         return self.proc.returncode
+
+    def workers(self) -> list[int]:
+        """The PIDs of the server's worker processes (none with --workers 0)."""
+        return children(self.proc.pid)
+
+
+def children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid``, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: fields follow the last ")".
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def wait_gone(pids: list[int], timeout: float = 10.0) -> None:
+    """Wait until none of ``pids`` runs any more (a killed supervisor's workers die after it)."""
+    # Until /proc forgets them: an unreaped zombie still looks alive to the
+    # tmp/ cleanup of the next server on the same mail root.
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def start_server(mail_root: Path, *args: str, loop: str = "uvloop", timeout: float = 20.0) -> RunningServer:
@@ -82,9 +114,13 @@ def start_server(mail_root: Path, *args: str, loop: str = "uvloop", timeout: flo
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert proc.stdout is not None
+    # Read with os.read, not readline(): a buffered reader could hold the
+    # "listening on" line while select() reports nothing more to read.
+    fd = proc.stdout.fileno()
     sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
+    sel.register(fd, selectors.EVENT_READ)
     output: list[str] = []
+    pending = b""
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -92,13 +128,17 @@ def start_server(mail_root: Path, *args: str, loop: str = "uvloop", timeout: flo
                 if proc.poll() is not None:
                     break
                 continue
-            line = proc.stdout.readline()
-            if not line:
+            chunk = os.read(fd, 65536)
+            if not chunk:
                 break
-            output.append(line)
-            if "listening on" in line:
-                port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
-                return RunningServer("127.0.0.1", port, mail_root, proc, output)
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                line = raw.decode("utf-8", "replace") + "\n"
+                output.append(line)
+                if "listening on" in line:
+                    port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
+                    return RunningServer("127.0.0.1", port, mail_root, proc, output)
     finally:
         sel.close()
     proc.kill()
@@ -162,7 +202,9 @@ class Client:
         """True when the server has closed the connection (and sent nothing more)."""
         try:
             return self.sock.recv(1) == b""
-        except (ConnectionResetError, socket.timeout):
+        except ConnectionResetError:
+            return True  # closed with our input unread: a reset is a close too
+        except socket.timeout:
             return False
 
     def close(self) -> None:

@@ -9,16 +9,23 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from dataclasses import fields
 
 from ._version import __version__
-from .config import BARE_LF_CHOICES, FSYNC_CHOICES, Config, ConfigError, parse_listen
+from .config import BARE_LF_CHOICES, FSYNC_CHOICES, Config, ConfigError, parse_listen, usable_cpus
 
 __all__ = ["main"]
 
 DEFAULT_MAIL_ROOT = "mail"
 _DEFAULTS = {f.name: f.default for f in fields(Config)}
+
+
+class _Parser(argparse.ArgumentParser):
+    def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
+        """One line of an @FILE: words as a shell splits them; # starts a comment."""
+        return shlex.split(arg_line, comments=True)
 
 
 def _size(value: str) -> int:
@@ -34,7 +41,9 @@ def _size(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastsmtp", description="A fast, durable inbound SMTP server.")
+    # "@FILE" reads more arguments from FILE (shell-style words, # comments);
+    # SIGHUP reads it again, which is how a running server is reconfigured.
+    parser = _Parser(prog="fastsmtp", description="A fast, durable inbound SMTP server.", fromfile_prefix_chars="@")
     parser.add_argument("--version", action="version", version=f"fastsmtp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -58,11 +67,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="batch: group commit (default); always: one flush per message; off: UNSAFE, benchmarks only")
     serve.add_argument("--bare-lf", choices=BARE_LF_CHOICES, default=_DEFAULTS["bare_lf"],
                        help="a message with a bare CR or LF: reject with 550 (default) or normalize to CRLF")
-    serve.add_argument("--workers", type=int, default=_DEFAULTS["workers"], metavar="N",
-                       help="worker processes (default: %(default)s; 0 runs in the foreground process)")
+    serve.add_argument("--workers", type=int, default=usable_cpus(), metavar="N",
+                       help="worker processes under a supervisor (default: the CPUs, here %(default)s; "
+                            "0 serves in the foreground process)")
+    serve.add_argument("--worker-timeout", type=float, default=_DEFAULTS["worker_timeout"], metavar="SECONDS",
+                       help="kill and replace a worker whose event loop is stuck this long (default: %(default)s)")
+    serve.add_argument("--shutdown-timeout", type=float, default=_DEFAULTS["shutdown_timeout"], metavar="SECONDS",
+                       help="on SIGTERM, how long transactions in progress may take to finish (default: %(default)s)")
+    serve.add_argument("--max-connections", type=int, default=_DEFAULTS["max_connections"], metavar="N",
+                       help="connections per worker; more get 421 4.7.0 (default: %(default)s)")
+    serve.add_argument("--max-connections-per-ip", type=int, default=_DEFAULTS["max_connections_per_ip"],
+                       metavar="N", help="connections per client address over all workers; more get 421 4.7.0 "
+                                         "(default: %(default)s; 0: no limit)")
+    serve.add_argument("--user", default="", help="serve mail as this user after binding the port (needs root)")
+    serve.add_argument("--group", default="", help="and this group (default: the user's own)")
     serve.add_argument("--loop", choices=("uvloop", "asyncio"), default=_DEFAULTS["loop"],
                        help="event loop (default: uvloop where installed)")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--tls-cert", default="", metavar="FILE", help="PEM certificate chain: enables STARTTLS")
+    serve.add_argument("--tls-key", default="", metavar="FILE", help="PEM private key for --tls-cert")
+    serve.add_argument("--tls-listen", default="", metavar="HOST:PORT",
+                       help="also listen with implicit TLS (port 465 style)")
+    serve.add_argument("--proxy-trusted", nargs="+", default=[], metavar="CIDR",
+                       help="expect a PROXY protocol v1/v2 header from these networks (e.g. HAProxy)")
+    serve.add_argument("--proxy-timeout", type=float, default=_DEFAULTS["proxy_timeout"], metavar="SECONDS",
+                       help="how long a trusted peer may take to send its PROXY header (default: %(default)s)")
 
     mailbox = sub.add_parser("mailbox", help="create and list Maildir mailboxes")
     mailbox_sub = mailbox.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -89,11 +118,22 @@ def _config_from(args: argparse.Namespace) -> Config:
         fsync=args.fsync,
         bare_lf=args.bare_lf,
         workers=args.workers,
+        worker_timeout=args.worker_timeout,
+        shutdown_timeout=args.shutdown_timeout,
+        max_connections=args.max_connections,
+        max_connections_per_ip=args.max_connections_per_ip,
+        user=args.user,
+        group=args.group,
         loop=args.loop,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_listen=args.tls_listen,
+        proxy_trusted=tuple(args.proxy_trusted),
+        proxy_timeout=args.proxy_timeout,
     ).validate()
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     from .policy import ensure_mail_root
 
     config = _config_from(args)
@@ -108,17 +148,35 @@ def _serve(args: argparse.Namespace) -> int:
             f"mail root {config.mail_root} does not exist; create a mailbox in it with "
             f"'fastsmtp mailbox add USER@DOMAIN --mail-root {args.mail_root}'"
         )
+    if config.tls_cert:
+        from .tls import server_context
+
+        try:
+            server_context(config.tls_cert, config.tls_key)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"tls-cert/tls-key: cannot load {config.tls_cert}: {exc}") from None
     if not os.access(config.mail_root, os.W_OK | os.X_OK):
         raise ConfigError(f"mail root {config.mail_root} is not writable")
-    if config.workers > 1:
-        raise ConfigError("--workers above 1 needs the multi-process supervisor, which this version lacks")
+    from .worker import log_format, run_worker
+
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s fastsmtp[%(process)d] %(levelname)s %(message)s",
+        format=log_format("supervisor" if config.workers else ""),
     )
-    from .worker import run_worker
+    if config.workers == 0:
+        return run_worker(config)
+    from .supervisor import Supervisor
 
-    return run_worker(config)
+    def reload() -> Config:
+        # SIGHUP re-reads the same command line, @FILE argument files
+        # included, so what those files say takes effect.
+        try:
+            again = build_parser().parse_args(argv)
+        except SystemExit:
+            raise ConfigError("the command line no longer parses (see the message above)") from None
+        return _config_from(again)
+
+    return Supervisor(config, reload).run()
 
 
 def _mailbox(args: argparse.Namespace) -> int:
@@ -138,10 +196,12 @@ def _mailbox(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
-            return _serve(args)
+            return _serve(args, argv)
         return _mailbox(args)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"fastsmtp: error: {exc}", file=sys.stderr)

@@ -10,10 +10,12 @@ Rules of this module:
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import socket
 from dataclasses import dataclass, replace
 
-__all__ = ["Config", "ConfigError", "parse_listen", "FSYNC_CHOICES", "BARE_LF_CHOICES"]
+__all__ = ["Config", "ConfigError", "parse_listen", "usable_cpus", "FSYNC_CHOICES", "BARE_LF_CHOICES"]
 
 FSYNC_CHOICES = ("batch", "always", "off")
 BARE_LF_CHOICES = ("reject", "normalize")
@@ -53,9 +55,35 @@ class Config:
     spill_threshold: int = 256 * 1024
     #: Graceful-stop budget for transactions in progress.
     shutdown_timeout: float = 30.0
+    #: Worker processes under the supervisor; 0 serves in the foreground
+    #: process.  The CLI defaults to the number of usable CPUs.
     workers: int = 1
+    #: A worker whose event loop has not beaten for this long is killed and
+    #: replaced (gunicorn's --timeout, default 30 s).
+    worker_timeout: float = 30.0
+    #: Connections one worker serves at once; more get 421 4.7.0.
+    max_connections: int = 1000
+    #: Connections from one client address over all workers: Postfix's
+    #: smtpd_client_connection_count_limit default.  0 disables the limit.
+    max_connections_per_ip: int = 50
+    #: Serve mail as this user and group after binding the port (port 25
+    #: needs root to bind); empty keeps the current ones.
+    user: str = ""
+    group: str = ""
     #: "uvloop" (the default where installed) or "asyncio".
     loop: str = "uvloop"
+    #: PEM certificate chain and key: STARTTLS is offered only with both
+    #: (RFC 3207).
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: A second listener with implicit TLS ("HOST:PORT", port 465 style,
+    #: RFC 8314 §3.3); empty for none.
+    tls_listen: str = ""
+    #: Expect a PROXY protocol header (HAProxy's v1 or v2) from these
+    #: networks, before the greeting; empty disables it.
+    proxy_trusted: tuple[str, ...] = ()
+    #: How long a trusted peer may take to send its PROXY header.
+    proxy_timeout: float = 5.0
 
     def validate(self) -> "Config":
         """Return a checked copy, with derived defaults filled in."""
@@ -79,10 +107,30 @@ class Config:
             raise ConfigError(f"bare-lf must be one of {', '.join(BARE_LF_CHOICES)}, not {self.bare_lf!r}")
         if self.workers < 0:
             raise ConfigError("workers must be 0 or more")
+        if self.worker_timeout <= 0:
+            raise ConfigError("worker-timeout must be positive")
+        if self.shutdown_timeout < 0:
+            raise ConfigError("shutdown-timeout must be 0 or more")
+        if self.max_connections < 1:
+            raise ConfigError("max-connections must be at least 1")
+        if self.max_connections_per_ip < 0:
+            raise ConfigError("max-connections-per-ip must be 0 (no limit) or more")
+        _check_user_group(self.user, self.group)
         if self.loop not in ("uvloop", "asyncio"):
             raise ConfigError(f"loop must be uvloop or asyncio, not {self.loop!r}")
         if len(self.recipient_delimiter) > 1:
             raise ConfigError("recipient-delimiter must be one character or empty")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls-cert and tls-key must be given together")
+        if self.tls_listen and not self.tls_cert:
+            raise ConfigError("tls-listen needs tls-cert and tls-key")
+        if self.tls_listen:
+            parse_listen(self.tls_listen)
+        for net in self.proxy_trusted:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ConfigError(f"proxy-trusted: {net!r} is not an address or network") from None
         hostname = self.hostname or socket.getfqdn()
         if not hostname or any(c.isspace() or not c.isprintable() for c in hostname):
             raise ConfigError(f"hostname {hostname!r} is not a usable host name")
@@ -97,3 +145,31 @@ def parse_listen(value: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a cpuset or taskset may allow fewer than exist)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _check_user_group(user: str, group: str) -> None:
+    """The user and group must exist; changing to them needs root."""
+    if not user and not group:
+        return
+    import grp
+    import pwd
+
+    try:
+        uid = pwd.getpwnam(user).pw_uid if user else os.geteuid()
+    except KeyError:
+        raise ConfigError(f"user: no user named {user!r}") from None
+    try:
+        gid = grp.getgrnam(group).gr_gid if group else None
+    except KeyError:
+        raise ConfigError(f"group: no group named {group!r}") from None
+    changes = uid != os.geteuid() or (gid is not None and gid != os.getegid())
+    if changes and os.geteuid() != 0:
+        raise ConfigError("user/group: changing to another user or group needs root")

@@ -14,9 +14,11 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
 import socket
+import ssl
 import time
 from email.utils import formatdate
 from typing import Callable, cast
@@ -24,9 +26,11 @@ from typing import Callable, cast
 from .config import Config
 from .errors import RemoteProtocolError, StorageError
 from .events import (
+    Bdat,
     ConnectionClosed,
     Data,
     Ehlo,
+    EndOfChunk,
     EndOfMessage,
     Event,
     Helo,
@@ -38,10 +42,14 @@ from .events import (
     RcptTo,
     Reply,
     Rset,
+    StartTLS,
     Vrfy,
 )
+from .anvil import AnvilRow, client_key
 from .maildir import MaildirWriter, Spool
 from .policy import FolderRecipients
+from .proxy import ProxyHeaderError, looks_like_proxy_header, parse_proxy_header
+from .tls import describe, server_context
 from .session import CLOSED, DATA, NEED_DATA, PAUSED, Limits, Session
 
 __all__ = ["Server", "SMTPProtocol", "trace_headers"]
@@ -58,14 +66,19 @@ BYE = Reply(221, "2.0.0", "Bye")
 STORAGE_FAILED = Reply(451, "4.3.0", "Error: local storage failure, try again later")
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Error: too many connections, try again later")
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+UNTRUSTED_PROXY = Reply(554, "5.7.0", "Error: PROXY header from an untrusted address")
 
 
 class Server:
     """What all connections of one worker share: config, replies, policy, writer."""
 
-    def __init__(self, config: Config, writer: MaildirWriter) -> None:
+    def __init__(self, config: Config, writer: MaildirWriter, clients: AnvilRow | None = None) -> None:
         self.config = config
         self.writer = writer
+        # Connections per client address, summed over all workers (anvil.py).
+        self.clients = clients if config.max_connections_per_ip else None
         self.recipients = FolderRecipients(config.mail_root, config.recipient_delimiter)
         self.limits = Limits(
             max_command_line=config.max_command_line,
@@ -73,33 +86,70 @@ class Server:
             max_recipients=config.max_recipients,
             max_errors=config.max_errors,
             bare_lf=config.bare_lf,
+            starttls=bool(config.tls_cert),
         )
+        self.tls_context: ssl.SSLContext | None = None
+        if config.tls_cert:
+            self.tls_context = server_context(config.tls_cert, config.tls_key)
+        self.proxy_trusted = [ipaddress.ip_network(n, strict=False) for n in config.proxy_trusted]
         name = config.hostname
         self.greeting = Reply(220, "", f"{name} ESMTP fastsmtp")
         self.helo_reply = Reply(250, "", name)
         # RFC 1869 §4.3: keywords after the greeting line; RFC 1870 SIZE,
         # RFC 2920 PIPELINING, RFC 6152 8BITMIME, RFC 6531 SMTPUTF8,
-        # RFC 2034 ENHANCEDSTATUSCODES.
-        self.ehlo_reply = Reply(
-            250,
-            "",
-            "\n".join(
-                [
-                    name,
-                    "PIPELINING",
-                    f"SIZE {config.max_message_size}",
-                    "8BITMIME",
-                    "SMTPUTF8",
-                    "ENHANCEDSTATUSCODES",
-                ]
-            ),
-        )
+        # RFC 2034 ENHANCEDSTATUSCODES, RFC 3030 CHUNKING, RFC 3207 STARTTLS
+        # (offered only outside TLS, and only with a certificate).
+        keywords = [
+            name,
+            "PIPELINING",
+            f"SIZE {config.max_message_size}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+            "CHUNKING",
+        ]
+        self.ehlo_reply_tls = Reply(250, "", "\n".join(keywords))
+        if self.tls_context is not None:
+            keywords.append("STARTTLS")
+        self.ehlo_reply = Reply(250, "", "\n".join(keywords))
         self.hostname = name.encode("ascii", "replace")
         self.connections: set[SMTPProtocol] = set()
         self.closing = False
 
     def protocol_factory(self) -> "SMTPProtocol":
         return SMTPProtocol(self)
+
+    def implicit_tls_factory(self) -> "SMTPProtocol":
+        return SMTPProtocol(self, implicit_tls=True)
+
+    def trusts_proxy(self, peer: str) -> bool:
+        if not self.proxy_trusted:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in net for net in self.proxy_trusted)
+
+    def admit(self, peer: str) -> tuple[Reply | None, bytes | None]:
+        """Count a connection from ``peer``: (refusal or None, key to release later).
+
+        Postfix's anvil limit and reply: "421 4.7.0 Error: too many
+        connections from ADDRESS".  The count goes up before the check so
+        that workers admitting one client at the same instant see each other.
+        """
+        clients = self.clients
+        key = client_key(peer) if clients is not None else None
+        if clients is None or key is None:
+            return None, None
+        if clients.connect(key) > self.config.max_connections_per_ip:
+            clients.disconnect(key)
+            return Reply(421, "4.7.0", f"Error: too many connections from {peer}"), None
+        return None, key
+
+    def release(self, key: bytes) -> None:
+        if self.clients is not None:
+            self.clients.disconnect(key)
 
     def begin_shutdown(self) -> None:
         """Say 421 to idle sessions; transactions in progress finish first."""
@@ -111,10 +161,11 @@ class Server:
 class SMTPProtocol(asyncio.Protocol):
     """One SMTP connection."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, implicit_tls: bool = False) -> None:
         self._server = server
         self._loop = asyncio.get_running_loop()
         self._session = Session(server.limits)
+        self._implicit_tls = implicit_tls
         self._handlers: dict[type[Event], Callable[..., Reply | None]] = {
             Helo: self._on_helo,
             Ehlo: self._on_ehlo,
@@ -122,7 +173,9 @@ class SMTPProtocol(asyncio.Protocol):
             RcptTo: self._on_rcpt,
             Data: self._on_data,
             EndOfMessage: self._on_end_of_message,
-            Rset: _constant(OK),
+            EndOfChunk: self._on_end_of_chunk,
+            StartTLS: self._on_starttls,
+            Rset: self._on_rset,
             Noop: _constant(OK),
             Vrfy: _constant(VRFY_REPLY),
             Help: _constant(HELP_REPLY),
@@ -139,6 +192,18 @@ class SMTPProtocol(asyncio.Protocol):
         self._read_paused = False
         self._last_read = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        # TLS: the Received header's words once a handshake is done, and
+        # whether a handshake is owed after the current write.
+        self._tls_info: str | None = None
+        self._upgrade_pending = False
+        self._upgrading = False
+        self._held: list[bytes] = []
+        # PROXY protocol: the header's octets so far while one is expected
+        # (None otherwise), and whether to refuse one from this peer.
+        self._proxy_buf: bytes | None = None
+        self._refuse_proxy = False
+        # The anvil key this connection counts under, until it is lost.
+        self._client_key: bytes | None = None
 
     # -- connection lifecycle ---------------------------------------------------
 
@@ -158,12 +223,47 @@ class SMTPProtocol(asyncio.Protocol):
             transport.write(SHUTTING_DOWN.encoded)
             transport.close()
             return
-        transport.write(self._server.greeting.encoded)
+        if len(self._server.connections) > self._server.config.max_connections:
+            transport.write(TOO_MANY_CONNECTIONS.encoded)
+            transport.close()
+            return
         self._last_read = self._loop.time()
+        if self._implicit_tls:
+            # The loop ran the handshake before connection_made: uvloop's
+            # start_tls() hangs when called before any data has flowed, so
+            # the implicit-TLS listener is a TLS server (and takes no PROXY
+            # header).
+            self._session.tls = True
+            self._tls_info = describe(transport.get_extra_info("ssl_object"))
+        elif self._server.trusts_proxy(self._peer):
+            # The balancer speaks first; the greeting waits for its header.
+            self._proxy_buf = b""
+            self._timer = self._loop.call_later(self._server.config.proxy_timeout, self._on_proxy_timeout)
+            return
+        self._refuse_proxy = bool(self._server.proxy_trusted)
+        self._begin()
+
+    def _begin(self) -> None:
+        """Admit the client and greet it."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        # The per-client limit, before the greeting, with the client's own
+        # address (the one a PROXY header gave, when there was one).
+        refusal, self._client_key = self._server.admit(self._peer)
+        if refusal is not None:
+            assert self._transport is not None
+            if not self._implicit_tls:  # a TLS client could not read plain text
+                self._transport.write(refusal.encoded)
+            self._transport.close()
+            return
         self._timer = self._loop.call_later(self._server.config.idle_timeout, self._on_timer)
+        assert self._transport is not None
+        self._transport.write(self._server.greeting.encoded)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
+        self._release_client()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -176,8 +276,50 @@ class SMTPProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self._loop.time()
+        if self._upgrading:
+            # Decrypted data can arrive before start_tls() has returned the
+            # new transport to us; answering it now would write plaintext on
+            # the old one.  Hold it until the handshake task resumes.
+            self._held.append(data)
+            return
+        if self._proxy_buf is not None:
+            self._proxy_received(data)
+            return
+        if self._refuse_proxy:
+            self._refuse_proxy = False
+            if looks_like_proxy_header(data):
+                log.warning("PROXY header from untrusted %s refused", self._peer)
+                assert self._transport is not None
+                self._transport.write(UNTRUSTED_PROXY.encoded)
+                self._close()
+                return
         self._session.receive_data(data)
         self._process()
+
+    def _proxy_received(self, data: bytes) -> None:
+        buf = self._proxy_buf = (self._proxy_buf or b"") + data
+        try:
+            parsed = parse_proxy_header(buf)
+        except ProxyHeaderError as exc:
+            log.warning("bad PROXY header from %s: %s", self._peer, exc)
+            self.abort()
+            return
+        if parsed is None:
+            return
+        info, used = parsed
+        self._proxy_buf = None
+        if info.source is not None:
+            self._peer = info.source
+        rest = buf[used:]
+        self._begin()
+        if rest:
+            self._session.receive_data(rest)
+            self._process()
+
+    def _on_proxy_timeout(self) -> None:
+        self._timer = None
+        log.warning("no PROXY header from %s in time", self._peer)
+        self.abort()
 
     def eof_received(self) -> bool:
         self._session.receive_data(b"")
@@ -228,6 +370,10 @@ class SMTPProtocol(asyncio.Protocol):
                 assert self._spool is not None
                 self._spool.write(event.data)  # type: ignore[union-attr]
                 continue
+            if kind is Bdat:
+                if event.first:  # type: ignore[union-attr]
+                    self._open_spool()
+                continue  # a chunk's reply comes with EndOfChunk
             if kind is ConnectionClosed:
                 self._close()
                 break
@@ -244,23 +390,41 @@ class SMTPProtocol(asyncio.Protocol):
             transport.write(b"".join(out))
         if session.state is CLOSED:
             self._close()
+        elif self._upgrade_pending:
+            self._upgrade_pending = False
+            self._start_tls()
         elif self._server.closing and self._idle():
             self._say_goodbye(SHUTTING_DOWN)
 
     def _close(self) -> None:
+        self._release_client()
         if self._transport is not None:
             self._transport.close()
 
+    def _release_client(self) -> None:
+        # At our own close, not only in connection_lost: a client that gets
+        # 221 and reconnects at once must not find its old session counted.
+        if self._client_key is not None:
+            self._server.release(self._client_key)
+            self._client_key = None
+
     def _idle(self) -> bool:
-        return not self._committing and self._session.state is not DATA and self._spool is None
+        return (
+            not self._committing
+            and not self._upgrading
+            and self._session.state is not DATA
+            and self._spool is None
+        )
 
     # -- handlers: each returns the reply, or None when it comes later ----------
 
     def _on_helo(self, event: Helo) -> Reply:
+        self._drop_spool()
         return self._server.helo_reply
 
     def _on_ehlo(self, event: Ehlo) -> Reply:
-        return self._server.ehlo_reply
+        self._drop_spool()
+        return self._server.ehlo_reply_tls if self._session.tls else self._server.ehlo_reply
 
     def _on_mail(self, event: MailFrom) -> Reply:
         self._maildirs = []
@@ -276,10 +440,32 @@ class SMTPProtocol(asyncio.Protocol):
         return RCPT_OK
 
     def _on_data(self, event: Data) -> Reply:
-        spool = self._server.writer.open_spool(self._maildirs[0])
-        spool.write(trace_headers(self._server, self._session, self._peer, spool.queue_id))
-        self._spool = spool
+        self._open_spool()
         return START_DATA
+
+    def _open_spool(self) -> None:
+        spool = self._server.writer.open_spool(self._maildirs[0])
+        spool.write(trace_headers(self._server, self._session, self._peer, spool.queue_id, self._tls_info))
+        self._spool = spool
+
+    def _drop_spool(self) -> None:
+        if self._spool is not None:
+            self._spool.discard()
+            self._spool = None
+
+    def _on_rset(self, event: Rset) -> Reply:
+        self._drop_spool()  # RSET between BDAT chunks abandons the message
+        return OK
+
+    def _on_end_of_chunk(self, event: EndOfChunk) -> Reply:
+        if event.refusal is not None:
+            self._drop_spool()
+            return event.refusal
+        return Reply(250, "2.0.0", f"{event.size} octets received")
+
+    def _on_starttls(self, event: StartTLS) -> Reply:
+        self._upgrade_pending = True
+        return READY_FOR_TLS
 
     def _on_end_of_message(self, event: EndOfMessage) -> Reply | None:
         spool, self._spool = self._spool, None
@@ -311,6 +497,45 @@ class SMTPProtocol(asyncio.Protocol):
         self._update_reading()
         self._process(out)
 
+    # -- TLS ------------------------------------------------------------------
+
+    def _start_tls(self) -> None:
+        """Run the STARTTLS handshake; the session already forgot everything before it."""
+        self._upgrading = True
+        # Stop reading now, not when the handshake task first runs: the
+        # ClientHello may arrive in between, and would reach data_received()
+        # as a plaintext command.
+        assert self._transport is not None
+        self._transport.pause_reading()
+        self._read_paused = True
+        self._loop.create_task(self._handshake())
+
+    async def _handshake(self) -> None:
+        transport = self._transport
+        context = self._server.tls_context
+        assert transport is not None and context is not None
+        try:
+            new = await self._loop.start_tls(
+                transport, self, context, server_side=True, ssl_handshake_timeout=30.0
+            )
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+            # A failed handshake or a garbage ClientHello: one line, no
+            # traceback, and the descriptor is released by abort().
+            log.info("TLS handshake with %s failed: %s", self._peer, exc or type(exc).__name__)
+            self._upgrading = False
+            transport.abort()
+            return
+        self._upgrading = False
+        if new is None or self._transport is None:
+            return  # the peer left during the handshake
+        self._transport = new
+        self._read_paused = False
+        self._tls_info = describe(new.get_extra_info("ssl_object"))
+        self._update_reading()
+        held, self._held = self._held, []
+        for data in held:
+            self.data_received(data)
+
     # -- timeouts and shutdown ------------------------------------------------
 
     def _on_timer(self) -> None:
@@ -318,7 +543,7 @@ class SMTPProtocol(asyncio.Protocol):
         # rather than being rescheduled on every chunk.
         timeout = self._server.config.idle_timeout
         left = self._last_read + timeout - self._loop.time()
-        if self._committing or left > 0:
+        if self._committing or self._upgrading or left > 0:
             self._timer = self._loop.call_later(max(left, 1.0), self._on_timer)
             return
         self._timer = None
@@ -350,22 +575,31 @@ def _constant(reply: Reply) -> Callable[[Event], Reply]:
 _UNSAFE_HELO = re.compile(rb"[^A-Za-z0-9.\-_:\[\]]")
 
 
-def trace_headers(server: Server, session: Session, peer: str, queue_id: str) -> bytes:
-    """``Return-Path:`` and ``Received:`` for the message (RFC 5321 §4.4)."""
+def trace_headers(
+    server: Server, session: Session, peer: str, queue_id: str, tls: str | None = None
+) -> bytes:
+    """``Return-Path:`` and ``Received:`` for the message (RFC 5321 §4.4).
+
+    The protocol word follows the IANA "WITH protocol types" registry:
+    ESMTP, ESMTPS over TLS (RFC 3848), UTF8SMTP/UTF8SMTPS (RFC 6531 §3.7.3).
+    """
     env = session.envelope
     sender = env.mail_from.raw if env.mail_from is not None else b""
     helo = _UNSAFE_HELO.sub(b"?", (session.helo or b"unknown")[:255])
     if env.smtputf8:
-        protocol = b"UTF8SMTP"  # RFC 6531 §3.7.3
+        protocol = b"UTF8SMTP"
     else:
         protocol = b"ESMTP" if session.esmtp else b"SMTP"
+    if tls is not None and session.esmtp:
+        protocol += b"S"
+    tls_clause = b"\r\n\t(" + tls.encode("ascii", "replace") + b")" if tls is not None else b""
     rcpts = env.rcpt_to
     for_clause = b"\r\n\tfor <" + rcpts[0].raw + b">" if len(rcpts) == 1 else b""
     date = formatdate(time.time(), localtime=True).encode("ascii")
     return b"".join(
         (
             b"Return-Path: <", sender, b">\r\n",
-            b"Received: from ", helo, b" ([", peer.encode("ascii", "replace"), b"])\r\n",
+            b"Received: from ", helo, b" ([", peer.encode("ascii", "replace"), b"])", tls_clause, b"\r\n",
             b"\tby ", server.hostname, b" (fastsmtp) with ", protocol,
             b" id ", queue_id.encode("ascii"), for_clause, b";\r\n\t", date, b"\r\n",
         )

@@ -1,28 +1,44 @@
 """One worker process: an event loop, a listening socket, a Maildir writer.
 
 Rules of this module:
-- The worker binds its own socket with SO_REUSEPORT, so that several
-  workers (and a restarted one) can listen on one port and the kernel
-  spreads connections between them.
+- Every listening socket has SO_REUSEPORT, so that several workers (and a
+  restarted one) can listen on one port and the kernel spreads connections
+  between them.  Under the supervisor the sockets are bound by the
+  supervisor and inherited (see supervisor.py); ``--workers 0`` binds here.
+- Sockets are bound first, then privileges are dropped (``--user``), then
+  the mail root is checked: port 25 needs root, mail must not be written
+  as root.
 - Stopping is graceful: stop accepting, answer idle sessions 421 4.3.2, let
   transactions in progress finish within ``shutdown_timeout``, then commit
-  whatever the writer still holds.
+  whatever the writer still holds.  SIGQUIT, or a second SIGINT, skips the
+  wait (gunicorn's quick shutdown); queued commits still finish.
+- SIGUSR1 retires a worker the supervisor has replaced (SIGHUP, SIGTTOU):
+  stop accepting and let sessions end by themselves, as Postfix's master
+  lets a process finish its client on reload; after ``shutdown_timeout``
+  (or on SIGTERM) it stops as above.
+- The event loop itself calls ``heartbeat`` every ``heartbeat_interval``: a
+  blocked loop stops beating and the supervisor kills the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import signal
 import socket
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .config import Config
+from .config import Config, ConfigError, parse_listen
 from .maildir import MaildirWriter, clean_tmp
 from .server import Server
 
-__all__ = ["bind_socket", "serve", "run_worker"]
+if TYPE_CHECKING:
+    from .anvil import AnvilRow
+
+__all__ = ["bind_socket", "bind_listeners", "serve", "run_worker", "drop_privileges", "check_mail_root"]
 
 log = logging.getLogger("fastsmtp")
 
@@ -50,40 +66,131 @@ async def serve(
     sock: socket.socket | None = None,
     on_ready: Callable[[tuple[str, int]], None] | None = None,
     stop: asyncio.Event | None = None,
+    *,
+    tls_sock: socket.socket | None = None,
+    clients: "AnvilRow | None" = None,
+    heartbeat: Callable[[], None] | None = None,
+    clean: str = "before",
 ) -> None:
-    """Serve until ``stop`` is set (or SIGTERM/SIGINT), then stop gracefully."""
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT), then stop gracefully.
+
+    ``clients`` is this worker's row of the shared per-client counts (None:
+    a private table).  ``clean`` says when to remove dead writers' files
+    from tmp/: "before" listening, in the "background" once listening (a
+    replacement worker, whose siblings serve meanwhile), or "skip" (the
+    supervisor did it before forking).
+    """
     loop = asyncio.get_running_loop()
+    quick = asyncio.Event()
+    drain = asyncio.Event()
     if stop is None:
         stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-    removed = clean_tmp(config.mail_root, hostname=config.hostname)
-    if removed:
-        log.info("removed %d stale file(s) from tmp/ folders", removed)
+        _install_stop_signals(loop, stop, quick, drain)
+    if clean == "before":
+        _clean_tmp(config)
     writer = MaildirWriter(
         hostname=config.hostname, fsync=config.fsync, spill_threshold=config.spill_threshold
     )
     writer.start(loop)
-    server = Server(config, writer)
+    if clients is None and config.max_connections_per_ip:
+        from .anvil import Anvil
+
+        clients = Anvil(1, 2 * config.max_connections).row(0)
+    server = Server(config, writer, clients)
     if sock is None:
         sock = bind_socket(config.host, config.port)
-    listener = await loop.create_server(server.protocol_factory, sock=sock)
+    listeners = [await loop.create_server(server.protocol_factory, sock=sock)]
     address = sock.getsockname()[:2]
+    if config.tls_listen:
+        # Implicit TLS (RFC 8314 §3.3): the handshake comes before the greeting.
+        if tls_sock is None:
+            tls_host, tls_port = parse_listen(config.tls_listen)
+            tls_sock = bind_socket(tls_host, tls_port)
+        listeners.append(
+            await loop.create_server(
+                server.implicit_tls_factory, sock=tls_sock, ssl=server.tls_context, ssl_handshake_timeout=30.0
+            )
+        )
+        log.info("implicit TLS on %s:%d", *tls_sock.getsockname()[:2])
+    beat: asyncio.TimerHandle | None = None
+    if heartbeat is not None:
+        interval = heartbeat_interval(config)
+
+        def on_beat() -> None:
+            nonlocal beat
+            heartbeat()
+            beat = loop.call_later(interval, on_beat)
+
+        on_beat()
     if on_ready is not None:
         on_ready(address)
+    if clean == "background":
+        loop.run_in_executor(None, _clean_tmp, config)
     try:
         await stop.wait()
     finally:
-        listener.close()
+        for listener in listeners:
+            listener.close()
+        if drain.is_set():
+            # A connection accepted just before the listener closed reaches
+            # connection_made a few loop turns later: wait a moment so that
+            # it is served like the others rather than told 421.
+            start = loop.time()
+            end = start + config.shutdown_timeout
+            while (server.connections or loop.time() < start + 0.1) and drain.is_set() and loop.time() < end:
+                await asyncio.sleep(0.05)
         server.begin_shutdown()
         deadline = loop.time() + config.shutdown_timeout
-        while server.connections and loop.time() < deadline:
+        while server.connections and loop.time() < deadline and not quick.is_set():
             await asyncio.sleep(0.05)
         for conn in list(server.connections):
             conn.abort()
         # Commits still queued finish before the process ends: a message
         # whose 250 was lost to the abort is still stored (RFC 1047).
         await loop.run_in_executor(None, writer.close)
+        if beat is not None:
+            beat.cancel()
+
+
+def heartbeat_interval(config: Config) -> float:
+    """Beat often enough that a few missed beats never look like a hang."""
+    return max(0.05, min(1.0, config.worker_timeout / 4))
+
+
+def _install_stop_signals(
+    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, quick: asyncio.Event, drain: asyncio.Event
+) -> None:
+    # SIGUSR1: drain.  SIGTERM and a first SIGINT: graceful (and the end of
+    # a drain).  SIGQUIT, or SIGINT while already stopping (a second
+    # Ctrl-C): quick, as gunicorn's workers do.
+    def on_usr1() -> None:
+        if not stop.is_set():
+            drain.set()
+        stop.set()
+
+    def on_term() -> None:
+        drain.clear()
+        stop.set()
+
+    def on_int() -> None:
+        if stop.is_set() and not drain.is_set():
+            quick.set()
+        on_term()
+
+    def on_quit() -> None:
+        quick.set()
+        on_term()
+
+    loop.add_signal_handler(signal.SIGUSR1, on_usr1)
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGINT, on_int)
+    loop.add_signal_handler(signal.SIGQUIT, on_quit)
+
+
+def _clean_tmp(config: Config) -> None:
+    removed = clean_tmp(config.mail_root, hostname=config.hostname)
+    if removed:
+        log.info("removed %d stale file(s) from tmp/ folders", removed)
 
 
 def install_loop(name: str) -> str:
@@ -99,18 +206,185 @@ def install_loop(name: str) -> str:
 
 
 def run_worker(config: Config) -> int:
+    """``--workers 0``: bind, drop privileges and serve in this process."""
+    sock, tls_sock = bind_listeners(config)
+    drop_privileges(config.user, config.group)
+    check_mail_root(config)
     loop_name = install_loop(config.loop)
 
     def ready(address: tuple[str, int]) -> None:
-        host, port = address
-        shown = f"[{host}]" if ":" in host else host
         print(
-            f"fastsmtp listening on {shown}:{port} ({loop_name}), "
+            f"fastsmtp listening on {show_address(*address)} ({loop_name}), "
             f"delivering into {config.mail_root}/<domain>/<user>/new/",
             flush=True,
         )
         if config.fsync == "off":
             print("WARNING: --fsync off: acknowledged mail can be lost on a crash", file=sys.stderr, flush=True)
 
-    asyncio.run(serve(config, on_ready=ready))
+    asyncio.run(serve(config, sock, on_ready=ready, tls_sock=tls_sock))
+    return 0
+
+
+def show_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_listeners(
+    config: Config, port: int | None = None, tls_port: int | None = None
+) -> tuple[socket.socket, socket.socket | None]:
+    """The SMTP socket and the implicit-TLS one, if configured.
+
+    ``port``/``tls_port`` replace the configured ports (the supervisor
+    passes the ones its first socket got for port 0).  A failure is one
+    ConfigError sentence naming the address.
+    """
+    host = config.host
+    port = config.port if port is None else port
+    try:
+        sock = bind_socket(host, port)
+    except OSError as exc:
+        raise ConfigError(_cannot_listen(host, port, exc)) from None
+    if not config.tls_listen:
+        return sock, None
+    tls_host, configured = parse_listen(config.tls_listen)
+    tls_port = configured if tls_port is None else tls_port
+    try:
+        return sock, bind_socket(tls_host, tls_port)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(_cannot_listen(tls_host, tls_port, exc)) from None
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> str:
+    text = f"cannot listen on {show_address(host, port)}: {exc.strerror or exc}"
+    if exc.errno == errno.EACCES and 0 < port < 1024:
+        text += " (ports below 1024 need root or CAP_NET_BIND_SERVICE; see --user)"
+    return text
+
+
+def drop_privileges(user: str, group: str) -> None:
+    """Become ``user``/``group`` (after binding): supplementary groups, gid, then uid.
+
+    The order matters: once the uid is not root, the groups can no longer
+    be changed (Postfix's set_ugid() does the same).
+    """
+    if not user and not group:
+        return
+    import grp
+    import pwd
+
+    pw = pwd.getpwnam(user) if user else None
+    gid = grp.getgrnam(group).gr_gid if group else (pw.pw_gid if pw else os.getegid())
+    if os.geteuid() != 0:
+        if (pw is None or pw.pw_uid == os.geteuid()) and gid == os.getegid():
+            return  # already who we should be
+        raise ConfigError("user/group: changing to another user or group needs root")
+    if pw is not None:
+        os.initgroups(pw.pw_name, gid)
+    else:
+        os.setgroups([gid])
+    os.setgid(gid)
+    if pw is not None:
+        os.setuid(pw.pw_uid)
+
+
+def check_mail_root(config: Config) -> None:
+    """The mail root must be writable by whoever serves mail (checked after the drop)."""
+    if not os.access(config.mail_root, os.W_OK | os.X_OK):
+        who = f"user {config.user}" if config.user else "this user"
+        raise ConfigError(f"mail root {config.mail_root} is not writable by {who}")
+
+
+def log_format(role: str = "") -> str:
+    """``fastsmtp[PID] worker 2: LEVEL message``; no role for ``--workers 0``."""
+    prefix = f" {role}:" if role else ""
+    return f"%(asctime)s fastsmtp[%(process)d]{prefix} %(levelname)s %(message)s"
+
+
+def set_log_role(role: str) -> None:
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(log_format(role)))
+
+
+def set_process_title(title: str) -> None:
+    """Say in ps/top what this process is; a no-op without setproctitle."""
+    try:
+        from setproctitle import setproctitle
+    except ImportError:
+        return
+    setproctitle(title)
+
+
+#: Exit status of a worker that could not start serving (gunicorn's
+#: WORKER_BOOT_ERROR): the supervisor stops instead of restarting it in a loop.
+WORKER_BOOT_ERROR = 3
+
+
+def die_with_parent(ppid: int) -> None:
+    """Be killed when the supervisor dies, as Postfix's daemons exit on "master disconnect".
+
+    An orphaned worker would go on serving a port nobody supervises.  With
+    SIGKILL, killing the supervisor is killing the server: every message
+    acknowledged is on disk anyway, and clients retry the rest.  Linux
+    clears the setting when credentials change, so call it again after
+    ``drop_privileges``; elsewhere the heartbeat's ppid check stands in.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != ppid:  # it died before the prctl took effect
+        os._exit(0)
+
+
+def run_supervised(
+    config: Config,
+    sock: socket.socket,
+    tls_sock: socket.socket | None,
+    *,
+    ppid: int,
+    clients: "AnvilRow | None",
+    heartbeat: Callable[[], None],
+    notify: Callable[[str], None],
+    clean: str,
+) -> int:
+    """A worker forked by the supervisor, on sockets the supervisor bound.
+
+    ``notify("READY")`` once listening; ``notify("BOOTERR <text>")`` and
+    exit WORKER_BOOT_ERROR when it cannot start serving.
+    """
+    die_with_parent(ppid)
+    try:
+        drop_privileges(config.user, config.group)
+        die_with_parent(ppid)
+        check_mail_root(config)
+    except (ConfigError, OSError) as exc:
+        notify(f"BOOTERR {exc}")
+        return WORKER_BOOT_ERROR
+    loop_name = install_loop(config.loop)
+    started = False
+
+    def beat() -> None:
+        heartbeat()
+        if os.getppid() != ppid:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def ready(address: tuple[str, int]) -> None:
+        nonlocal started
+        started = True
+        log.info("serving %s (%s)", show_address(*address), loop_name)
+        notify("READY")
+
+    try:
+        asyncio.run(
+            serve(config, sock, on_ready=ready, tls_sock=tls_sock, clients=clients, heartbeat=beat, clean=clean)
+        )
+    except Exception as exc:
+        if started:
+            raise
+        notify(f"BOOTERR {exc!r}")
+        return WORKER_BOOT_ERROR
     return 0

@@ -107,6 +107,9 @@ def start_server(mail_root: Path, *args: str, loop: str = "uvloop", timeout: flo
         "--mail-root", str(mail_root),
         "--hostname", HOSTNAME,
         "--loop", loop,
+        # No greeting delay unless a test asks for one: most tests connect
+        # hundreds of times and only test_hostile.py is about early talkers.
+        "--greeting-delay", "0",
         *args,
     ]
     proc = subprocess.Popen(

@@ -1,7 +1,13 @@
-"""The ``fastsmtp`` command: ``serve``, ``mailbox add|list``, ``--version``.
+"""The ``fastsmtp`` command: ``serve``, ``config check|show``, ``mailbox add|list``, ``--version``.
 
-A bad flag or an unusable mail root gives one line on stderr and a
-non-zero exit, never a traceback.
+A bad flag, a bad configuration file or an unusable mail root gives one
+line on stderr and a non-zero exit, never a traceback.
+
+Settings come in three layers (``config.layer``): the built-in defaults,
+then the TOML file of ``--config``, then the flags actually given on the
+command line.  argparse's own defaults serve only ``--help``: the command
+line is parsed a second time with every default suppressed, so that a flag
+left out never overrides the file.
 """
 
 from __future__ import annotations
@@ -14,7 +20,19 @@ import sys
 from dataclasses import fields
 
 from ._version import __version__
-from .config import BARE_LF_CHOICES, FSYNC_CHOICES, Config, ConfigError, parse_listen, usable_cpus
+from .config import (
+    BARE_LF_CHOICES,
+    FSYNC_CHOICES,
+    PATH_FIELDS,
+    Config,
+    ConfigError,
+    layer,
+    parse_listen,
+    parse_size,
+    server_defaults,
+    to_toml,
+    usable_cpus,
+)
 
 __all__ = ["main"]
 
@@ -30,24 +48,26 @@ class _Parser(argparse.ArgumentParser):
 
 def _size(value: str) -> int:
     """Bytes, with an optional K/M/G suffix (powers of 1024)."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = value.strip().upper().removesuffix("B").removesuffix("I")
-    scale = units.get(text[-1:], 1)
-    number = text[:-1] if text[-1:] in units else text
     try:
-        return int(float(number) * scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a size in bytes") from None
+        return parse_size(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, explicit_only: bool = False) -> argparse.ArgumentParser:
+    """The command line; with ``explicit_only``, only flags given appear in serve's namespace."""
     # "@FILE" reads more arguments from FILE (shell-style words, # comments);
-    # SIGHUP reads it again, which is how a running server is reconfigured.
+    # SIGHUP reads it again, and the --config file too, which is how a
+    # running server is reconfigured.
     parser = _Parser(prog="fastsmtp", description="A fast, durable inbound SMTP server.", fromfile_prefix_chars="@")
     parser.add_argument("--version", action="version", version=f"fastsmtp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="receive mail")
+    # serve's flags, held by a parent parser that "serve" and "config show"
+    # both take them from (argparse parents share the same actions).
+    serve = _Parser(add_help=False)
+    serve.add_argument("--config", metavar="FILE",
+                       help="read settings from this TOML file; flags given here override it")
     serve.add_argument("--listen", default=f"{_DEFAULTS['host']}:{_DEFAULTS['port']}", metavar="HOST:PORT",
                        help="address to listen on (default: %(default)s; port 0 picks a free port)")
     serve.add_argument("--mail-root", default=DEFAULT_MAIL_ROOT, metavar="DIR",
@@ -92,6 +112,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="expect a PROXY protocol v1/v2 header from these networks (e.g. HAProxy)")
     serve.add_argument("--proxy-timeout", type=float, default=_DEFAULTS["proxy_timeout"], metavar="SECONDS",
                        help="how long a trusted peer may take to send its PROXY header (default: %(default)s)")
+    serve.add_argument("--greeting-delay", type=float, default=_DEFAULTS["greeting_delay"], metavar="SECONDS",
+                       help="wait before the greeting; clients talking first get 554 (default: %(default)s; 0: off)")
+    serve.add_argument("--soft-error-limit", type=int, default=_DEFAULTS["soft_error_limit"], metavar="N",
+                       help="errors after which replies are delayed (default: %(default)s)")
+    serve.add_argument("--error-delay", type=float, default=_DEFAULTS["error_delay"], metavar="SECONDS",
+                       help="delay per error over the soft limit (default: %(default)s)")
+    serve.add_argument("--min-data-rate", type=int, default=_DEFAULTS["min_data_rate"], metavar="BYTES_PER_S",
+                       help="cut off message data slower than this (default: %(default)s; 0: off)")
+    serve.add_argument("--max-command-line", type=int, default=_DEFAULTS["max_command_line"], metavar="BYTES",
+                       help="longest command line, CRLF included (default: %(default)s; at least 512)")
+    serve.add_argument("--spill-threshold", type=_size, default=_DEFAULTS["spill_threshold"], metavar="BYTES",
+                       help="message bytes held in memory before spilling to tmp/ (default: 256K)")
+    if explicit_only:
+        for action in serve._actions:  # the parents share these action objects
+            action.default = argparse.SUPPRESS
+    sub.add_parser("serve", parents=[serve], help="receive mail")
+
+    config = sub.add_parser("config", help="check a configuration file, or show the effective configuration")
+    config_sub = config.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = config_sub.add_parser("check", help="validate a TOML file: prints 'FILE: ok', or the error (exit 2)")
+    check.add_argument("file", metavar="FILE")
+    config_sub.add_parser("show", parents=[serve],
+                          help="print the effective configuration as TOML: defaults, then --config FILE, "
+                               "then the flags given (those of serve)")
 
     mailbox = sub.add_parser("mailbox", help="create and list Maildir mailboxes")
     mailbox_sub = mailbox.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -103,41 +147,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_from(args: argparse.Namespace) -> Config:
-    host, port = parse_listen(args.listen)
-    return Config(
-        host=host,
-        port=port,
-        mail_root=os.path.abspath(args.mail_root),
-        hostname=args.hostname,
-        max_message_size=args.max_message_size,
-        max_recipients=args.max_recipients,
-        max_errors=args.max_errors,
-        idle_timeout=args.idle_timeout,
-        recipient_delimiter=args.recipient_delimiter,
-        fsync=args.fsync,
-        bare_lf=args.bare_lf,
-        workers=args.workers,
-        worker_timeout=args.worker_timeout,
-        shutdown_timeout=args.shutdown_timeout,
-        max_connections=args.max_connections,
-        max_connections_per_ip=args.max_connections_per_ip,
-        user=args.user,
-        group=args.group,
-        loop=args.loop,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_listen=args.tls_listen,
-        proxy_trusted=tuple(args.proxy_trusted),
-        proxy_timeout=args.proxy_timeout,
-    ).validate()
+def _config_from(argv: list[str]) -> Config:
+    """The validated Config of a serve (or config show) command line, with its --config file.
+
+    ``argv`` must already parse.  The file is read here, so calling this
+    again (SIGHUP) reads the file again.
+    """
+    given = build_parser(explicit_only=True).parse_args(argv)
+    names = {f.name for f in fields(Config)}
+    flags: dict[str, object] = {}
+    for name, value in vars(given).items():
+        if name == "listen":
+            flags["host"], flags["port"] = parse_listen(value)
+        elif name in PATH_FIELDS:
+            flags[name] = os.path.abspath(value) if value else value
+        elif name in names:
+            flags[name] = tuple(value) if isinstance(value, list) else value
+    return layer(server_defaults(), getattr(given, "config", None), flags)
 
 
-def _serve(args: argparse.Namespace, argv: list[str]) -> int:
+def _serve(argv: list[str]) -> int:
     from .policy import ensure_mail_root
 
-    config = _config_from(args)
-    if args.mail_root == DEFAULT_MAIL_ROOT or os.path.isdir(config.mail_root):
+    config = _config_from(argv)
+    if config.mail_root == os.path.abspath(DEFAULT_MAIL_ROOT) or os.path.isdir(config.mail_root):
         # The default root is created on first start so that a new user can
         # send a first message at once; an explicit root must already exist
         # (a typo should not silently become a new, empty mail store).
@@ -146,21 +179,15 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     else:
         raise ConfigError(
             f"mail root {config.mail_root} does not exist; create a mailbox in it with "
-            f"'fastsmtp mailbox add USER@DOMAIN --mail-root {args.mail_root}'"
+            f"'fastsmtp mailbox add USER@DOMAIN --mail-root {config.mail_root}'"
         )
-    if config.tls_cert:
-        from .tls import server_context
-
-        try:
-            server_context(config.tls_cert, config.tls_key)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"tls-cert/tls-key: cannot load {config.tls_cert}: {exc}") from None
+    _check_tls(config)
     if not os.access(config.mail_root, os.W_OK | os.X_OK):
         raise ConfigError(f"mail root {config.mail_root} is not writable")
     from .worker import log_format, run_worker
 
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
+        level=getattr(logging, config.log_level.upper()),
         format=log_format("supervisor" if config.workers else ""),
     )
     if config.workers == 0:
@@ -168,15 +195,40 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     from .supervisor import Supervisor
 
     def reload() -> Config:
-        # SIGHUP re-reads the same command line, @FILE argument files
-        # included, so what those files say takes effect.
+        # SIGHUP re-reads the same command line, @FILE argument files and
+        # the --config file included, so what those files say takes effect.
         try:
-            again = build_parser().parse_args(argv)
+            build_parser().parse_args(argv)
         except SystemExit:
             raise ConfigError("the command line no longer parses (see the message above)") from None
-        return _config_from(again)
+        return _config_from(argv)
 
     return Supervisor(config, reload).run()
+
+
+def _check_tls(config: Config) -> None:
+    if config.tls_cert:
+        from .tls import server_context
+
+        try:
+            server_context(config.tls_cert, config.tls_key)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"tls-cert/tls-key: cannot load {config.tls_cert}: {exc}") from None
+
+
+def _config(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.action == "check":
+        # The file alone, over the built-in defaults, as serve would take it.
+        config = layer(server_defaults(), args.file, {})
+        try:
+            _check_tls(config)
+        except ConfigError as exc:
+            raise ConfigError(f"{args.file}: {exc}") from None
+        print(f"{args.file}: ok")
+        return 0
+    # "config show" has the flags of serve, so its command line reads the same.
+    sys.stdout.write(to_toml(_config_from(argv)))
+    return 0
 
 
 def _mailbox(args: argparse.Namespace) -> int:
@@ -201,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
-            return _serve(args, argv)
+            return _serve(argv)
+        if args.command == "config":
+            return _config(args, argv)
         return _mailbox(args)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"fastsmtp: error: {exc}", file=sys.stderr)

@@ -69,6 +69,11 @@ SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Error: too many connections, try again later")
 READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 UNTRUSTED_PROXY = Reply(554, "5.7.0", "Error: PROXY header from an untrusted address")
+EARLY_TALKER = Reply(554, "5.5.0", "Error: SMTP protocol synchronization, talking before the greeting")
+TOO_SLOW = Reply(421, "4.4.2", "Error: message data arriving too slowly")
+# Data a client may send before its rate is judged (smtpd_min_data_rate
+# works on the same idea): 16 KiB is a header block and the start of a body.
+DATA_RATE_ALLOWANCE = 16 * 1024
 
 
 class Server:
@@ -198,6 +203,13 @@ class SMTPProtocol(asyncio.Protocol):
         self._upgrade_pending = False
         self._upgrading = False
         self._held: list[bytes] = []
+        # Anti-abuse clocks: the greeting not sent yet (early-talker window),
+        # an error reply being delayed (tarpit), and the current message's
+        # start time and octets (minimum data rate).
+        self._greeting_due = False
+        self._tarpitting = False
+        self._data_started = 0.0
+        self._data_octets = 0
         # PROXY protocol: the header's octets so far while one is expected
         # (None otherwise), and whether to refuse one from this peer.
         self._proxy_buf: bytes | None = None
@@ -258,8 +270,17 @@ class SMTPProtocol(asyncio.Protocol):
             self._transport.close()
             return
         self._timer = self._loop.call_later(self._server.config.idle_timeout, self._on_timer)
-        assert self._transport is not None
-        self._transport.write(self._server.greeting.encoded)
+        delay = self._server.config.greeting_delay
+        if delay > 0 and not self._implicit_tls:
+            self._greeting_due = True
+            self._loop.call_later(delay, self._greet)
+            return
+        self._greet()
+
+    def _greet(self) -> None:
+        self._greeting_due = False
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(self._server.greeting.encoded)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
@@ -285,6 +306,15 @@ class SMTPProtocol(asyncio.Protocol):
         if self._proxy_buf is not None:
             self._proxy_received(data)
             return
+        if self._greeting_due:
+            log.info("early talker %s refused", self._peer)
+            self._greeting_due = False
+            assert self._transport is not None
+            self._transport.write(EARLY_TALKER.encoded)
+            self._close()
+            return
+        if self._spool is not None:
+            self._data_octets += len(data)
         if self._refuse_proxy:
             self._refuse_proxy = False
             if looks_like_proxy_header(data):
@@ -340,7 +370,7 @@ class SMTPProtocol(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        want_pause = self._write_paused or self._committing
+        want_pause = self._write_paused or self._committing or self._tarpitting
         if want_pause and not self._read_paused:
             self._read_paused = True
             transport.pause_reading()
@@ -355,12 +385,17 @@ class SMTPProtocol(asyncio.Protocol):
         if out is None:
             out = []
         handlers = self._handlers
+        held: bytes | None = None
         while True:
+            errors = session.errors
             try:
                 event = session.next_event()
             except RemoteProtocolError as exc:
                 out.append(session.send(exc.reply))
                 if session.state is CLOSED:
+                    break
+                if session.errors > max(errors, self._server.config.soft_error_limit):
+                    held = out.pop()
                     break
                 continue
             if event is NEED_DATA or event is PAUSED:
@@ -383,18 +418,39 @@ class SMTPProtocol(asyncio.Protocol):
             out.append(session.send(reply))
             if session.state is CLOSED:
                 break
+            if session.errors > max(errors, self._server.config.soft_error_limit):
+                held = out.pop()
+                break
         transport = self._transport
         if transport is None:
             return
         if out:
             transport.write(b"".join(out))
-        if session.state is CLOSED:
+        if held is not None:
+            self._tarpit(held)
+        elif session.state is CLOSED:
             self._close()
         elif self._upgrade_pending:
             self._upgrade_pending = False
             self._start_tls()
         elif self._server.closing and self._idle():
             self._say_goodbye(SHUTTING_DOWN)
+
+    def _tarpit(self, reply: bytes) -> None:
+        """Delay an error reply past the soft limit, more for each error (Postfix's
+        smtpd_soft_error_limit): a dictionary attack slows to a crawl, a
+        client with a typo or two is not slowed at all."""
+        over = self._session.errors - self._server.config.soft_error_limit
+        self._tarpitting = True
+        self._update_reading()
+        self._loop.call_later(over * self._server.config.error_delay, self._end_tarpit, reply)
+
+    def _end_tarpit(self, reply: bytes) -> None:
+        self._tarpitting = False
+        if self._transport is None:
+            return
+        self._update_reading()
+        self._process([reply])
 
     def _close(self) -> None:
         self._release_client()
@@ -444,6 +500,10 @@ class SMTPProtocol(asyncio.Protocol):
         return START_DATA
 
     def _open_spool(self) -> None:
+        self._data_started = self._loop.time()
+        self._data_octets = 0
+        if self._server.config.min_data_rate:
+            self._loop.call_later(1.0, self._check_data_rate, self._data_started)
         spool = self._server.writer.open_spool(self._maildirs[0])
         spool.write(trace_headers(self._server, self._session, self._peer, spool.queue_id, self._tls_info))
         self._spool = spool
@@ -535,6 +595,20 @@ class SMTPProtocol(asyncio.Protocol):
         held, self._held = self._held, []
         for data in held:
             self.data_received(data)
+
+    def _check_data_rate(self, started: float) -> None:
+        """Cut off a message whose data trickles in (a slow-drip attack holds
+        a connection for hours within any idle timeout)."""
+        if self._spool is None or self._data_started != started or self._transport is None:
+            return  # that message has ended
+        elapsed = self._loop.time() - started
+        allowed = (self._data_octets + DATA_RATE_ALLOWANCE) / self._server.config.min_data_rate
+        if elapsed > allowed:
+            log.info("%s: message data too slow (%d octets in %.0f s)", self._peer, self._data_octets, elapsed)
+            self._drop_spool()
+            self._say_goodbye(TOO_SLOW)
+            return
+        self._loop.call_later(1.0, self._check_data_rate, started)
 
     # -- timeouts and shutdown ------------------------------------------------
 

@@ -42,11 +42,13 @@ def skip_if_offline(proc: subprocess.CompletedProcess[str], what: str) -> None:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if importlib.util.find_spec("build") is None:
-        proc = run([sys.executable, "-m", "pip", "install", "-q", "build"])
+    tmp = tmp_path_factory.mktemp("wheel")
+    # Every step runs from tmp: in the source tree, setuptools' own build/
+    # output folder would shadow the "build" package ("python -m build").
+    if run([sys.executable, "-c", "import build.__main__"], cwd=tmp).returncode != 0:
+        proc = run([sys.executable, "-m", "pip", "install", "-q", "build"], cwd=tmp)
         skip_if_offline(proc, "pip install build")
         assert proc.returncode == 0, proc.stdout + proc.stderr
-    tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src-tree"
     src.mkdir()
     for name in ("pyproject.toml", "setup.py", "README.md", "MANIFEST.in", "LICENSE"):
@@ -60,9 +62,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     isolation = []
     if all(importlib.util.find_spec(m) for m in ("setuptools", "Cython")):
         isolation = ["--no-isolation"]
-    proc = run([sys.executable, "-m", "build", "--wheel", *isolation, "--outdir", str(dist), str(src)])
+    proc = run([sys.executable, "-m", "build", "--wheel", *isolation, "--outdir", str(dist), str(src)], cwd=tmp)
     if isolation and proc.returncode != 0 and "Missing dependencies" in proc.stdout + proc.stderr:
-        proc = run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(src)])
+        proc = run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(src)], cwd=tmp)
     skip_if_offline(proc, "python -m build")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     wheels = list(dist.glob("*.whl"))

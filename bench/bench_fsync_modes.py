@@ -1,13 +1,13 @@
 """End to end: the real server under --fsync off, batch and always, in ONE run.
 
 For each mode a fresh mail root is made, ``fastsmtp serve`` is started with
-that mode, and the load generator (bench/loadgen.py, in this process) sends
-1 KiB messages over 50 pipelining sessions, many messages per connection.
-Recorded per run: messages/s, p50/p99 latency (end of content to 250), and
-the server's CPU seconds per 1,000 messages from /proc/PID/stat (utime +
-stime of all its threads, read before and after the measured load).  Each
-run also checks that the server stored exactly as many files as it
-acknowledged.
+that mode (and ``--greeting-delay 0``, see bench/benchlib.py), and the load
+generator (bench/loadgen.py, in this process) sends 1 KiB messages over 50
+pipelining sessions, many messages per connection.  Recorded per run:
+messages/s, p50/p99 latency (end of content to 250), and the server's CPU
+seconds per 1,000 messages from /proc/PID/task/TID/stat (utime + stime of all
+its threads, read before and after the measured load).  Each run also checks
+that the server stored exactly as many files as it acknowledged.
 
 Rules of this benchmark (DESIGN.md, "Measuring on these machines"):
 - The modes run interleaved (off, batch, always, off, ...) for ``--rounds``
@@ -36,8 +36,6 @@ import platform
 import re
 import shlex
 import shutil
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,21 +43,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import benchlib  # bench/ is on sys.path: the script's own folder
+from benchlib import create_probe, git_commit, median, thread_cpu
 
-import loadgen  # noqa: E402  (bench/ is not a package)
+import loadgen  # bench/ is not a package
 
-from fastsmtp.policy import add_mailbox  # noqa: E402
+from fastsmtp.policy import add_mailbox
 
 MODES = ("off", "batch", "always")
 SECTION = "## Durable delivery: --fsync off / batch / always"
-RESULTS = HERE / "RESULTS.md"
+RESULTS = benchlib.RESULTS
 DOMAIN = "bench.example"
 USERS = 10  # recipients cycle over 10 maildirs, so a batch touches 10 new/ folders
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-START_TIMEOUT = 20.0
-STOP_TIMEOUT = 20.0
 
 
 @dataclass
@@ -82,53 +77,6 @@ class RunResult:
     def cpu_per_1k(self) -> float:
         n = self.result.accepted
         return 1000 * self.server_cpu_s / n if n else float("nan")
-
-
-def _stat_cpu(path: str) -> float:
-    """utime + stime from a /proc stat file, in seconds."""
-    with open(path, "rb") as f:
-        stat = f.read()
-    # The command name may hold spaces; fields resume after its ")".
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
-
-
-def children(pid: int) -> list[int]:
-    """Direct child processes of ``pid``."""
-    kids: list[int] = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    return kids
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (the supervisor and its workers)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children(p)
-    return out
-
-
-def thread_cpu(root: int) -> dict[tuple[int, int], float]:
-    """utime + stime of every thread of the process tree, by (pid, tid)."""
-    out = {}
-    for pid in process_tree(root):
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue  # the process ended meanwhile
-        for tid in tids:
-            try:
-                out[(pid, int(tid))] = _stat_cpu(f"/proc/{pid}/task/{tid}/stat")
-            except OSError:
-                pass
-    return out
 
 
 ROLES = ("loop", "committer", "other", "supervisor")
@@ -160,22 +108,6 @@ def split_roles(root: int, before: dict[tuple[int, int], float],
     return roles
 
 
-def create_probe(folder: Path, count: int = 500) -> float:
-    """Milliseconds per 1 KiB file created in a new folder: the state of the file system.
-
-    On this ext4 (no journal) inode allocation skips recently deleted inodes,
-    and that search makes every create slow for minutes after many deletions.
-    """
-    folder.mkdir(parents=True)
-    data = b"x" * 1024
-    start = time.perf_counter()
-    for i in range(count):
-        fd = os.open(folder / str(i), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
-        os.write(fd, data)
-        os.close(fd)
-    return 1000 * (time.perf_counter() - start) / count
-
-
 # The server does not report its commit batch sizes.  This wrapper is
 # ``python -m fastsmtp`` plus one thing: when a worker's Maildir writer
 # closes (at the end of the graceful stop) its in-process ``stats`` are
@@ -202,41 +134,12 @@ sys.exit(main(sys.argv[1:]))
 
 def start_server(root: Path, mode: str, loop: str, workers: int | None) -> tuple[subprocess.Popen[bytes], int, Path]:
     log_path = root.parent / "server.log"
-    cmd = [
-        sys.executable, "-c", _SERVER_SHIM, "serve",
-        "--listen", "127.0.0.1:0", "--mail-root", str(root),
-        "--hostname", "mx.bench.example", "--fsync", mode, "--loop", loop,
+    proc, port, _ = benchlib.start_fastsmtp(
+        root, log_path, "--hostname", "mx.bench.example", "--fsync", mode, "--loop", loop,
         *(["--workers", str(workers)] if workers is not None else []),
-    ]
-    with open(log_path, "wb") as log:  # a file, not a pipe: the server can never block on it
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "FASTSMTP_BENCH_STATS": str(root.parent / "stats.json")},
-        )
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        text = log_path.read_text(errors="replace")
-        found = re.search(r"listening on \S+:(\d+) ", text)
-        if found:
-            return proc, int(found.group(1)), log_path
-        if proc.poll() is not None:
-            break
-        time.sleep(0.02)
-    stop_server(proc)
-    raise RuntimeError(f"server ({mode}) did not start:\n{log_path.read_text(errors='replace')}")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> tuple[float, int | None]:
-    """SIGTERM by PID, then SIGKILL after STOP_TIMEOUT; (seconds, exit code)."""
-    start = time.monotonic()
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    return time.monotonic() - start, proc.returncode
+        launcher=("-c", _SERVER_SHIM), env={"FASTSMTP_BENCH_STATS": str(root.parent / "stats.json")},
+    )
+    return proc, port, log_path
 
 
 def count_stored(root: Path) -> int:
@@ -266,7 +169,7 @@ def run_one(base: Path, rnd: int, mode: str, args: argparse.Namespace) -> RunRes
         threads1, client1 = thread_cpu(proc.pid), time.process_time()
         workers = max(len({pid for pid, _ in threads1}) - 1, 1)
     finally:
-        stop_s, code = stop_server(proc)
+        stop_s, code = benchlib.stop_server(proc)
     stored, expected = count_stored(root), warm.accepted + res.accepted
     if stored != expected:
         notes.append(f"stored {stored} files but {expected} messages were acknowledged")
@@ -317,19 +220,6 @@ def batch_summary(sizes: dict[int, int] | None) -> str:
 # -- report ------------------------------------------------------------------------
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def report(runs: list[RunResult], args: argparse.Namespace, command: str, wall: float,
            probes: tuple[float, float]) -> str:
     by_mode = {m: [r for r in runs if r.mode == m] for m in MODES}
@@ -349,7 +239,8 @@ def report(runs: list[RunResult], args: argparse.Namespace, command: str, wall: 
     now = datetime.datetime.now(datetime.timezone.utc)
     workers = sorted({r.workers for r in runs})
     workers_text = "/".join(map(str, workers))
-    flags = f"--fsync MODE --loop {args.loop}" + (f" --workers {args.workers}" if args.workers is not None else "")
+    flags = (f"--fsync MODE --loop {args.loop} {' '.join(benchlib.FASTSMTP_BENCH_FLAGS)}"
+             + (f" --workers {args.workers}" if args.workers is not None else ""))
     lines = [
         SECTION,
         "",
@@ -431,19 +322,6 @@ def report(runs: list[RunResult], args: argparse.Namespace, command: str, wall: 
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) our section; everything else in the file stays as it is."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        path.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    after = "".join(lines[end:])
-    path.write_text("".join(lines[:start]) + section + ("\n" + after if after else ""))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer messages per run (well under 2 minutes)")
@@ -493,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(section)
         if not args.no_write:
-            write_section(RESULTS, section)  # re-reads the file right before writing
+            benchlib.write_section(RESULTS, SECTION, section)  # re-reads the file right before writing
             print(f"written to {RESULTS}")
     finally:
         # Deleting only now, after every measurement (see the module docstring).

@@ -1,12 +1,13 @@
 """End to end: the real server with 1 and with 2 workers, in ONE run.
 
 For each run a fresh mail root is made, ``fastsmtp serve --workers N
---fsync batch`` (or ``--fsync MODE``) is started, and the load generator (bench/loadgen.py, in
-this process) sends 1 KiB messages over 50 sessions.  Recorded per run:
-messages/s, p50/p99 latency, the server's CPU seconds per 1,000 messages
-(utime + stime of the supervisor and every worker thread, from
-/proc/PID/task/TID/stat, before and after the measured load) and the load
-generator's own CPU, which runs on the same two cores.
+--fsync batch --greeting-delay 0`` (or ``--fsync MODE``) is started, and the
+load generator (bench/loadgen.py, in this process) sends 1 KiB messages over
+50 sessions.  Recorded per run: messages/s, p50/p99 latency, the server's CPU
+seconds per 1,000 messages (utime + stime of the supervisor and every worker
+thread, from /proc/PID/task/TID/stat, before and after the measured load; see
+bench/benchlib.py) and the load generator's own CPU, which runs on the same
+two cores.
 
 Rules (DESIGN.md, "Measuring on these machines"):
 - The worker counts run interleaved (1, 2, 2, 1, 1, 2, ...) for
@@ -25,73 +26,23 @@ import argparse
 import os
 import resource
 import shutil
-import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import benchlib  # bench/ is on sys.path: the script's own folder
+import loadgen  # bench/ is not a package
 
-import loadgen  # noqa: E402  (bench/ is not a package)
-
-from fastsmtp.policy import add_mailbox  # noqa: E402
+from fastsmtp.policy import add_mailbox
 
 DOMAIN = "bench.example"
 USERS = 10
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def process_tree(root: int) -> list[int]:
-    pids = [root]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == root:
-                pids.append(int(entry))
-    return pids
 
 
 def tree_cpu(root: int) -> float:
-    """CPU seconds (user + system) of ``root`` and its children, all threads."""
-    total = 0.0
-    for pid in process_tree(root):
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return total
-
-
-def start(root: Path, workers: int, fsync: str) -> tuple[subprocess.Popen[str], int]:
-    cmd = [
-        sys.executable, "-m", "fastsmtp", "serve", "--listen", "127.0.0.1:0", "--mail-root", str(root),
-        "--hostname", "bench.test", "--workers", str(workers), "--fsync", fsync, "--log-level", "warning",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if "listening on" in line:
-            return proc, int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
-    proc.kill()
-    proc.wait(5)
-    raise RuntimeError("server did not start")
+    """CPU seconds (user + system) of ``root`` and its workers, all live threads."""
+    return sum(benchlib.thread_cpu(root).values())
 
 
 def one_run(base: Path, index: int, workers: int, messages: int, fsync: str) -> dict[str, float]:
@@ -100,7 +51,10 @@ def one_run(base: Path, index: int, workers: int, messages: int, fsync: str) -> 
     to = [f"u{i}@{DOMAIN}" for i in range(USERS)]
     for address in to:
         add_mailbox(str(root), address)
-    proc, port = start(root, workers, fsync)
+    proc, port, _ = benchlib.start_fastsmtp(
+        root, base / f"run-{index}-w{workers}.log",
+        "--hostname", "bench.test", "--workers", str(workers), "--fsync", fsync, "--log-level", "warning",
+    )
     try:
         common = dict(host="127.0.0.1", port=port, connections=50, size=1024, pipelining=True, to=to)
         loadgen.run_sync(loadgen.Options(messages=500, duration=10, **common))  # type: ignore[arg-type]
@@ -110,8 +64,7 @@ def one_run(base: Path, index: int, workers: int, messages: int, fsync: str) -> 
         mine1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu1 = tree_cpu(proc.pid)
     finally:
-        proc.send_signal(signal.SIGTERM)  # our own child, by its PID
-        proc.wait(40)
+        benchlib.stop_server(proc, timeout=40)  # our own child, by its PID
     accepted = max(result.accepted, 1)
     return {
         "workers": workers,
@@ -155,7 +108,7 @@ def main() -> int:
         mine = [run for run in runs if run["workers"] == workers]
 
         def med(key: str) -> float:
-            return statistics.median(run[key] for run in mine)
+            return benchlib.median(run[key] for run in mine)
 
         print(
             f"| {workers} | {med('rate'):,.0f} | {med('p50'):.1f} ms | {med('p99'):.1f} ms | "

@@ -4,7 +4,8 @@ Run:  /tmp/venv/bin/python bench/compare.py [--quick]      (or: bash bench/compa
 
 Servers, each started fresh for every run on its own loopback port:
 
-- ``fastsmtp serve --workers 1`` with ``--fsync off`` and with ``--fsync batch``;
+- ``fastsmtp serve --workers 1 --greeting-delay 0`` with ``--fsync off`` and
+  with ``--fsync batch``;
 - aiosmtpd (stdlib asyncio, as ``python -m aiosmtpd`` runs it) with a sink
   handler (``handle_DATA`` returns "250 OK") and with the Maildir handler a
   Python user would write (``mailbox.Maildir(...).add(envelope.content)`` in
@@ -61,8 +62,6 @@ import resource
 import shlex
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,21 +70,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-RESULTS = HERE / "RESULTS.md"
+from benchlib import (  # bench/ is on sys.path: the script's own folder
+    FASTSMTP_BENCH_FLAGS,
+    HERE,
+    HOST,
+    RESULTS,
+    cpu_delta,
+    create_probe,
+    fastsmtp_command,
+    free_port,
+    git_commit,
+    launch,
+    stop_server,
+    tree_cpu,
+    wait_listening,
+    write_section,
+)
+from benchlib import median as med
+
 SECTION = "## Side by side: fastsmtp, aiosmtpd, smtp-sink"
 
-HOST = "127.0.0.1"
 DOMAIN = "bench.example"
 RCPT = f"bench@{DOMAIN}"
 MAIL_FROM = "loadgen@example.net"
 CLIENT_NAME = "client.bench.example"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-START_TIMEOUT = 20.0
-STOP_TIMEOUT = 20.0
 REPLY_TIMEOUT = 30.0
 KiB = 1024
+# fastsmtp's flags besides --fsync (benchlib adds --listen, --mail-root and FASTSMTP_BENCH_FLAGS).
+FASTSMTP_ARGS = ("--hostname", "mx.bench.example", "--workers", "1", "--max-connections-per-ip", "10000")
 
 # name -> (table heading, what it is)
 SERVERS: dict[str, tuple[str, str]] = {
@@ -179,62 +191,6 @@ def ensure_tools(install: bool) -> list[str]:
 # -- processes and CPU ---------------------------------------------------------------
 
 
-def _stat_cpu(pid: int) -> tuple[float, float]:
-    """(utime, stime) of a whole process (all its threads) from /proc/PID/stat, in seconds."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    fields = stat[stat.rindex(b")") + 2 :].split()  # the command name may hold spaces
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK  # fields 14 and 15 of proc(5)
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (fastsmtp's supervisor and its worker)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    todo += [int(x) for x in f.read().split()]
-        except OSError:
-            pass
-    return out
-
-
-def tree_cpu(pid: int) -> dict[int, tuple[float, float]]:
-    out = {}
-    for p in process_tree(pid):
-        try:
-            out[p] = _stat_cpu(p)
-        except (OSError, ValueError, IndexError):
-            pass  # it ended meanwhile
-    return out
-
-
-def cpu_delta(before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]]) -> tuple[float, float]:
-    """(user, system) CPU seconds the process tree used between two snapshots."""
-    user = sum(u - before.get(pid, (0.0, 0.0))[0] for pid, (u, _) in after.items())
-    system = sum(s - before.get(pid, (0.0, 0.0))[1] for pid, (_, s) in after.items())
-    return user, system
-
-
-def create_probe(folder: Path, count: int = 500) -> float:
-    """Milliseconds per 1 KiB file created in a new folder: the state of the file system.
-
-    On this ext4 (no journal) every create is slow for minutes after many
-    deletions (DESIGN.md); this number says whether a run met such a state.
-    """
-    folder.mkdir(parents=True)
-    data = b"x" * 1024
-    start = time.perf_counter()
-    for i in range(count):
-        fd = os.open(folder / str(i), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
-        os.write(fd, data)
-        os.close(fd)
-    return 1000 * (time.perf_counter() - start) / count
-
-
 @dataclass
 class Server:
     name: str
@@ -251,34 +207,6 @@ class Server:
             return len(os.listdir(self.new_dir))
         except OSError:
             return 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def greeted(port: int) -> bool:
-    """True when a 220 greeting comes on ``port`` (then QUIT)."""
-    try:
-        with socket.create_connection((HOST, port), timeout=2.0) as s:
-            data = b""
-            while b"\r\n" not in data:
-                chunk = s.recv(4096)
-                if not chunk:
-                    return False
-                data += chunk
-            if not data.startswith(b"220"):
-                return False
-            s.sendall(b"QUIT\r\n")
-            try:
-                s.recv(4096)
-            except OSError:
-                pass
-            return True
-    except OSError:
-        return False
 
 
 def sink_user() -> str:
@@ -304,9 +232,7 @@ def start_server(name: str, run_dir: Path) -> Server:
         root.mkdir()
         add_mailbox(str(root), RCPT)
         new_dir = root / DOMAIN / "bench" / "new"
-        cmd = [sys.executable, "-m", "fastsmtp", "serve", "--listen", f"{HOST}:0", "--mail-root", str(root),
-               "--hostname", "mx.bench.example", "--fsync", name.split("-", 1)[1], "--workers", "1",
-               "--max-connections-per-ip", "10000"]
+        cmd = fastsmtp_command(root, *FASTSMTP_ARGS, "--fsync", name.split("-", 1)[1])
     elif name.startswith("aiosmtpd-"):
         kind = name.split("-", 1)[1]
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-aiosmtpd", kind]
@@ -320,34 +246,8 @@ def start_server(name: str, run_dir: Path) -> Server:
         cmd = [sbin_which("smtp-sink") or "smtp-sink", "-u", sink_user(), f"{HOST}:{port}", "1000"]
     else:
         raise ValueError(name)
-    with open(log, "wb") as out:  # a file, not a pipe: the server can never block on it
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=run_dir)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if port is None:
-            found = re.search(r"listening on [\d.]+:(\d+)", log.read_text(errors="replace"))
-            if found:
-                port = int(found.group(1))
-        if port is not None and greeted(port):
-            return Server(name, proc, port, log, cmd, new_dir)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.02)
-    stop_server(proc)
-    raise RuntimeError(f"{name} did not start:\n{log.read_text(errors='replace')[-2000:]}")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> int | None:
-    """SIGTERM by PID, SIGKILL after STOP_TIMEOUT."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    return proc.returncode
+    proc = launch(cmd, log, cwd=run_dir)
+    return Server(name, proc, wait_listening(proc, log, name, port), log, cmd, new_dir)
 
 
 # -- load ------------------------------------------------------------------------------
@@ -524,7 +424,7 @@ def one_run(loadgen: Any, base: Path, rnd: int, sc: Scenario, server_name: str, 
         m.server_user, system = cpu_delta(before, after)
         m.server_cpu = m.server_user + system
     finally:
-        code = stop_server(server.proc)
+        _, code = stop_server(server.proc)
     if code not in (0, -signal.SIGTERM):
         m.notes.append(f"server exit code {code} after SIGTERM")
     stored = server.stored()
@@ -541,20 +441,6 @@ def one_run(loadgen: Any, base: Path, rnd: int, sc: Scenario, server_name: str, 
 
 
 # -- report ----------------------------------------------------------------------------
-
-
-def med(values: list[float]) -> float:
-    values = [v for v in values if v == v]  # drop NaN
-    return statistics.median(values) if values else float("nan")
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def fmt_rate(x: float) -> str:
@@ -600,8 +486,9 @@ def report(runs: list[Measurement], scenarios: list[Scenario], servers: list[str
         "What it ran, each server fresh for every run (fresh mail root, its own loopback port), "
         f"{args.rounds} round(s){', servers interleaved within each scenario, medians shown' if args.rounds > 1 else ''}:",
         "",
-        f"- fastsmtp: `python -m fastsmtp serve --listen 127.0.0.1:0 --mail-root ROOT --hostname mx.bench.example "
-        "--fsync off|batch --workers 1 --max-connections-per-ip 10000` (uvloop; a supervisor and one worker).",
+        f"- fastsmtp: `python -m fastsmtp serve --listen 127.0.0.1:0 --mail-root ROOT "
+        f"{' '.join(FASTSMTP_BENCH_FLAGS + FASTSMTP_ARGS)} --fsync off|batch` (uvloop; a supervisor and one worker; "
+        "no greeting delay, else one-message-per-connection runs would measure it).",
         "- aiosmtpd: `python bench/compare.py --serve-aiosmtpd sink|maildir --mail-root ROOT`: "
         "`loop.create_server(lambda: SMTP(handler), ...)` on stdlib asyncio; the sink's `handle_DATA` returns "
         "`\"250 OK\"`, the Maildir one calls `mailbox.Maildir(ROOT/...).add(envelope.content)` "
@@ -709,19 +596,6 @@ def goals(cell: dict[tuple[Scenario, str], dict[str, float]], scenarios: list[Sc
     return lines
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) our section; the rest of the file stays as it is."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"  # re-read right before writing
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        path.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    after = "".join(lines[end:])
-    path.write_text("".join(lines[:start]) + section + ("\n" + after if after else ""))
-
-
 # -- main ------------------------------------------------------------------------------
 
 
@@ -806,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(section)
         if not args.no_write:
-            write_section(RESULTS, section)
+            write_section(RESULTS, SECTION, section)  # re-reads the file right before writing
             print(f"written to {RESULTS}")
     finally:
         # Deleting only now, after every measurement (see the module docstring).

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,9 @@ class RunningServer:
     mail_root: Path
     proc: subprocess.Popen[str]
     output: list[str] = field(default_factory=list)
+    # Reads the server's output into ``output`` until it ends: a pipe nobody
+    # reads fills up (64 KiB of log lines) and then blocks the server.
+    drain: threading.Thread | None = None
 
     def maildir(self, address: str) -> Path:
         user, domain = address.split("@")
@@ -62,6 +66,8 @@ class RunningServer:
                 self.proc.kill()
                 self.proc.wait(5)
         wait_gone(workers)
+        if self.drain is not None:
+            self.drain.join(10)
         return self.proc.returncode
 
     def workers(self) -> list[int]:
@@ -141,12 +147,31 @@ def start_server(mail_root: Path, *args: str, loop: str = "uvloop", timeout: flo
                 output.append(line)
                 if "listening on" in line:
                     port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
-                    return RunningServer("127.0.0.1", port, mail_root, proc, output)
+                    srv = RunningServer("127.0.0.1", port, mail_root, proc, output)
+                    srv.drain = threading.Thread(target=_drain, args=(fd, pending, output), daemon=True)
+                    srv.drain.start()
+                    return srv
     finally:
         sel.close()
     proc.kill()
     proc.wait(5)
     raise RuntimeError("server did not start:\n" + "".join(output))
+
+
+def _drain(fd: int, pending: bytes, output: list[str]) -> None:
+    """Append the rest of the server's output to ``output``, line by line, until EOF."""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        output.extend(raw.decode("utf-8", "replace") + "\n" for raw in lines)
+    if pending:
+        output.append(pending.decode("utf-8", "replace"))
 
 
 @pytest.fixture(params=LOOPS)

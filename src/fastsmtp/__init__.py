@@ -21,6 +21,7 @@ from .events import (
     Rset,
     Vrfy,
 )
+from .hooks import AcceptAll, MessageInfo, Policy, SessionInfo
 from .session import NEED_DATA, PAUSED, Limits, Session
 
 __all__ = [
@@ -49,6 +50,10 @@ __all__ = [
     "Reply",
     "Session",
     "Limits",
+    "Policy",
+    "AcceptAll",
+    "SessionInfo",
+    "MessageInfo",
     "NEED_DATA",
     "PAUSED",
 ]

@@ -13,7 +13,6 @@ left out never overrides the file.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shlex
 import sys
@@ -23,6 +22,7 @@ from ._version import __version__
 from .config import (
     BARE_LF_CHOICES,
     FSYNC_CHOICES,
+    LOG_FORMATS,
     PATH_FIELDS,
     Config,
     ConfigError,
@@ -104,6 +104,15 @@ def build_parser(*, explicit_only: bool = False) -> argparse.ArgumentParser:
     serve.add_argument("--loop", choices=("uvloop", "asyncio"), default=_DEFAULTS["loop"],
                        help="event loop (default: uvloop where installed)")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--log-format", default=_DEFAULTS["log_format"], choices=LOG_FORMATS,
+                       help="text: Postfix-style key=value lines (default); json: one JSON object per line")
+    serve.add_argument("--log-file", default="", metavar="FILE",
+                       help="append log lines to FILE instead of stderr; SIGUSR2 reopens it (log rotation)")
+    serve.add_argument("--policy", default="", metavar="MODULE:CLASS",
+                       help="policy hooks: a class in an importable module, or FILE.py:CLASS "
+                            "(instantiated once per worker; see README, Policy hooks)")
+    serve.add_argument("--policy-timeout", type=float, default=_DEFAULTS["policy_timeout"], metavar="SECONDS",
+                       help="an async policy hook taking longer gets 451 4.3.0 (default: %(default)s)")
     serve.add_argument("--tls-cert", default="", metavar="FILE", help="PEM certificate chain: enables STARTTLS")
     serve.add_argument("--tls-key", default="", metavar="FILE", help="PEM private key for --tls-cert")
     serve.add_argument("--tls-listen", default="", metavar="HOST:PORT",
@@ -124,6 +133,9 @@ def build_parser(*, explicit_only: bool = False) -> argparse.ArgumentParser:
                        help="longest command line, CRLF included (default: %(default)s; at least 512)")
     serve.add_argument("--spill-threshold", type=_size, default=_DEFAULTS["spill_threshold"], metavar="BYTES",
                        help="message bytes held in memory before spilling to tmp/ (default: 256K)")
+    serve.add_argument("--metrics", default=_DEFAULTS["metrics"], metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; "
+                            "no authentication, so keep it on 127.0.0.1; port 0 picks a free port)")
     if explicit_only:
         for action in serve._actions:  # the parents share these action objects
             action.default = argparse.SUPPRESS
@@ -182,14 +194,13 @@ def _serve(argv: list[str]) -> int:
             f"'fastsmtp mailbox add USER@DOMAIN --mail-root {config.mail_root}'"
         )
     _check_tls(config)
+    _check_policy(config)
     if not os.access(config.mail_root, os.W_OK | os.X_OK):
         raise ConfigError(f"mail root {config.mail_root} is not writable")
-    from .worker import log_format, run_worker
+    from .logs import setup_logging
+    from .worker import run_worker
 
-    logging.basicConfig(
-        level=getattr(logging, config.log_level.upper()),
-        format=log_format("supervisor" if config.workers else ""),
-    )
+    setup_logging(config.log_level, config.log_format, config.log_file, "supervisor" if config.workers else "")
     if config.workers == 0:
         return run_worker(config)
     from .supervisor import Supervisor
@@ -216,12 +227,21 @@ def _check_tls(config: Config) -> None:
             raise ConfigError(f"tls-cert/tls-key: cannot load {config.tls_cert}: {exc}") from None
 
 
+def _check_policy(config: Config) -> None:
+    """Load the policy once here, so that a typo is one line at start, not a worker boot loop."""
+    if config.policy:
+        from .hooks import load_policy, resolve_hooks
+
+        resolve_hooks(load_policy(config.policy))
+
+
 def _config(args: argparse.Namespace, argv: list[str]) -> int:
     if args.action == "check":
         # The file alone, over the built-in defaults, as serve would take it.
         config = layer(server_defaults(), args.file, {})
         try:
             _check_tls(config)
+            _check_policy(config)
         except ConfigError as exc:
             raise ConfigError(f"{args.file}: {exc}") from None
         print(f"{args.file}: ok")

@@ -43,12 +43,14 @@ __all__ = [
     "BARE_LF_CHOICES",
     "LOOP_CHOICES",
     "LOG_LEVELS",
+    "LOG_FORMATS",
 ]
 
 FSYNC_CHOICES = ("batch", "always", "off")
 BARE_LF_CHOICES = ("reject", "normalize")
 LOOP_CHOICES = ("uvloop", "asyncio")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 MiB = 1024 * 1024
 
@@ -125,9 +127,22 @@ class Config:
     #: error reply is delayed by error_delay seconds per error over it.
     soft_error_limit: int = 10
     error_delay: float = 1.0
+    #: Policy hooks: "module:Class" or "path/to/file.py:Class" (hooks.py),
+    #: instantiated once per worker; empty for none.
+    policy: str = ""
+    #: How long an async hook may take before the command gets 451 4.3.0:
+    #: a DNS lookup that hangs must not hold the session for the idle timeout.
+    policy_timeout: float = 30.0
+    #: "text" (Postfix-style key=value) or "json" (one object per line).
+    log_format: str = "text"
+    #: Append log lines to this file instead of stderr; reopened on SIGUSR2.
+    log_file: str = ""
     #: Postfix's smtpd_min_data_rate: message data slower than this
     #: (bytes/s, after a 16 KiB allowance) is cut off with 421; 0 disables.
     min_data_rate: int = 500
+    #: Serve Prometheus metrics (GET /metrics) on this "HOST:PORT"; empty:
+    #: off.  No authentication: keep it on loopback or a private network.
+    metrics: str = ""
 
     def validate(self) -> "Config":
         """Return a checked copy, with derived defaults filled in."""
@@ -167,6 +182,12 @@ class Config:
             raise ConfigError(f"loop must be uvloop or asyncio, not {self.loop!r}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log-level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log-format must be text or json, not {self.log_format!r}")
+        if self.policy and ":" not in self.policy:
+            raise ConfigError(f"policy: {self.policy!r} is not MODULE:CLASS or FILE.py:CLASS")
+        if not (math.isfinite(self.policy_timeout) and self.policy_timeout > 0):
+            raise ConfigError("policy-timeout must be a positive number of seconds")
         if self.spill_threshold < 0:
             raise ConfigError("spill-threshold must be 0 or more")
         if self.proxy_timeout <= 0:
@@ -183,6 +204,8 @@ class Config:
             raise ConfigError("tls-listen needs tls-cert and tls-key")
         if self.tls_listen:
             parse_listen(self.tls_listen)
+        if self.metrics:
+            parse_listen(self.metrics)
         for net in self.proxy_trusted:
             try:
                 ipaddress.ip_network(net, strict=False)
@@ -248,8 +271,8 @@ def _check_user_group(user: str, group: str) -> None:
 #: Sizes may be written "25M" as well as 26214400.
 _SIZE_FIELDS = ("max_message_size", "spill_threshold")
 #: Paths made absolute when read (from a file: against the file's directory).
-PATH_FIELDS = ("mail_root", "tls_cert", "tls_key")
-_CHOICES = {"fsync": FSYNC_CHOICES, "bare_lf": BARE_LF_CHOICES, "loop": LOOP_CHOICES, "log_level": LOG_LEVELS}
+PATH_FIELDS = ("mail_root", "tls_cert", "tls_key", "log_file")
+_CHOICES = {"fsync": FSYNC_CHOICES, "bare_lf": BARE_LF_CHOICES, "loop": LOOP_CHOICES, "log_level": LOG_LEVELS, "log_format": LOG_FORMATS}
 
 
 def _key(name: str) -> str:

@@ -83,6 +83,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
+from . import metrics as counters
 from .errors import StorageError
 
 __all__ = ["FSYNC_MODES", "Spool", "MaildirWriter", "clean_tmp"]
@@ -301,6 +302,7 @@ class MaildirWriter:
         spill_threshold: int = 256 * 1024,
         max_batch: int = 512,
         max_batch_bytes: int = 64 * 1024 * 1024,
+        metrics: memoryview | None = None,
     ) -> None:
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {FSYNC_MODES}, not {fsync!r}")
@@ -317,6 +319,9 @@ class MaildirWriter:
         self._cv = threading.Condition()
         self._queue: collections.deque[_Job] = collections.deque()
         self._closing = False
+        # This worker's row of the shared counters (metrics.py); this thread
+        # is the only writer of the commit slots.
+        self._metrics = metrics
         # Written by the committer thread only, except "refused" (loop only).
         self.stats: dict[str, Any] = {
             "batches": 0,  # flushes (in "always" mode, one per message)
@@ -421,6 +426,7 @@ class MaildirWriter:
 
     def _commit(self, jobs: list[_Job]) -> None:
         """Write, flush, link, fsync new/, then resolve: DESIGN.md step 6."""
+        started = time.perf_counter()
         durable = self._mode != "off"
         for job in jobs:
             self._step(job, self._write_out)
@@ -436,6 +442,8 @@ class MaildirWriter:
         if durable:
             self._sync_dirs([j for j in live if j.error is None])
         self._account(jobs)
+        if self._metrics is not None:
+            self._count(jobs, time.perf_counter() - started)
         self._post(jobs)
 
     def _step(self, job: _Job, fn: Callable[[_Job], None]) -> None:
@@ -558,6 +566,13 @@ class MaildirWriter:
         st["failed"] += len(jobs) - ok
         st["max_batch"] = max(st["max_batch"], len(jobs))
         st["batch_sizes"][len(jobs)] += 1
+
+    def _count(self, jobs: list[_Job], seconds: float) -> None:
+        row = self._metrics
+        assert row is not None
+        row[counters.COMMIT_BATCHES] += 1
+        counters.observe(row, counters.BATCH_SIZE, len(jobs))
+        counters.observe(row, counters.COMMIT_SECONDS, seconds)
 
     def _post(self, jobs: list[_Job]) -> None:
         """Hand the results to the loop: one call_soon_threadsafe per batch."""

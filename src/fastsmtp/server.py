@@ -14,6 +14,7 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import re
@@ -45,8 +46,10 @@ from .events import (
     StartTLS,
     Vrfy,
 )
+from . import metrics as counters
 from .anvil import AnvilRow, client_key
 from .maildir import MaildirWriter, Spool
+from .hooks import HOOK_FAILED, NO_HOOKS, Hook, MessageInfo, SessionInfo, load_policy, resolve_hooks
 from .policy import FolderRecipients
 from .proxy import ProxyHeaderError, looks_like_proxy_header, parse_proxy_header
 from .tls import describe, server_context
@@ -79,12 +82,19 @@ DATA_RATE_ALLOWANCE = 16 * 1024
 class Server:
     """What all connections of one worker share: config, replies, policy, writer."""
 
-    def __init__(self, config: Config, writer: MaildirWriter, clients: AnvilRow | None = None) -> None:
+    def __init__(
+        self, config: Config, writer: MaildirWriter, clients: AnvilRow | None = None, metrics: memoryview | None = None
+    ) -> None:
         self.config = config
         self.writer = writer
+        # This worker's row of the shared counters (metrics.py), or None: off.
+        self.metrics = metrics
         # Connections per client address, summed over all workers (anvil.py).
         self.clients = clients if config.max_connections_per_ip else None
         self.recipients = FolderRecipients(config.mail_root, config.recipient_delimiter)
+        # The operator's hooks (hooks.py): one policy object per worker,
+        # its methods looked up once here, not per connection.
+        self.hooks = resolve_hooks(load_policy(config.policy)) if config.policy else NO_HOOKS
         self.limits = Limits(
             max_command_line=config.max_command_line,
             max_message_size=config.max_message_size,
@@ -214,8 +224,21 @@ class SMTPProtocol(asyncio.Protocol):
         # (None otherwise), and whether to refuse one from this peer.
         self._proxy_buf: bytes | None = None
         self._refuse_proxy = False
+        # A policy hook being awaited (reading waits for it), the clocks of
+        # the connection and of the transaction, and what the log lines say.
+        self._hook_task: asyncio.Task[Reply | None] | None = None
+        self._connect_pending = False
+        self._connected_at = self._loop.time()
+        self._mail_started = self._connected_at
+        self._message_size = 0
+        self._messages = 0
         # The anvil key this connection counts under, until it is lost.
         self._client_key: bytes | None = None
+        # Counters (None: metrics off); when the message being committed
+        # ended and its content octets (one commit at a time: reading waits).
+        self._metrics = server.metrics
+        self._data_ended = 0.0
+        self._data_size = 0
 
     # -- connection lifecycle ---------------------------------------------------
 
@@ -232,10 +255,12 @@ class SMTPProtocol(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._server.connections.add(self)
         if self._server.closing:
+            self._count_refused(counters.REFUSED_SHUTDOWN)
             transport.write(SHUTTING_DOWN.encoded)
             transport.close()
             return
         if len(self._server.connections) > self._server.config.max_connections:
+            self._count_refused(counters.REFUSED_MAX_CONNECTIONS)
             transport.write(TOO_MANY_CONNECTIONS.encoded)
             transport.close()
             return
@@ -247,6 +272,8 @@ class SMTPProtocol(asyncio.Protocol):
             # header).
             self._session.tls = True
             self._tls_info = describe(transport.get_extra_info("ssl_object"))
+            if self._metrics is not None:
+                self._metrics[counters.TLS_OK] += 1
         elif self._server.trusts_proxy(self._peer):
             # The balancer speaks first; the greeting waits for its header.
             self._proxy_buf = b""
@@ -264,18 +291,50 @@ class SMTPProtocol(asyncio.Protocol):
         # address (the one a PROXY header gave, when there was one).
         refusal, self._client_key = self._server.admit(self._peer)
         if refusal is not None:
+            self._count_refused(counters.REFUSED_PER_IP)
             assert self._transport is not None
             if not self._implicit_tls:  # a TLS client could not read plain text
                 self._transport.write(refusal.encoded)
             self._transport.close()
             return
+        if self._metrics is not None:
+            self._metrics[counters.CONNECTIONS_ACCEPTED] += 1
         self._timer = self._loop.call_later(self._server.config.idle_timeout, self._on_timer)
+        hook = self._server.hooks.on_connect
+        if hook is not None:
+            self._connect_pending = True
+            self._ask(hook, (self._peer,), self._connected)
+            return
+        self._welcome()
+
+    def _connected(self, refusal: Reply | None) -> None:
+        """The on_connect hook's answer: greet, or refuse instead of the greeting."""
+        self._connect_pending = False
+        held, self._held = self._held, []
+        if refusal is None:
+            self._welcome()
+            for data in held:
+                self.data_received(data)
+            return
+        if self._transport is not None:
+            self._transport.write(refusal.encoded)
+        self._close()
+
+    def _welcome(self) -> None:
         delay = self._server.config.greeting_delay
         if delay > 0 and not self._implicit_tls:
             self._greeting_due = True
             self._loop.call_later(delay, self._greet)
             return
         self._greet()
+
+    def _count_refused(self, reason: int) -> None:
+        if self._metrics is not None:
+            self._metrics[counters.CONNECTIONS_REFUSED + reason] += 1
+
+    def _count_refused_message(self, code: int) -> None:
+        if self._metrics is not None:
+            self._metrics[counters.MESSAGES_REFUSED + counters.CODE_INDEX[code]] += 1
 
     def _greet(self) -> None:
         self._greeting_due = False
@@ -285,6 +344,10 @@ class SMTPProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
         self._release_client()
+        if self._hook_task is not None:
+            self._hook_task.cancel()
+            self._hook_task = None
+        self._log_disconnect()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -301,6 +364,12 @@ class SMTPProtocol(asyncio.Protocol):
             # Decrypted data can arrive before start_tls() has returned the
             # new transport to us; answering it now would write plaintext on
             # the old one.  Hold it until the handshake task resumes.
+            self._held.append(data)
+            return
+        if self._connect_pending:
+            # pause_reading() in connection_made does not hold under every
+            # loop (uvloop starts reading after it returns): keep what a
+            # client says before on_connect has answered, as the TLS case does.
             self._held.append(data)
             return
         if self._proxy_buf is not None:
@@ -370,7 +439,7 @@ class SMTPProtocol(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        want_pause = self._write_paused or self._committing or self._tarpitting
+        want_pause = self._write_paused or self._committing or self._tarpitting or self._hook_task is not None
         if want_pause and not self._read_paused:
             self._read_paused = True
             transport.pause_reading()
@@ -468,28 +537,52 @@ class SMTPProtocol(asyncio.Protocol):
         return (
             not self._committing
             and not self._upgrading
+            and self._hook_task is None
             and self._session.state is not DATA
             and self._spool is None
         )
 
     # -- handlers: each returns the reply, or None when it comes later ----------
 
-    def _on_helo(self, event: Helo) -> Reply:
+    def _on_helo(self, event: Helo) -> Reply | None:
         self._drop_spool()
-        return self._server.helo_reply
+        return self._hello(event.domain, self._server.helo_reply)
 
-    def _on_ehlo(self, event: Ehlo) -> Reply:
+    def _on_ehlo(self, event: Ehlo) -> Reply | None:
         self._drop_spool()
-        return self._server.ehlo_reply_tls if self._session.tls else self._server.ehlo_reply
+        return self._hello(event.domain, self._server.ehlo_reply_tls if self._session.tls else self._server.ehlo_reply)
 
-    def _on_mail(self, event: MailFrom) -> Reply:
+    def _hello(self, domain: bytes, reply: Reply) -> Reply | None:
+        hook = self._server.hooks.on_helo
+        if hook is None:
+            return reply
+        return self._ask(hook, (self._info(), _text(domain)), lambda refusal: refusal or reply)
+
+    def _on_mail(self, event: MailFrom) -> Reply | None:
         self._maildirs = []
-        return MAIL_OK
+        self._mail_started = self._loop.time()
+        hook = self._server.hooks.on_mail
+        if hook is None:
+            return MAIL_OK
+        return self._ask(hook, (self._info(), event.address), lambda refusal: refusal or MAIL_OK)
 
-    def _on_rcpt(self, event: RcptTo) -> Reply:
+    def _on_rcpt(self, event: RcptTo) -> Reply | None:
+        hook = self._server.hooks.on_rcpt
+        if hook is None:
+            return self._check_rcpt(event)
+        # After the hook's None, the folder check still decides: a
+        # recipient needs a Maildir to be delivered to.
+        return self._ask(hook, (self._info(), event.address), lambda refusal: refusal or self._check_rcpt(event))
+
+    def _check_rcpt(self, event: RcptTo) -> Reply:
         found = self._server.recipients.resolve(event.address)
+        metrics = self._metrics
         if isinstance(found, Reply):
+            if metrics is not None:
+                metrics[counters.RECIPIENTS_REFUSED + counters.CODE_INDEX[found.code]] += 1
             return found
+        if metrics is not None:
+            metrics[counters.RECIPIENTS_ACCEPTED] += 1
         if found not in self._maildirs:
             # user+a and user+b are one mailbox: one copy (RFC 5321 §3.3 allows it).
             self._maildirs.append(found)
@@ -520,6 +613,7 @@ class SMTPProtocol(asyncio.Protocol):
     def _on_end_of_chunk(self, event: EndOfChunk) -> Reply:
         if event.refusal is not None:
             self._drop_spool()
+            self._count_refused_message(event.refusal.code)
             return event.refusal
         return Reply(250, "2.0.0", f"{event.size} octets received")
 
@@ -528,11 +622,31 @@ class SMTPProtocol(asyncio.Protocol):
         return READY_FOR_TLS
 
     def _on_end_of_message(self, event: EndOfMessage) -> Reply | None:
+        self._message_size = event.size
+        hook = self._server.hooks.on_message
+        if hook is None or event.refusal is not None or self._spool is None:
+            return self._end_message(event)
+        env = self._session.envelope
+        message = MessageInfo(self._spool.queue_id, env.mail_from, tuple(env.rcpt_to), event.size)
+        # The spool stays ours while the hook thinks: a client leaving
+        # meanwhile has it discarded by connection_lost.
+        return self._ask(
+            hook,
+            (self._info(), message),
+            lambda refusal: self._end_message(event if refusal is None else dataclasses.replace(event, refusal=refusal)),
+        )
+
+    def _end_message(self, event: EndOfMessage) -> Reply | None:
         spool, self._spool = self._spool, None
         assert spool is not None
         if event.refusal is not None:
             spool.discard()
+            self._log_message(spool.queue_id, event.refusal.code)
+            self._count_refused_message(event.refusal.code)
             return event.refusal
+        if self._metrics is not None:
+            self._data_ended = self._loop.time()
+            self._data_size = event.size
         future = self._server.writer.submit(spool, self._maildirs)
         self._committing = True
         self._update_reading()
@@ -551,11 +665,117 @@ class SMTPProtocol(asyncio.Protocol):
                 if not isinstance(exc, StorageError):
                     log.error("commit failed unexpectedly: %r", exc)
                 reply = STORAGE_FAILED
+        metrics = self._metrics
+        if metrics is not None:
+            # A message counts as accepted once stored, even when its client
+            # has left and never reads the 250.
+            if reply is STORAGE_FAILED:
+                self._count_refused_message(STORAGE_FAILED.code)
+            else:
+                metrics[counters.MESSAGES_ACCEPTED] += 1
+                metrics[counters.BYTES_ACCEPTED] += self._data_size
+        if reply.code < 400:
+            self._messages += 1
+        self._log_message(spool.queue_id, reply.code)
         if self._transport is None:
             return  # the client left; the message (if stored) stays stored
         out = [self._session.send(reply)]
+        if metrics is not None and reply is not STORAGE_FAILED:
+            # The reply is written in this same callback, by _process below.
+            counters.observe(metrics, counters.TIME_TO_250, self._loop.time() - self._data_ended)
         self._update_reading()
         self._process(out)
+
+    # -- policy hooks (hooks.py) ------------------------------------------------
+
+    def _info(self) -> SessionInfo:
+        session = self._session
+        env = session.envelope
+        return SessionInfo(self._peer, _text(session.helo or b""), session.tls, env.mail_from, tuple(env.rcpt_to))
+
+    def _ask(
+        self, hook: Hook, args: tuple[object, ...], then: Callable[[Reply | None], Reply | None]
+    ) -> Reply | None:
+        """Ask ``hook``, then ``then`` with its refusal (or None); None: the reply comes later.
+
+        A sync hook answers inline.  An async one runs as a task while
+        reading stays paused, exactly as a commit does: the session owes its
+        reply meanwhile, so pipelined commands wait in the buffer, in order.
+        """
+        try:
+            answer = hook.call(*args)
+        except Exception as exc:  # the operator's code: anything, never a crash
+            log.error("policy %s failed for %s: %r", hook.name, self._peer, exc)
+            return then(HOOK_FAILED)
+        if not hook.is_async:
+            return then(self._refusal(hook, answer))
+        task = self._loop.create_task(asyncio.wait_for(answer, self._server.config.policy_timeout))
+        self._hook_task = task
+        self._update_reading()
+        task.add_done_callback(lambda t: self._on_hook_done(t, hook, then))
+        return None
+
+    def _refusal(self, hook: Hook, answer: object) -> Reply | None:
+        if answer is None:
+            return None
+        if isinstance(answer, Reply):
+            # Hooks refuse; a positive Reply is "go on" (hooks.py's rules).
+            return answer if answer.code >= 400 else None
+        log.error("policy %s answered %.80r, not a Reply or None", hook.name, answer)
+        return HOOK_FAILED
+
+    def _on_hook_done(
+        self, task: "asyncio.Task[Reply | None]", hook: Hook, then: Callable[[Reply | None], Reply | None]
+    ) -> None:
+        if self._hook_task is task:
+            self._hook_task = None
+        if task.cancelled() or self._transport is None or self._transport.is_closing():
+            return  # the client left, or was told 421 (idle timeout, shutdown) meanwhile
+        exc = task.exception()
+        if exc is None:
+            answer = self._refusal(hook, task.result())
+        elif isinstance(exc, asyncio.TimeoutError):
+            log.error("policy %s gave no answer for %s in %g s", hook.name, self._peer, self._server.config.policy_timeout)
+            answer = HOOK_FAILED
+        else:
+            log.error("policy %s failed for %s: %r", hook.name, self._peer, exc)
+            answer = HOOK_FAILED
+        reply = then(answer)
+        self._update_reading()
+        if reply is not None:
+            self._process([self._session.send(reply)])
+
+    # -- log lines (logs.py renders and sanitises them) -------------------------
+
+    def _log_message(self, queue_id: str, code: int) -> None:
+        """One line per message, accepted or refused at its end; never its content."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        env = self._session.envelope
+        sender = env.mail_from.raw if env.mail_from is not None else b""
+        fields = {
+            "id": queue_id,
+            "client": self._peer,
+            "helo": self._session.helo or b"",
+            "from": b"<" + sender + b">",
+            "to": [b"<" + rcpt.raw + b">" for rcpt in env.rcpt_to],
+            "size": self._message_size,
+            "code": code,
+            "ms": round((self._loop.time() - self._mail_started) * 1000),
+        }
+        log.info("queued" if code < 400 else "refused", extra={"fields": fields})
+
+    def _log_disconnect(self) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        fields = {
+            "client": self._peer,
+            "helo": self._session.helo or b"",
+            "tls": "yes" if self._session.tls else "no",
+            "messages": self._messages,
+            "ms": round((self._loop.time() - self._connected_at) * 1000),
+        }
+        log.info("disconnect", extra={"fields": fields})
 
     # -- TLS ------------------------------------------------------------------
 
@@ -582,10 +802,14 @@ class SMTPProtocol(asyncio.Protocol):
             # A failed handshake or a garbage ClientHello: one line, no
             # traceback, and the descriptor is released by abort().
             log.info("TLS handshake with %s failed: %s", self._peer, exc or type(exc).__name__)
+            if self._metrics is not None:
+                self._metrics[counters.TLS_FAILED] += 1
             self._upgrading = False
             transport.abort()
             return
         self._upgrading = False
+        if self._metrics is not None:
+            self._metrics[counters.TLS_OK] += 1
         if new is None or self._transport is None:
             return  # the peer left during the handshake
         self._transport = new
@@ -637,6 +861,11 @@ class SMTPProtocol(asyncio.Protocol):
             return
         self._transport.write(self._session.send(reply))
         self._close()
+
+
+def _text(raw: bytes) -> str:
+    """Client octets for a hook: UTF-8 (RFC 6531), anything else replaced."""
+    return raw.decode("utf-8", "replace")
 
 
 def _constant(reply: Reply) -> Callable[[Event], Reply]:

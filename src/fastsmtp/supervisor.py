@@ -10,6 +10,7 @@ Rules of this module:
   configuration and replaces the workers one seat at a time, SIGTTIN and
   SIGTTOU add and remove a worker.  A worker that is replaced gets SIGUSR1
   and drains: its sessions end by themselves while its successor accepts.
+  SIGUSR2 reopens the log file, here and (forwarded) in every worker.
 - The listening sockets belong to the supervisor: one SO_REUSEPORT socket
   per worker *seat*, bound here before any fork (as root, when port 25
   needs it), so the kernel spreads connections over the seats.  A worker
@@ -53,9 +54,12 @@ from typing import Callable
 from .anvil import Anvil
 from .config import Config, ConfigError
 from .maildir import clean_tmp
+from .logs import reopen_logs
+from .metrics import WORKER_RESTARTS, Metrics, MetricsHTTP
 from .worker import (
     WORKER_BOOT_ERROR,
     bind_listeners,
+    bind_metrics,
     install_loop,
     run_supervised,
     set_log_role,
@@ -152,6 +156,7 @@ class Supervisor:
         signal.SIGTTIN: "ttin",
         signal.SIGTTOU: "ttou",
         signal.SIGCHLD: "chld",
+        signal.SIGUSR2: "usr2",
     }
 
     def __init__(self, config: Config, reload: Callable[[], Config] | None = None) -> None:
@@ -183,6 +188,8 @@ class Supervisor:
         self._free_slots = list(range(slots))
         self._anvil = Anvil(slots, 2 * config.max_connections)
         self._board = Scoreboard(slots)
+        self._metrics = Metrics(slots)
+        self._metrics_http: MetricsHTTP | None = None
         self._wake_r = self._wake_w = self._note_r = self._note_w = -1
 
     # -- the main loop -----------------------------------------------------------
@@ -190,6 +197,9 @@ class Supervisor:
     def run(self) -> int:
         self._seats = [self._bind_seat()]
         self._seats += [self._bind_seat() for _ in range(self.target - 1)]
+        if self.config.metrics:
+            # Served here, from the main loop: the sums of every worker's row.
+            self._metrics_http = MetricsHTTP(bind_metrics(self.config), self._metrics.render)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._note_r, self._note_w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._note_r, False)
@@ -222,6 +232,8 @@ class Supervisor:
                 signal.signal(sig, signal.SIG_DFL)
             for seat in self._seats:
                 seat.close()
+            if self._metrics_http is not None:
+                self._metrics_http.close()
             for fd in (self._wake_r, self._wake_w, self._note_r, self._note_w):
                 os.close(fd)
         if self._exit_code == 0:
@@ -236,10 +248,21 @@ class Supervisor:
         backing_off = self._spawn_after - time.monotonic()
         if backing_off > 0:
             timeout = min(timeout, backing_off)  # wake when the next start is due
+        rlist: list[object] = [self._wake_r, self._note_r]
+        wlist: list[object] = []
+        http = self._metrics_http
+        if http is not None:
+            reading, writing = http.fds()
+            rlist += reading
+            wlist += writing
+        readable: list[object] = []
+        writable: list[object] = []
         try:
-            select.select([self._wake_r, self._note_r], [], [], timeout)
+            readable, writable, _ = select.select(rlist, wlist, [], timeout)
         except InterruptedError:
             pass
+        if http is not None:
+            http.handle(readable, writable)
         try:
             while os.read(self._wake_r, 4096):
                 pass
@@ -268,6 +291,12 @@ class Supervisor:
 
     def handle_quit(self) -> None:
         self._stop(graceful=False)
+
+    def handle_usr2(self) -> None:
+        """Reopen the log file here and in every worker (after logrotate moved it)."""
+        reopen_logs()
+        for w in list(self._workers.values()):
+            self._signal(w, signal.SIGUSR2)
 
     def handle_ttin(self) -> None:
         if self._stopping:
@@ -299,6 +328,9 @@ class Supervisor:
         if (new.host, new.port, new.tls_listen) != (old.host, old.port, old.tls_listen):
             log.warning("SIGHUP: a new --listen/--tls-listen takes a restart; still listening on %s", self._address())
             new = replace(new, host=old.host, port=old.port, tls_listen=old.tls_listen)
+        if new.metrics != old.metrics:
+            log.warning("SIGHUP: a new --metrics takes a restart; metrics stay on %s", old.metrics or "(off)")
+            new = replace(new, metrics=old.metrics)
         self.config = new
         self.target = new.workers
         self._generations += 1
@@ -409,6 +441,11 @@ class Supervisor:
         # hangup must not kill a worker in the middle of a transaction.
         for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)
+        # A log reopen forwarded before the worker's loop handles SIGUSR2
+        # must not kill it (the default action).  serve() installs the
+        # handler; a reopen lost in between leaves this worker on the old
+        # file until the next SIGUSR2.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         # Only this seat's sockets stay open here: a seat the supervisor
         # closes later must not linger, unaccepted, in another worker.
         for other in self._seats:
@@ -416,6 +453,8 @@ class Supervisor:
                 other.close()
         for fd in (self._wake_r, self._wake_w, self._note_r):
             os.close(fd)
+        if self._metrics_http is not None:
+            self._metrics_http.close()
         role = f"worker {index + 1}"
         set_process_title(f"fastsmtp: {role} {self._address()}")
         set_log_role(role)
@@ -435,6 +474,7 @@ class Supervisor:
             heartbeat=lambda: board.beat(slot),
             notify=notify,
             clean=clean,
+            metrics=self._metrics.row(slot) if config.metrics else None,  # off: not even counted
         )
 
     def _retire(self, w: Worker, sig: int = signal.SIGUSR1) -> None:
@@ -488,8 +528,10 @@ class Supervisor:
             w = self._workers.pop(pid, None)
             if w is None:
                 continue
-            # Forget the dead process's client counts before anyone reuses the slot.
+            # Forget the dead process's client counts before anyone reuses the
+            # slot; keep its metrics (counters never go backwards).
             self._anvil.clear(w.slot)
+            self._metrics.retire(w.slot)
             heapq.heappush(self._free_slots, w.slot)
             self._exited(w, os.waitstatus_to_exitcode(status))
 
@@ -514,6 +556,7 @@ class Supervisor:
         delay = backoff(self._quick_deaths)
         self._spawn_after = now + delay
         self._clean_next = True  # it may have left files in tmp/
+        self._metrics.base[WORKER_RESTARTS] += 1
         log.warning("%s %s; starting another%s", w.name, why, f" in {delay:.1f} s" if delay else "")
 
     def _boot_failed(self, w: Worker) -> None:

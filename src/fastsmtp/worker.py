@@ -16,6 +16,8 @@ Rules of this module:
   stop accepting and let sessions end by themselves, as Postfix's master
   lets a process finish its client on reload; after ``shutdown_timeout``
   (or on SIGTERM) it stops as above.
+- SIGUSR2 reopens ``--log-file`` (after logrotate moved it).  SIGUSR1 is
+  taken: it is the supervisor's "retire" above.
 - The event loop itself calls ``heartbeat`` every ``heartbeat_interval``: a
   blocked loop stops beating and the supervisor kills the worker.
 """
@@ -32,6 +34,7 @@ import sys
 from typing import TYPE_CHECKING, Callable
 
 from .config import Config, ConfigError, parse_listen
+from .logs import reopen_logs, set_role
 from .maildir import MaildirWriter, clean_tmp
 from .server import Server
 
@@ -71,6 +74,7 @@ async def serve(
     clients: "AnvilRow | None" = None,
     heartbeat: Callable[[], None] | None = None,
     clean: str = "before",
+    metrics: memoryview | None = None,
 ) -> None:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT), then stop gracefully.
 
@@ -78,7 +82,8 @@ async def serve(
     a private table).  ``clean`` says when to remove dead writers' files
     from tmp/: "before" listening, in the "background" once listening (a
     replacement worker, whose siblings serve meanwhile), or "skip" (the
-    supervisor did it before forking).
+    supervisor did it before forking).  ``metrics`` is this worker's row of
+    the shared counters (metrics.py; None: not counted).
     """
     loop = asyncio.get_running_loop()
     quick = asyncio.Event()
@@ -86,17 +91,19 @@ async def serve(
     if stop is None:
         stop = asyncio.Event()
         _install_stop_signals(loop, stop, quick, drain)
+        # Log rotation: logrotate moved --log-file away; write to a new one.
+        loop.add_signal_handler(signal.SIGUSR2, reopen_logs)
     if clean == "before":
         _clean_tmp(config)
     writer = MaildirWriter(
-        hostname=config.hostname, fsync=config.fsync, spill_threshold=config.spill_threshold
+        hostname=config.hostname, fsync=config.fsync, spill_threshold=config.spill_threshold, metrics=metrics
     )
     writer.start(loop)
     if clients is None and config.max_connections_per_ip:
         from .anvil import Anvil
 
         clients = Anvil(1, 2 * config.max_connections).row(0)
-    server = Server(config, writer, clients)
+    server = Server(config, writer, clients, metrics)
     if sock is None:
         sock = bind_socket(config.host, config.port)
     listeners = [await loop.create_server(server.protocol_factory, sock=sock)]
@@ -208,6 +215,7 @@ def install_loop(name: str) -> str:
 def run_worker(config: Config) -> int:
     """``--workers 0``: bind, drop privileges and serve in this process."""
     sock, tls_sock = bind_listeners(config)
+    metrics_sock = bind_metrics(config) if config.metrics else None  # before dropping privileges
     drop_privileges(config.user, config.group)
     check_mail_root(config)
     loop_name = install_loop(config.loop)
@@ -221,8 +229,36 @@ def run_worker(config: Config) -> int:
         if config.fsync == "off":
             print("WARNING: --fsync off: acknowledged mail can be lost on a crash", file=sys.stderr, flush=True)
 
-    asyncio.run(serve(config, sock, on_ready=ready, tls_sock=tls_sock))
+    if metrics_sock is None:
+        asyncio.run(serve(config, sock, on_ready=ready, tls_sock=tls_sock))
+        return 0
+    from . import metrics
+
+    # No supervisor: this process counts and answers the scrapes itself.
+    table = metrics.Metrics(1)
+
+    async def main() -> None:
+        http = await metrics.serve_http(metrics_sock, table.render)
+        try:
+            await serve(config, sock, on_ready=ready, tls_sock=tls_sock, metrics=table.row(0))
+        finally:
+            http.close()
+
+    asyncio.run(main())
     return 0
+
+
+def bind_metrics(config: Config) -> socket.socket:
+    """The --metrics listener, announced on stdout (for port 0, with the port it got)."""
+    from . import metrics
+
+    host, port = parse_listen(config.metrics)
+    try:
+        sock = metrics.bind((host, port))
+    except OSError as exc:
+        raise ConfigError(_cannot_listen(host, port, exc)) from None
+    print(f"fastsmtp metrics on http://{show_address(host, sock.getsockname()[1])}/metrics", flush=True)
+    return sock
 
 
 def show_address(host: str, port: int) -> str:
@@ -302,8 +338,7 @@ def log_format(role: str = "") -> str:
 
 
 def set_log_role(role: str) -> None:
-    for handler in logging.getLogger().handlers:
-        handler.setFormatter(logging.Formatter(log_format(role)))
+    set_role(role)  # text or JSON, as the handler already formats
 
 
 def set_process_title(title: str) -> None:
@@ -350,6 +385,7 @@ def run_supervised(
     heartbeat: Callable[[], None],
     notify: Callable[[str], None],
     clean: str,
+    metrics: memoryview | None = None,
 ) -> int:
     """A worker forked by the supervisor, on sockets the supervisor bound.
 
@@ -380,7 +416,10 @@ def run_supervised(
 
     try:
         asyncio.run(
-            serve(config, sock, on_ready=ready, tls_sock=tls_sock, clients=clients, heartbeat=beat, clean=clean)
+            serve(
+                config, sock, on_ready=ready, tls_sock=tls_sock, clients=clients, heartbeat=beat, clean=clean,
+                metrics=metrics,
+            )
         )
     except Exception as exc:
         if started:

@@ -1,0 +1,307 @@
+"""Per-worker counters in shared memory, summed and served as Prometheus text.
+
+Rules of this module:
+- The counters live in one anonymous shared mapping of int64 slots that
+  the supervisor creates before it forks (the same arrangement as
+  anvil.py): one row per worker slot, and each slot of a row has exactly
+  one writer.  The worker's event loop writes the session counters, its
+  committer thread only the commit counters; no two threads share a slot,
+  so there is no lock.
+- Counting is a couple of index operations on a ``memoryview`` cast to
+  ``"q"``: ``row[SLOT] += 1``.  No dict, no lock, no system call.  An
+  aligned 8-byte store is one store on the machines we run on, so a reader
+  never sees half of a value.
+- The supervisor reads every row and sums.  Prometheus counters must never
+  go backwards, so when a worker is reaped its row is added into a base
+  held by the supervisor before the row is zeroed for the slot's next
+  worker: a crashed worker's counts stay in the totals.  The base also
+  holds what only the supervisor counts (worker restarts).
+- Histograms have fixed bucket boundaries: a row holds one slot per bucket
+  (not cumulative; the exposition cumulates), one for +Inf and one for the
+  sum (nanoseconds for seconds, so that every slot stays an integer).
+- The HTTP side is deliberately tiny: ``GET /metrics`` (or HEAD) answers
+  the text exposition format 0.0.4, anything else 404, every response
+  closes the connection, a request head is at most ``MAX_REQUEST`` bytes
+  and must arrive within ``TIMEOUT`` seconds.  It is meant for loopback or
+  a private network: there is no authentication.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import mmap
+import socket
+import time
+from bisect import bisect_left
+from typing import Callable
+
+__all__ = ["Metrics", "Histogram", "MetricsHTTP", "serve_http", "observe", "http_response", "render"]
+
+#: Reply codes that get their own label value; any other is code="other".
+CODES = (421, 450, 451, 452, 500, 501, 502, 503, 504, 550, 551, 552, 553, 554, 555)
+#: Why a connection was turned away before its greeting.
+REFUSAL_REASONS = ("shutdown", "max_connections", "max_connections_per_ip")
+REFUSED_SHUTDOWN, REFUSED_MAX_CONNECTIONS, REFUSED_PER_IP = range(len(REFUSAL_REASONS))
+
+#: A reply code's offset within a by-code family: a list index, not a dict.
+CODE_INDEX = [len(CODES)] * 1000
+for _i, _code in enumerate(CODES):
+    CODE_INDEX[_code] = _i
+
+MAX_REQUEST = 8192
+TIMEOUT = 5.0
+MAX_CLIENTS = 16
+
+_size = 0
+
+
+def _take(n: int = 1) -> int:
+    global _size
+    start = _size
+    _size += n
+    return start
+
+
+class Histogram:
+    """Where one histogram's slots start in a row, and its boundaries."""
+
+    def __init__(self, bounds: tuple[float, ...], scale: int) -> None:
+        self.bounds = bounds
+        #: Sum slot = value * scale (1e9: seconds held as nanoseconds).
+        self.scale = scale
+        self.base = _take(len(bounds) + 2)  # buckets, +Inf, sum
+        self.sum = self.base + len(bounds) + 1
+
+
+CONNECTIONS_ACCEPTED = _take()
+CONNECTIONS_REFUSED = _take(len(REFUSAL_REASONS))
+MESSAGES_ACCEPTED = _take()
+BYTES_ACCEPTED = _take()
+RECIPIENTS_ACCEPTED = _take()
+MESSAGES_REFUSED = _take(len(CODES) + 1)
+RECIPIENTS_REFUSED = _take(len(CODES) + 1)
+TLS_OK = _take()
+TLS_FAILED = _take()
+WORKER_RESTARTS = _take()  # the supervisor's base only
+COMMIT_BATCHES = _take()
+
+_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_SIZE = Histogram((1, 2, 4, 8, 16, 32, 64, 128, 256, 512), 1)
+COMMIT_SECONDS = Histogram(_SECONDS, 1_000_000_000)
+TIME_TO_250 = Histogram(_SECONDS, 1_000_000_000)
+
+#: int64 slots in one row.
+SLOTS = _size
+
+
+def observe(row: memoryview, h: Histogram, value: float) -> None:
+    row[h.base + bisect_left(h.bounds, value)] += 1  # le: the first bound >= value
+    row[h.sum] += int(value * h.scale)
+
+
+class Metrics:
+    """The shared block: ``slots`` rows.  Create it before forking."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._mm = mmap.mmap(-1, slots * SLOTS * 8)
+        self._all = memoryview(self._mm).cast("q")
+        #: Reaped workers' counts and the supervisor's own; this process only.
+        self.base = [0] * SLOTS
+
+    def row(self, slot: int) -> memoryview:
+        return self._all[slot * SLOTS : (slot + 1) * SLOTS]
+
+    def retire(self, slot: int) -> None:
+        """Keep a reaped worker's counts in the base, then zero its row for the next one."""
+        row = self.row(slot)
+        for i, value in enumerate(row.tolist()):
+            self.base[i] += value
+        self._mm[slot * SLOTS * 8 : (slot + 1) * SLOTS * 8] = bytes(SLOTS * 8)
+
+    def totals(self) -> list[int]:
+        values = self._all.tolist()
+        rows = [values[s * SLOTS : (s + 1) * SLOTS] for s in range(self.slots)]
+        return [sum(column) for column in zip(self.base, *rows)]
+
+    def render(self) -> bytes:
+        return render(self.totals())
+
+
+def _labels(name: str, values: tuple[str, ...]) -> list[str]:
+    return [f'{name}="{v}"' for v in values]
+
+
+# (name, help, first slot, label values or None: one slot each, in order)
+_COUNTERS: list[tuple[str, str, int, list[str] | None]] = [
+    ("fastsmtp_connections_accepted_total", "Connections admitted and greeted.", CONNECTIONS_ACCEPTED, None),
+    ("fastsmtp_connections_refused_total", "Connections turned away before the greeting, by reason.",
+     CONNECTIONS_REFUSED, _labels("reason", REFUSAL_REASONS)),
+    ("fastsmtp_messages_accepted_total", "Messages stored (committed to every recipient's Maildir).",
+     MESSAGES_ACCEPTED, None),
+    ("fastsmtp_bytes_accepted_total", "Content octets of the messages stored, as received (before trace headers).",
+     BYTES_ACCEPTED, None),
+    ("fastsmtp_recipients_accepted_total", "RCPT commands answered 250.", RECIPIENTS_ACCEPTED, None),
+    ("fastsmtp_messages_refused_total", "Messages refused after their data, by reply code.",
+     MESSAGES_REFUSED, _labels("code", tuple(map(str, CODES)) + ("other",))),
+    ("fastsmtp_recipients_refused_total", "RCPT commands refused by the recipient policy, by reply code.",
+     RECIPIENTS_REFUSED, _labels("code", tuple(map(str, CODES)) + ("other",))),
+    ("fastsmtp_tls_handshakes_total", "TLS handshakes by result (a failed implicit-TLS handshake never reaches the server: not counted).",
+     TLS_OK, ['result="ok"', 'result="failed"']),
+    ("fastsmtp_worker_restarts_total", "Workers that died and were replaced.", WORKER_RESTARTS, None),
+    ("fastsmtp_commit_batches_total", "Group commits (flushes) of the Maildir writer.", COMMIT_BATCHES, None),
+]
+_HISTOGRAMS: list[tuple[str, str, Histogram]] = [
+    ("fastsmtp_commit_batch_size", "Messages per group commit.", BATCH_SIZE),
+    ("fastsmtp_commit_latency_seconds", "Time one group commit takes (write, flush, link).", COMMIT_SECONDS),
+    ("fastsmtp_time_to_250_seconds", "From the end of a message's data to its 250 reply.", TIME_TO_250),
+]
+
+
+def _num(value: float) -> str:
+    return repr(float(value)) if value != int(value) else str(int(value))
+
+
+def render(totals: list[int]) -> bytes:
+    """The text exposition format 0.0.4 of summed rows."""
+    out: list[str] = []
+    for name, help_text, slot, labels in _COUNTERS:
+        out.append(f"# HELP {name} {help_text}\n# TYPE {name} counter\n")
+        if labels is None:
+            out.append(f"{name} {totals[slot]}\n")
+        else:
+            out.extend(f"{name}{{{label}}} {totals[slot + i]}\n" for i, label in enumerate(labels))
+    for name, help_text, h in _HISTOGRAMS:
+        out.append(f"# HELP {name} {help_text}\n# TYPE {name} histogram\n")
+        cumulative = 0
+        for i, bound in enumerate(h.bounds):
+            cumulative += totals[h.base + i]
+            out.append(f'{name}_bucket{{le="{_num(bound)}"}} {cumulative}\n')
+        cumulative += totals[h.base + len(h.bounds)]
+        out.append(f'{name}_bucket{{le="+Inf"}} {cumulative}\n')
+        out.append(f"{name}_sum {_num(totals[h.sum] / h.scale)}\n{name}_count {cumulative}\n")
+    return "".join(out).encode()
+
+
+def http_response(head: bytes, body: Callable[[], bytes]) -> bytes:
+    """The whole response to one request head (the connection then closes)."""
+    method, _, rest = head.partition(b" ")
+    target = rest.partition(b" ")[0].partition(b"?")[0]
+    if method in (b"GET", b"HEAD") and target == b"/metrics":
+        status, ctype, payload = b"200 OK", b"text/plain; version=0.0.4; charset=utf-8", body()
+    else:
+        status, ctype, payload = b"404 Not Found", b"text/plain; charset=utf-8", b"not found\n"
+    headers = b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (
+        status, ctype, len(payload))
+    return headers if method == b"HEAD" else headers + payload
+
+
+def bind(address: tuple[str, int]) -> socket.socket:
+    """The metrics listener (no SO_REUSEPORT: one process serves it)."""
+    host, port = address
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(16)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve_http(sock: socket.socket, body: Callable[[], bytes]) -> asyncio.AbstractServer:
+    """The responder inside an event loop (``--workers 0``)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+            writer.write(http_response(head, body))
+            await asyncio.wait_for(writer.drain(), TIMEOUT)
+        except Exception:
+            pass  # a bad, slow or vanished scraper: just close
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, sock=sock, limit=MAX_REQUEST)
+
+
+class MetricsHTTP:
+    """The responder inside the supervisor's select() loop: non-blocking, no thread.
+
+    The supervisor forks, and a fork while another thread holds a lock
+    (logging's, stdout's) can deadlock the child; so no thread here.
+    """
+
+    def __init__(self, sock: socket.socket, body: Callable[[], bytes]) -> None:
+        self.sock = sock
+        self._body = body
+        # client -> [deadline, bytes received, bytes to send (None: still reading)]
+        self._clients: dict[socket.socket, list] = {}
+
+    def fds(self) -> tuple[list[socket.socket], list[socket.socket]]:
+        reading = [self.sock] + [c for c, st in self._clients.items() if st[2] is None]
+        writing = [c for c, st in self._clients.items() if st[2] is not None]
+        return reading, writing
+
+    def handle(self, readable: list, writable: list) -> None:
+        if self.sock in readable:
+            self._accept()
+        for client in list(self._clients):
+            st = self._clients[client]
+            try:
+                if st[2] is None and client in readable:
+                    self._read(client, st)
+                elif st[2] is not None and client in writable:
+                    self._write(client, st)
+            except OSError:
+                self._drop(client)
+                continue
+            if client in self._clients and time.monotonic() > st[0]:
+                self._drop(client)
+
+    def close(self) -> None:
+        for client in list(self._clients):
+            self._drop(client)
+        self.sock.close()
+
+    def _accept(self) -> None:
+        for _ in range(MAX_CLIENTS):
+            try:
+                client, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ECONNABORTED):
+                    return
+                raise
+            if len(self._clients) >= MAX_CLIENTS:
+                client.close()
+                continue
+            client.setblocking(False)
+            self._clients[client] = [time.monotonic() + TIMEOUT, b"", None]
+
+    def _read(self, client: socket.socket, st: list) -> None:
+        data = client.recv(4096)
+        if not data:
+            self._drop(client)
+            return
+        st[1] += data
+        if b"\r\n\r\n" in st[1]:
+            st[2] = http_response(st[1], self._body)
+        elif len(st[1]) > MAX_REQUEST:
+            self._drop(client)
+
+    def _write(self, client: socket.socket, st: list) -> None:
+        sent = client.send(st[2])
+        st[2] = st[2][sent:]
+        if not st[2]:
+            self._drop(client)
+
+    def _drop(self, client: socket.socket) -> None:
+        self._clients.pop(client, None)
+        client.close()

@@ -46,12 +46,10 @@ release: build-deps
 	$(PYTHON) -c "import fastsmtp._parser as p; assert not p.DEBUG, 'still a debug build'"
 
 # STYLE.md: debug builds add the debug counters, annotate, and ask Cython for
-# bounds and wraparound checks.  Note: _parser.pyx sets boundscheck=False and
-# wraparound=False in its own "# cython:" header, and Cython lets a file's
-# header win over directives given on the command line, so the two checks
-# below change nothing in this module (and it indexes raw char pointers,
-# which Cython never checks anyway).  Memory errors are valgrind's and ASan's
-# job: see those targets.
+# bounds and wraparound checks (setup.py sets them off for release builds;
+# the .pyx header does not, so these directives take effect).  The module
+# mostly indexes raw char pointers, which Cython never checks: memory errors
+# are valgrind's and ASan's job, see those targets.
 debug: build-deps
 	$(UNLINK_EXT)
 	FASTSMTP_DEBUG=1 $(PYTHON) setup.py -q build_ext --inplace $(CYTHONIZE) --cython-annotate \

@@ -29,7 +29,10 @@ class build_ext(_build_ext):
     def finalize_options(self) -> None:
         from Cython.Build import cythonize
 
-        directives = {"language_level": "3"}
+        # Release defaults live here, not in the .pyx header: a header
+        # directive would override --cython-directives and the debug build
+        # would silently keep them off.
+        directives = {"language_level": "3", "boundscheck": False, "wraparound": False}
         if self.cython_directives:
             for pair in self.cython_directives.split(","):
                 key, _, value = pair.partition("=")

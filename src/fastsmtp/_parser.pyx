@@ -1,4 +1,6 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3
+# boundscheck/wraparound are off in release builds by setup.py, so that
+# the debug build (--cython-directives=boundscheck=True,...) can turn them on.
 """The SMTP hot path in C: command lines and DATA content.
 
 Rules of this module:

@@ -34,7 +34,12 @@ class LocalProtocolError(ProtocolError):
 
 
 class RemoteProtocolError(ProtocolError):
-    """The peer broke the protocol; answer with ``reply`` and carry on."""
+    """The peer broke the protocol; answer with ``reply`` and carry on.
+
+    The reply is a 4xx/5xx, with one exception: another protocol's command
+    on the SMTP port (``GET``, ``USER``, ...) is answered ``221 2.7.0`` and
+    the session is CLOSED, as Postfix does.
+    """
 
 
 class StorageError(Exception):

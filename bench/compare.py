@@ -509,7 +509,7 @@ def report(runs: list[Measurement], scenarios: list[Scenario], servers: list[str
         f"(and finishes those in flight). Its warm-up: {args.warmup} unmeasured messages over up to 5 sessions.",
         "- Server CPU: utime+stime from /proc/PID/stat over the server process and its children "
         "(fastsmtp's supervisor plus worker), read before and after the measured load.",
-        "- The machine is shared (2 cores; other engineers' tests were running): trust only differences "
+        "- The machine is shared (2 cores; other test runs were going on): trust only differences "
         "over ~20%. Client and server share the two cores, so the client's CPU slows the server too.",
         f"- Load average (1, 5, 15 min) before: {loads[0]}; after: {loads[1]}. Creating a 1 KiB file in a new "
         f"folder took {probes[0]:.3f} ms before the runs and {probes[1]:.3f} ms after them (the ext4 "

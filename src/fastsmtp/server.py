@@ -454,6 +454,7 @@ class SMTPProtocol(asyncio.Protocol):
         if out is None:
             out = []
         handlers = self._handlers
+        soft_limit = self._server.config.soft_error_limit
         held: bytes | None = None
         while True:
             errors = session.errors
@@ -463,8 +464,8 @@ class SMTPProtocol(asyncio.Protocol):
                 out.append(session.send(exc.reply))
                 if session.state is CLOSED:
                     break
-                if session.errors > max(errors, self._server.config.soft_error_limit):
-                    held = out.pop()
+                if session.errors > errors and session.errors > soft_limit:
+                    held = out.pop()  # tarpitted: sent after a delay
                     break
                 continue
             if event is NEED_DATA or event is PAUSED:
@@ -487,8 +488,8 @@ class SMTPProtocol(asyncio.Protocol):
             out.append(session.send(reply))
             if session.state is CLOSED:
                 break
-            if session.errors > max(errors, self._server.config.soft_error_limit):
-                held = out.pop()
+            if session.errors > errors and session.errors > soft_limit:
+                held = out.pop()  # tarpitted: sent after a delay
                 break
         transport = self._transport
         if transport is None:

@@ -694,3 +694,43 @@ def test_writer_thread_is_not_a_daemon(tmp_path: Path) -> None:
 
     thread = run(go)
     assert not thread.daemon and not thread.is_alive()
+
+
+# -- headers a stage prepends (store.py's MessageSpool.prepend) ----------------
+
+
+@pytest.mark.parametrize("threshold", [1 << 20, 10], ids=["in-memory", "spilled"])
+def test_prepended_headers_go_above_the_content(tmp_path: Path, threshold: int) -> None:
+    md = make_maildir(tmp_path)
+    first, second = b"X-First: 1\r\n", b"X-Second: 2\r\n"
+
+    async def go(w: MaildirWriter) -> tuple[Spool, str]:
+        spool = w.open_spool(md)
+        spool.write(MSG[:7])
+        spool.write(MSG[7:])
+        spool.prepend(first)
+        spool.prepend(second)  # a later stage goes above an earlier one
+        return spool, await w.submit(spool, [md])
+
+    spool, stored = run(go, spill_threshold=threshold)
+    expected = second + first + MSG
+    assert stored == f"{spool.name},S={len(expected)}"
+    assert Path(md, "new", stored).read_bytes() == expected
+    assert ls(md, "tmp") == []
+
+
+def test_a_submitted_spool_owns_nothing(tmp_path: Path) -> None:
+    md = make_maildir(tmp_path)
+
+    async def go(w: MaildirWriter) -> str:
+        spool = w.open_spool(md)
+        spool.write(MSG * 3)  # spilled (threshold 10): an open tmp file
+        fut = w.submit(spool, [md])
+        assert spool.submitted
+        assert spool.detach() == (None, None, [], bytearray())  # handed over once, to the writer
+        spool.discard()  # a no-op now: the writer commits it
+        spool.write(b"ignored")
+        return await fut
+
+    stored = run(go, spill_threshold=10)
+    assert Path(md, "new", stored).read_bytes() == MSG * 3

@@ -85,6 +85,7 @@ from typing import Any, Callable, Sequence
 
 from . import metrics as counters
 from .errors import StorageError
+from .store import MessageSpool
 
 __all__ = ["FSYNC_MODES", "Spool", "MaildirWriter", "clean_tmp"]
 
@@ -169,6 +170,33 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         n += k
 
 
+def _writev_all(fd: int, parts: list[bytes] | list[bytes | bytearray]) -> None:
+    """os.writev until everything is written (one call in the usual case)."""
+    total = sum(len(p) for p in parts)
+    n = os.writev(fd, parts)
+    if n < total:
+        _write_all(fd, b"".join(parts)[n:])
+
+
+def _copy_all(src: int, dst: int, count: int) -> None:
+    """Copy ``count`` octets from the start of ``src`` to ``dst``'s position."""
+    offset = 0
+    while offset < count:
+        k = os.copy_file_range(src, dst, count - offset, offset)
+        if k <= 0:
+            raise OSError(errno.EIO, "copy made no progress")
+        offset += k
+
+
+def _discard_job(job: "_Job") -> None:
+    """A job that never reached the committer: drop what its spool handed over."""
+    if job.fd is not None:
+        _close_quiet(job.fd)
+    if job.tmp is not None:
+        _unlink_quiet(job.tmp)
+    job.fd = job.tmp = None
+
+
 def _unlink_quiet(path: str) -> None:
     try:
         os.unlink(path)
@@ -197,13 +225,20 @@ class Spool:
     Small messages stay in memory and are written by the committer; once a
     message would exceed ``spill_threshold`` it goes to ``<maildir>/tmp/<name>``
     chunk by chunk (page cache only), so memory stays bounded for any size.
+
+    The spool owns its buffer and its file; the committer takes both over
+    with ``detach()``, and nothing else reads them.
     """
 
-    __slots__ = ("queue_id", "name", "size", "failed", "_maildir", "_threshold", "_buf", "_fd", "_path", "_submitted")
+    __slots__ = (
+        "queue_id", "name", "size", "failed", "_maildir", "_threshold", "_buf", "_fd", "_path", "_submitted",
+        "_prefix",
+    )
 
     def __init__(self, maildir: str, name: str, queue_id: str, spill_threshold: int) -> None:
         self.queue_id = queue_id
         self.name = name
+        #: Octets of the stored message so far, prepended headers included.
         self.size = 0
         self.failed: OSError | None = None
         self._maildir = maildir
@@ -212,6 +247,9 @@ class Spool:
         self._fd: int | None = None
         self._path: str | None = None
         self._submitted = False
+        # Header blocks to store in front of everything written (stages'
+        # verdicts, decided after the content has arrived), top one first.
+        self._prefix: list[bytes] = []
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append ``data``.  Never raises: an OSError is kept in ``failed``."""
@@ -233,6 +271,38 @@ class Spool:
             return
         self.size += n
 
+    def prepend(self, headers: bytes) -> None:
+        """Store ``headers`` above everything so far (RFC 5321 §4.4: trace
+        fields are prepended); a later call goes above an earlier one."""
+        if self.failed is None and not self._submitted and headers:
+            self._prefix.insert(0, headers)
+            self.size += len(headers)
+
+    @property
+    def submitted(self) -> bool:
+        """Whether the committer owns the message now (``detach()`` was called)."""
+        return self._submitted
+
+    @property
+    def maildir(self) -> str:
+        """The Maildir whose tmp/ the message is written in."""
+        return self._maildir
+
+    def detach(self) -> tuple[int | None, str | None, list[bytes], bytearray]:
+        """Hand the message over to the committer: (fd, tmp path, prefix, buffer).
+
+        With a spilled message, fd and path are its tmp file (the content is
+        there, the buffer is empty); otherwise both are None and the buffer
+        holds the content.  The spool forgets all four and owns nothing
+        afterwards: ``discard()`` becomes a no-op.
+        """
+        taken = (self._fd, self._path, self._prefix, self._buf)
+        self._fd = self._path = None
+        self._prefix = []
+        self._buf = bytearray()
+        self._submitted = True
+        return taken
+
     def _spill(self) -> None:
         path = os.path.join(self._maildir, "tmp", self.name)
         self._fd = os.open(path, _OPEN_FLAGS, _FILE_MODE)
@@ -252,6 +322,7 @@ class Spool:
 
     def _release(self) -> None:
         self._buf = bytearray()
+        self._prefix = []
         if self._fd is not None:
             _close_quiet(self._fd)
             self._fd = None
@@ -263,15 +334,18 @@ class Spool:
 class _Job:
     """A submitted message on its way through the committer."""
 
-    __slots__ = ("spool", "maildirs", "future", "stored", "fd", "tmp", "links", "error", "posted")
+    __slots__ = (
+        "spool", "maildirs", "future", "stored", "fd", "tmp", "prefix", "content", "links", "error", "posted",
+    )
 
     def __init__(self, spool: Spool, maildirs: list[str], future: asyncio.Future[str]) -> None:
         self.spool = spool
         self.maildirs = maildirs
         self.future = future
         self.stored = f"{spool.name},S={spool.size}"
-        self.fd: int | None = None
-        self.tmp: str | None = None
+        # What the spool handed over: a spilled message's open tmp file, or
+        # the content in memory; and the header blocks to store above it.
+        self.fd, self.tmp, self.prefix, self.content = spool.detach()
         self.links: list[str] = []
         self.error: StorageError | None = None
         self.posted = False
@@ -292,7 +366,10 @@ def _resolve(results: list[_Result]) -> None:
 
 
 class MaildirWriter:
-    """Writes messages into Maildirs; one committer thread does the disk work."""
+    """Writes messages into Maildirs; one committer thread does the disk work.
+
+    The ``Store`` of store.py: ``open_spool``, ``submit``, ``start``, ``close``.
+    """
 
     def __init__(
         self,
@@ -349,7 +426,7 @@ class MaildirWriter:
         name, queue_id = _new_name(self._host)
         return Spool(maildir, name, queue_id, self._spill_threshold)
 
-    def submit(self, spool: Spool, maildirs: Sequence[str]) -> asyncio.Future[str]:
+    def submit(self, spool: MessageSpool, maildirs: Sequence[str]) -> asyncio.Future[str]:
         """Queue the complete message for the next commit.
 
         Returns a future of the start() loop.  It resolves with the stored file
@@ -360,20 +437,21 @@ class MaildirWriter:
             raise RuntimeError("MaildirWriter.submit() before start()")
         if not maildirs:
             raise ValueError("submit() needs at least one maildir")
-        if spool._submitted:
+        if not isinstance(spool, Spool):
+            raise TypeError(f"not a spool of this writer: {spool!r}")
+        if spool.submitted:
             raise RuntimeError(f"spool {spool.queue_id} submitted twice")
         fut: asyncio.Future[str] = self._loop.create_future()
         if spool.failed is not None:
-            spool._release()
+            spool.discard()
             fut.set_exception(self._error(spool, spool.failed))
             self.stats["refused"] += 1
             return fut
-        spool._submitted = True
         # A recipient named twice must not make the second link fail with EEXIST.
         job = _Job(spool, list(dict.fromkeys(maildirs)), fut)
         with self._cv:
             if self._closing:
-                spool._release()
+                _discard_job(job)
                 fut.set_exception(StorageError(f"{spool.queue_id}: the maildir writer is closed"))
                 self.stats["refused"] += 1
                 return fut
@@ -454,15 +532,40 @@ class MaildirWriter:
 
     def _write_out(self, job: _Job) -> None:
         spool = job.spool
-        if spool._fd is not None:  # spilled: complete on disk already
-            job.fd, job.tmp = spool._fd, spool._path
-            spool._fd = spool._path = None
+        if job.fd is not None:  # spilled: complete on disk already
+            if job.prefix:
+                self._rewrite_with_prefix(job)
             return
-        tmp = os.path.join(spool._maildir, "tmp", spool.name)
+        tmp = os.path.join(spool.maildir, "tmp", spool.name)
         job.fd = os.open(tmp, _OPEN_FLAGS, _FILE_MODE)
         job.tmp = tmp
-        _write_all(job.fd, spool._buf)
-        spool._buf = bytearray()
+        if job.prefix:
+            _writev_all(job.fd, [*job.prefix, job.content])
+        else:
+            _write_all(job.fd, job.content)
+        job.prefix = []
+        job.content = bytearray()
+
+    def _rewrite_with_prefix(self, job: _Job) -> None:
+        """A spilled message with headers to go above it: a new tmp file
+        with the headers, then the old file's octets copied in the kernel."""
+        assert job.fd is not None and job.tmp is not None
+        old_fd, old_tmp = job.fd, job.tmp
+        tmp = old_tmp + ".h"
+        job.fd = os.open(tmp, _OPEN_FLAGS, _FILE_MODE)
+        job.tmp = tmp
+        try:
+            _writev_all(job.fd, job.prefix)
+            # The spill file was opened write-only: read it through a new fd.
+            src = os.open(old_tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _copy_all(src, job.fd, os.fstat(src).st_size)
+            finally:
+                os.close(src)
+        finally:
+            _close_quiet(old_fd)
+            _unlink_quiet(old_tmp)
+        job.prefix = []
 
     def _fsync_file(self, job: _Job) -> None:
         assert job.fd is not None
@@ -550,7 +653,8 @@ class MaildirWriter:
         if job.tmp is not None:
             _unlink_quiet(job.tmp)
             job.tmp = None
-        job.spool._release()
+        job.prefix = []
+        job.content = bytearray()
 
     @staticmethod
     def _error(spool: Spool, exc: BaseException) -> StorageError:

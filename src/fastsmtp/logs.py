@@ -148,3 +148,45 @@ def reopen_logs() -> None:
             except OSError as exc:
                 # Keep running: losing log lines is better than losing mail.
                 print(f"fastsmtp[{os.getpid()}]: cannot reopen {handler.baseFilename}: {exc}", file=sys.stderr)
+
+
+class EventLog:
+    """The per-message and per-connection lines (``queued``, ``refused``, ``disconnect``)."""
+
+    def __init__(self) -> None:
+        self._log = logging.getLogger("fastsmtp")
+
+    @property
+    def enabled(self) -> bool:
+        return self._log.isEnabledFor(logging.INFO)
+
+    def message(
+        self, word: str, queue_id: str, client: str, helo: bytes, sender: bytes,
+        recipients: "list[bytes] | tuple[bytes, ...]", size: int, code: int, ms: int,
+    ) -> None:
+        fields = {
+            "id": queue_id,
+            "client": client,
+            "helo": helo,
+            "from": b"<" + sender + b">",
+            "to": [b"<" + r + b">" for r in recipients],
+            "size": size,
+            "code": code,
+            "ms": ms,
+        }
+        self._log.info(word, extra={"fields": fields})
+
+    def disconnect(self, client: str, helo: bytes, tls: bool, messages: int, ms: int) -> None:
+        fields = {"client": client, "helo": helo, "tls": "yes" if tls else "no", "messages": messages, "ms": ms}
+        self._log.info("disconnect", extra={"fields": fields})
+
+    def flush(self) -> None:
+        pass
+
+
+_EVENT_LOG = EventLog()
+
+
+def event_log() -> EventLog:
+    """The process's one ``EventLog``."""
+    return _EVENT_LOG

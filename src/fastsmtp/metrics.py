@@ -36,7 +36,9 @@ import time
 from bisect import bisect_left
 from typing import Callable
 
-__all__ = ["Metrics", "Histogram", "MetricsHTTP", "serve_http", "observe", "http_response", "render"]
+__all__ = [
+    "Metrics", "Histogram", "MetricsHTTP", "Meter", "NO_METER", "serve_http", "observe", "http_response", "render",
+]
 
 #: Reply codes that get their own label value; any other is code="other".
 CODES = (421, 450, 451, 452, 500, 501, 502, 503, 504, 550, 551, 552, 553, 554, 555)
@@ -98,6 +100,78 @@ SLOTS = _size
 def observe(row: memoryview, h: Histogram, value: float) -> None:
     row[h.base + bisect_left(h.bounds, value)] += 1  # le: the first bound >= value
     row[h.sum] += int(value * h.scale)
+
+
+class Meter:
+    """What a connection counts, named: one worker's row behind methods.
+
+    ``NO_METER`` is the one to use when metrics are off: the same methods,
+    doing nothing, so that callers never test for None.
+    """
+
+    __slots__ = ("_row",)
+
+    def __init__(self, row: memoryview) -> None:
+        self._row = row
+
+    def connection_accepted(self) -> None:
+        self._row[CONNECTIONS_ACCEPTED] += 1
+
+    def connection_refused(self, reason: int) -> None:
+        self._row[CONNECTIONS_REFUSED + reason] += 1
+
+    def recipient_accepted(self) -> None:
+        self._row[RECIPIENTS_ACCEPTED] += 1
+
+    def recipient_refused(self, code: int) -> None:
+        self._row[RECIPIENTS_REFUSED + CODE_INDEX[code]] += 1
+
+    def message_accepted(self, size: int) -> None:
+        self._row[MESSAGES_ACCEPTED] += 1
+        self._row[BYTES_ACCEPTED] += size
+
+    def message_refused(self, code: int) -> None:
+        self._row[MESSAGES_REFUSED + CODE_INDEX[code]] += 1
+
+    def time_to_250(self, seconds: float) -> None:
+        observe(self._row, TIME_TO_250, seconds)
+
+    def tls(self, ok: bool) -> None:
+        self._row[TLS_OK if ok else TLS_FAILED] += 1
+
+
+class _NoMeter(Meter):
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        pass
+
+    def connection_accepted(self) -> None:
+        pass
+
+    def connection_refused(self, reason: int) -> None:
+        pass
+
+    def recipient_accepted(self) -> None:
+        pass
+
+    def recipient_refused(self, code: int) -> None:
+        pass
+
+    def message_accepted(self, size: int) -> None:
+        pass
+
+    def message_refused(self, code: int) -> None:
+        pass
+
+    def time_to_250(self, seconds: float) -> None:
+        pass
+
+    def tls(self, ok: bool) -> None:
+        pass
+
+
+NO_METER: Meter = _NoMeter()
 
 
 class Metrics:

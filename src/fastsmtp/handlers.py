@@ -1,0 +1,236 @@
+"""What each SMTP command does: its reply, now or once its work is done.
+
+Rules of this module:
+- A handler gets one event that the session has already vetted (order and
+  syntax) and answers its ``Reply``, or ``None`` when the reply waits for
+  slow work: an async stage, or the store's commit.  The connection then
+  holds reading under that work's name ("stage", "commit") and the late
+  reply goes out through ``SMTPProtocol.answer``.
+- The current message is a ``Transaction`` (transaction.py), made at each
+  MAIL and ended by its final reply, RSET, or an accepted HELO/EHLO.
+- The stages (stages.py) are asked at HELO/EHLO, MAIL, RCPT and the end of
+  data, in that order of the session; a stage's refusal is the reply, its
+  "continue" lets the server's own check decide (a recipient still needs
+  a Maildir).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Callable
+
+from .events import (
+    Data,
+    Ehlo,
+    EndOfChunk,
+    EndOfMessage,
+    Event,
+    Helo,
+    Help,
+    MailFrom,
+    Noop,
+    Quit,
+    RcptTo,
+    Reply,
+    Rset,
+    StartTLS,
+    Vrfy,
+)
+from .hooks import SessionInfo
+from .stages import StepCall, StepRun, Verdict
+from .transaction import STORAGE_FAILED, Transaction
+
+if TYPE_CHECKING:
+    from .protocol import SMTPProtocol
+
+__all__ = ["Handlers", "OK", "BYE"]
+
+OK = Reply(250, "2.0.0", "Ok")
+MAIL_OK = Reply(250, "2.1.0", "Ok")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+VRFY_REPLY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+HELP_REPLY = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT")
+BYE = Reply(221, "2.0.0", "Bye")
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+
+Then = Callable[[Verdict], "Reply | None"]
+
+
+class Handlers:
+    """The command handlers of one connection, and the message in progress."""
+
+    __slots__ = ("_conn", "_server", "_loop", "table", "txn", "step", "committing", "messages")
+
+    def __init__(self, conn: SMTPProtocol, loop: asyncio.AbstractEventLoop) -> None:
+        self._conn = conn
+        self._server = conn.server
+        self._loop = loop
+        #: Event type -> handler; MessageChunk, Bdat and ConnectionClosed owe
+        #: no reply and are routed by the connection itself.
+        self.table: dict[type[Event], Callable[..., Reply | None]] = {
+            Helo: self._on_helo, Ehlo: self._on_ehlo, MailFrom: self._on_mail, RcptTo: self._on_rcpt,
+            Data: self._on_data, EndOfMessage: self._on_end_of_message, EndOfChunk: self._on_end_of_chunk,
+            StartTLS: self._on_starttls, Rset: self._on_rset,
+            Noop: lambda e: OK, Vrfy: lambda e: VRFY_REPLY, Help: lambda e: HELP_REPLY, Quit: lambda e: BYE,
+        }
+        #: The message in progress, the stage step being awaited, whether a
+        #: commit is being awaited, and the messages stored so far.
+        self.txn: Transaction | None = None
+        self.step: StepRun | None = None
+        self.committing = False
+        self.messages = 0
+
+    @property
+    def busy(self) -> bool:
+        """Whether a transaction has started its content, or work is awaited."""
+        return self.committing or self.step is not None or (self.txn is not None and self.txn.spool is not None)
+
+    def begin_content(self) -> None:
+        """DATA's 354, or the first BDAT chunk: the content goes to a spool now."""
+        assert self.txn is not None
+        self.txn.open(self._conn.tls_info)
+
+    def end_transaction(self) -> None:
+        if self.txn is not None:
+            self.txn.discard()
+            self.txn = None
+
+    def lost(self) -> None:
+        """The client is gone: stop asking, and drop a message not yet submitted."""
+        if self.step is not None:
+            self.step.cancel()
+            self.step = None
+        if self.txn is not None and not self.committing:
+            self.txn.discard()
+
+    # -- stages ------------------------------------------------------------------
+
+    def _info(self) -> SessionInfo:
+        session = self._conn.session
+        env = session.envelope
+        helo = _text(session.helo or b"")
+        return SessionInfo(self._conn.peer, helo, session.tls, env.mail_from, tuple(env.rcpt_to))
+
+    def _ask(self, calls: tuple[StepCall, ...], args: tuple[object, ...], then: Then) -> Reply | None:
+        """Run one step's stages, then ``then`` with the verdict; None: the reply comes later.
+
+        While an async stage thinks, reading is held under "stage": the
+        session owes its reply meanwhile, so pipelined commands wait in the
+        buffer, in order.
+        """
+        run = StepRun(calls, args, self._conn.peer, lambda verdict: self._answered(then, verdict))
+        verdict = run.start()
+        if verdict is not None:
+            return then(verdict)
+        self.step = run
+        self._conn.flow.hold("stage")
+        return None
+
+    def _answered(self, then: Then, verdict: Verdict) -> None:
+        self.step = None
+        if not self._conn.is_open():
+            return  # the client was told 421 (idle timeout, shutdown) meanwhile
+        reply = then(verdict)
+        self._conn.flow.release("stage")
+        if reply is not None:
+            self._conn.answer(reply)
+
+    # -- commands ----------------------------------------------------------------
+
+    def _on_helo(self, event: Helo) -> Reply | None:
+        return self._hello(event.domain, self._server.helo_reply)
+
+    def _on_ehlo(self, event: Ehlo) -> Reply | None:
+        server = self._server
+        return self._hello(event.domain, server.ehlo_reply_tls if self._conn.session.tls else server.ehlo_reply)
+
+    def _hello(self, domain: bytes, reply: Reply) -> Reply | None:
+        calls = self._server.stages.on_helo
+        if not calls:
+            return self._hello_accepted(reply)
+        return self._ask(calls, (self._info(), _text(domain)), lambda v: v.reply or self._hello_accepted(reply))
+
+    def _hello_accepted(self, reply: Reply) -> Reply:
+        self.end_transaction()  # HELO/EHLO reset the transaction (RFC 5321 §4.1.4)
+        return reply
+
+    def _on_mail(self, event: MailFrom) -> Reply | None:
+        conn = self._conn
+        self.txn = Transaction(self._server, self._loop, conn.session, conn.peer, conn.too_slow)
+        calls = self._server.stages.on_mail
+        if not calls:
+            return MAIL_OK
+        return self._ask(calls, (self._info(), event.address), lambda v: v.reply or MAIL_OK)
+
+    def _on_rcpt(self, event: RcptTo) -> Reply | None:
+        txn = self.txn
+        assert txn is not None
+        calls = self._server.stages.on_rcpt
+        if not calls:
+            return txn.add_recipient(event.address)
+        return self._ask(calls, (self._info(), event.address), lambda v: v.reply or txn.add_recipient(event.address))
+
+    def _on_data(self, event: Data) -> Reply:
+        self.begin_content()
+        return START_DATA
+
+    def _on_rset(self, event: Rset) -> Reply:
+        self.end_transaction()  # RSET between BDAT chunks abandons the message
+        return OK
+
+    def _on_starttls(self, event: StartTLS) -> Reply:
+        self._conn.upgrade_after_reply()
+        return READY_FOR_TLS
+
+    def _on_end_of_chunk(self, event: EndOfChunk) -> Reply:
+        if event.refusal is not None:
+            self.end_transaction()
+            self._server.meter.message_refused(event.refusal.code)
+            return event.refusal
+        return Reply(250, "2.0.0", f"{event.size} octets received")
+
+    # -- the end of a message ------------------------------------------------------
+
+    def _on_end_of_message(self, event: EndOfMessage) -> Reply | None:
+        txn = self.txn
+        assert txn is not None
+        calls = self._server.stages.on_message
+        if event.refusal is not None or txn.spool is None or not calls:
+            return self._end_message(txn, event, None)
+        # The spool stays ours while the stages think: a client leaving
+        # meanwhile has it discarded (lost()).
+        return self._ask(calls, (self._info(), txn.info(event.size)), lambda v: self._end_message(txn, event, v))
+
+    def _end_message(self, txn: Transaction, event: EndOfMessage, verdict: Verdict | None) -> Reply | None:
+        refusal = event.refusal or (verdict.reply if verdict is not None else None)
+        if refusal is None and txn.spool is None:
+            refusal = STORAGE_FAILED  # its content was dropped on the way (never expected)
+        if refusal is not None:
+            self.txn = None
+            return txn.refuse(refusal, event.size)
+        queue_id, future = txn.submit(event.size, verdict.headers if verdict is not None else b"")
+        self.committing = True
+        self._conn.flow.hold("commit")
+        future.add_done_callback(lambda f: self._committed(txn, queue_id, f))
+        return None
+
+    def _committed(self, txn: Transaction, queue_id: str, future: "asyncio.Future[str]") -> None:
+        self.committing = False
+        if self.txn is txn:
+            self.txn = None
+        reply = txn.committed(queue_id, future)
+        if reply.code < 400:
+            self.messages += 1
+        conn = self._conn
+        if not conn.attached():
+            return  # the client left; the message (if stored) stays stored
+        if reply is not STORAGE_FAILED:
+            # The reply is written in this same callback.
+            self._server.meter.time_to_250(self._loop.time() - txn.data_ended)
+        conn.flow.release("commit")
+        conn.answer(reply)
+
+
+def _text(raw: bytes) -> str:
+    """Client octets for a stage: UTF-8 (RFC 6531), anything else replaced."""
+    return raw.decode("utf-8", "replace")

@@ -1,0 +1,205 @@
+"""One mail transaction: a message from its MAIL command to its final reply.
+
+Rules of this module:
+- A ``Transaction`` owns everything of one message: the recipients'
+  mailboxes (in RCPT order, each once), the spool its content goes to, its
+  clocks (started, data started, data ended, the minimum-rate check), its
+  log line and its counters.  The connection (protocol.py) makes a new one
+  at each MAIL and asks it questions; it never reaches into its fields.
+- The message goes to the store (store.py) and the transaction awaits its
+  future; ``250`` is built only from a future that resolved (DESIGN.md
+  principle 1).  A failed or cancelled future is ``451 4.3.0``.
+- Once submitted, the message belongs to the store: a client that leaves
+  does not undo it (a duplicate, never a loss: RFC 1047).  Before that,
+  ``discard()`` drops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Callable
+
+from .errors import StorageError
+from .events import Address, Reply
+from .hooks import MessageInfo
+from .store import MessageSpool
+
+if TYPE_CHECKING:
+    from .server import Server
+    from .session import Session
+
+__all__ = ["Transaction", "RCPT_OK", "STORAGE_FAILED", "DATA_RATE_ALLOWANCE"]
+
+log = logging.getLogger("fastsmtp")
+
+RCPT_OK = Reply(250, "2.1.5", "Ok")
+STORAGE_FAILED = Reply(451, "4.3.0", "Error: local storage failure, try again later")
+# Data a client may send before its rate is judged (smtpd_min_data_rate
+# works on the same idea): 16 KiB is a header block and the start of a body.
+DATA_RATE_ALLOWANCE = 16 * 1024
+
+
+class Transaction:
+    """The message of one MAIL ... end-of-data (or BDAT LAST) exchange."""
+
+    __slots__ = (
+        "_server", "_loop", "_session", "_peer", "_too_slow", "mailboxes", "spool", "started",
+        "data_started", "data_ended", "octets", "size", "_rate_timer",
+    )
+
+    def __init__(
+        self, server: Server, loop: asyncio.AbstractEventLoop, session: Session, peer: str,
+        too_slow: Callable[[], None],
+    ) -> None:
+        self._server = server
+        self._loop = loop
+        self._session = session
+        self._peer = peer
+        # Called when the data trickles in below --min-data-rate: the
+        # connection says 421 and closes.
+        self._too_slow = too_slow
+        self.mailboxes: list[str] = []
+        self.spool: MessageSpool | None = None
+        self.started = loop.time()
+        self.data_started = 0.0
+        self.data_ended = 0.0
+        #: Octets received from the network since the content began.
+        self.octets = 0
+        #: Content octets of the finished message, as the session counted them.
+        self.size = 0
+        self._rate_timer: asyncio.TimerHandle | None = None
+
+    # -- recipients ---------------------------------------------------------------
+
+    def add_recipient(self, address: Address) -> Reply:
+        """The folder check for one RCPT; 250, or its refusal."""
+        found = self._server.recipients.resolve(address)
+        if isinstance(found, Reply):
+            self._server.meter.recipient_refused(found.code)
+            return found
+        self._server.meter.recipient_accepted()
+        if found not in self.mailboxes:
+            # user+a and user+b are one mailbox: one copy (RFC 5321 §3.3 allows it).
+            self.mailboxes.append(found)
+        return RCPT_OK
+
+    # -- content ------------------------------------------------------------------
+
+    def open(self, tls: str | None) -> None:
+        """The content begins (354 sent, or the first BDAT): a spool with the trace headers."""
+        self.data_started = self._loop.time()
+        self.octets = 0
+        if self._server.config.min_data_rate:
+            self._rate_timer = self._loop.call_later(1.0, self._check_rate)
+        spool = self._server.store.open_spool(self.mailboxes[0])
+        session = self._session
+        env = session.envelope
+        spool.write(
+            self._server.trace.render(
+                sender=env.mail_from.raw if env.mail_from is not None else b"",
+                helo=session.helo,
+                peer=self._peer,
+                esmtp=session.esmtp,
+                smtputf8=env.smtputf8,
+                tls=tls,
+                queue_id=spool.queue_id,
+                recipients=[r.raw for r in env.rcpt_to],
+            )
+        )
+        self.spool = spool
+
+    def discard(self) -> None:
+        """Drop the content (RSET between BDAT chunks, a refused chunk, a lost client)."""
+        self._stop_clock()
+        if self.spool is not None:
+            self.spool.discard()
+            self.spool = None
+
+    def _check_rate(self) -> None:
+        """Cut off a message whose data trickles in (a slow-drip attack holds
+        a connection for hours within any idle timeout): Postfix's
+        smtpd_min_data_rate."""
+        elapsed = self._loop.time() - self.data_started
+        allowed = (self.octets + DATA_RATE_ALLOWANCE) / self._server.config.min_data_rate
+        if elapsed > allowed:
+            self._rate_timer = None
+            log.info("%s: message data too slow (%d octets in %.0f s)", self._peer, self.octets, elapsed)
+            self.discard()
+            self._too_slow()
+            return
+        self._rate_timer = self._loop.call_later(1.0, self._check_rate)
+
+    def _stop_clock(self) -> None:
+        if self._rate_timer is not None:
+            self._rate_timer.cancel()
+            self._rate_timer = None
+
+    # -- the end ------------------------------------------------------------------
+
+    def info(self, size: int) -> MessageInfo:
+        """What the message stages see: the envelope and size, never the content."""
+        assert self.spool is not None
+        env = self._session.envelope
+        return MessageInfo(self.spool.queue_id, env.mail_from, tuple(env.rcpt_to), size)
+
+    def refuse(self, reply: Reply, size: int) -> Reply:
+        """The end of data, refused (too big, bare LF, a stage): nothing is stored."""
+        self.size = size
+        self._stop_clock()
+        spool, self.spool = self.spool, None
+        queue_id = ""
+        if spool is not None:
+            queue_id = spool.queue_id
+            spool.discard()
+        self.log(queue_id, reply.code)
+        self._server.meter.message_refused(reply.code)
+        return reply
+
+    def submit(self, size: int, headers: bytes) -> tuple[str, "asyncio.Future[str]"]:
+        """Hand the finished message to the store: (queue id, its future)."""
+        self.size = size
+        self._stop_clock()
+        spool, self.spool = self.spool, None
+        assert spool is not None
+        if headers:
+            spool.prepend(headers)
+        self.data_ended = self._loop.time()
+        return spool.queue_id, self._server.store.submit(spool, self.mailboxes)
+
+    def committed(self, queue_id: str, future: "asyncio.Future[str]") -> Reply:
+        """The store's answer as the reply to the end of data; counted and logged."""
+        reply = STORAGE_FAILED
+        if not future.cancelled():
+            exc = future.exception()
+            if exc is None:
+                reply = Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+            elif not isinstance(exc, StorageError):
+                log.error("commit failed unexpectedly: %r", exc)
+        # A message counts as accepted once stored, even when its client
+        # has left and never reads the 250.
+        if reply is STORAGE_FAILED:
+            self._server.meter.message_refused(reply.code)
+        else:
+            self._server.meter.message_accepted(self.size)
+        self.log(queue_id, reply.code)
+        return reply
+
+    def log(self, queue_id: str, code: int) -> None:
+        """One line per message, accepted or refused at its end; never its content."""
+        events = self._server.log
+        if not events.enabled:
+            return
+        session = self._session
+        env = session.envelope
+        events.message(
+            "queued" if code < 400 else "refused",
+            queue_id,
+            self._peer,
+            session.helo or b"",
+            env.mail_from.raw if env.mail_from is not None else b"",
+            [r.raw for r in env.rcpt_to],
+            self.size,
+            code,
+            round((self._loop.time() - self.started) * 1000),
+        )

@@ -1,4 +1,4 @@
-"""The ``fastsmtp`` command: ``serve``, ``config check|show``, ``mailbox add|list``, ``--version``.
+"""The ``fastsmtp`` command: ``serve``, ``config check|show|example``, ``mailbox add|list``, ``--version``.
 
 A bad flag, a bad configuration file or an unusable mail root gives one
 line on stderr and a non-zero exit, never a traceback.
@@ -24,7 +24,7 @@ from typing import Any
 
 from ._version import __version__
 from .config import Config, ConfigError, field_values, layer, parse_size, server_defaults, to_toml
-from .settings import SETTINGS, Kind, Setting, format_size
+from .settings import SETTINGS, Kind, Setting, example_toml, format_size
 
 __all__ = ["main"]
 
@@ -115,6 +115,8 @@ def build_parser(*, explicit_only: bool = False) -> argparse.ArgumentParser:
     config_sub.add_parser("show", parents=[serve],
                           help="print the effective configuration as TOML: defaults, then --config FILE, "
                                "then the flags given (those of serve)")
+    config_sub.add_parser("example", help="print an example configuration file: every setting at its default, "
+                                          "with what it means")
 
     mailbox = sub.add_parser("mailbox", help="create and list Maildir mailboxes")
     mailbox_sub = mailbox.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -203,6 +205,9 @@ def _config(args: argparse.Namespace, argv: list[str]) -> int:
         except ConfigError as exc:
             raise ConfigError(f"{args.file}: {exc}") from None
         print(f"{args.file}: ok")
+        return 0
+    if args.action == "example":
+        sys.stdout.write(example_toml())
         return 0
     # "config show" has the flags of serve, so its command line reads the same.
     sys.stdout.write(to_toml(_config_from(argv)))

@@ -7,7 +7,9 @@ Rules of this module:
   setting's name, default or allowed values a second time.
 - The views are derived, never edited: the flags of ``fastsmtp serve``
   (cli.py), the keys and types of the TOML file, ``Config.validate()`` and
-  ``config show`` (config.py).
+  ``config show`` (config.py), ``fastsmtp.example.toml`` and the README's
+  "Configuration flags" table (``example_toml()`` and ``readme_table()``
+  here; tests/test_settings_table.py holds the committed files to them).
 - ``Config`` (config.py) stays a written-out dataclass, for type checkers
   and readers; config.py checks at import that its fields are exactly the
   table's, with the same types and defaults.
@@ -24,8 +26,11 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import itertools
 import math
 import os
+import re
+import textwrap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -41,6 +46,8 @@ __all__ = [
     "format_size",
     "toml_value",
     "toml_string",
+    "example_toml",
+    "readme_table",
     "FSYNC_CHOICES",
     "BARE_LF_CHOICES",
     "LOOP_CHOICES",
@@ -227,6 +234,90 @@ def format_size(size: int) -> str:
         if size and size % unit == 0:
             return f"{size // unit}{suffix}"
     return str(size)
+
+
+# -- the example file --------------------------------------------------------------
+
+_EXAMPLE_HEAD = """\
+# fastsmtp configuration: every setting, at its default.
+#
+#   fastsmtp serve --config fastsmtp.toml        # flags given as well override the file
+#   fastsmtp config check fastsmtp.toml          # validate without starting
+#   fastsmtp config show --config fastsmtp.toml  # the effective settings, as TOML
+#
+# Keys are the flags of `fastsmtp serve` without their leading dashes
+# (--max-message-size is max-message-size), all at the top level.  Relative
+# paths are taken from the directory of this file.  SIGHUP makes a running
+# server read the file again (listen and tls-listen take a restart).
+#
+# `fastsmtp config example` prints this file.
+"""
+
+_WIDTH = 80
+
+
+def example_toml() -> str:
+    """``fastsmtp.example.toml``: every key at its default, with what it means."""
+    parts = [_EXAMPLE_HEAD]
+    for section, rows in itertools.groupby(SETTINGS, key=lambda s: s.section):
+        parts.append("\n" + f"# -- {section} ".ljust(_WIDTH - 2, "-") + "\n")
+        for setting in rows:
+            parts.append(_example_entry(setting))
+    return "".join(parts)
+
+
+#: Spaces a comment is not broken at: "RFC 5321 §4.1.3", "552 5.3.4".
+_UNBROKEN = re.compile(r"(?<=\bRFC) (?=\d)|(?<=\d) (?=§)|(?<=\b\d{3}) (?=\d\.\d)")
+
+
+def _comment(text: str) -> str:
+    """``# ``-prefixed lines of ``text``, wrapped to the file's width."""
+    glued = _UNBROKEN.sub("\u00a0", text)  # textwrap breaks only at ASCII whitespace
+    wrapped = textwrap.fill(glued, _WIDTH - 2, initial_indent="# ", subsequent_indent="# ", break_on_hyphens=False)
+    return wrapped.replace("\u00a0", " ")
+
+
+def _example_entry(setting: Setting) -> str:
+    comment = f"\n{_comment(setting.comment)}\n" if setting.comment else ""
+    if setting.sample is not None:
+        return f"{comment}# {setting.key} = {setting.sample}\n"
+    if setting.kind is Kind.SIZE:
+        assert isinstance(setting.default, int)
+        value = toml_string(format_size(setting.default))
+    else:
+        value = toml_value(setting.default)
+    return f"{comment}{setting.key} = {value}\n"
+
+
+# -- the README table --------------------------------------------------------------
+
+README_HEADER = "| flag | default | meaning |\n|---|---|---|\n"
+
+
+def readme_table() -> str:
+    """The README's "Configuration flags" table, header included."""
+    return README_HEADER + "".join(
+        f"| `--{s.key} {_readme_metavar(s)}` | {_readme_default(s)} | {s.doc} |\n" for s in SETTINGS)
+
+
+def _readme_metavar(setting: Setting) -> str:
+    if setting.choices:
+        return "\\|".join(setting.choices)
+    if setting.kind is Kind.STRINGS:
+        return f"{setting.metavar} ..."
+    return setting.metavar or setting.key.replace("-", "_").upper()
+
+
+def _readme_default(setting: Setting) -> str:
+    if setting.shown_default is not None:
+        return setting.shown_default
+    value = setting.default
+    if setting.kind is Kind.SIZE:
+        assert isinstance(value, int)
+        return f"`{format_size(value)}`"
+    if isinstance(value, float):
+        return f"`{value:g}`"
+    return f"`{value}`"
 
 
 # -- the table ---------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The ``fastsmtp`` command: ``serve``, ``config check|show``, ``mailbox add|list``, ``--version``.
+"""The ``fastsmtp`` command: ``serve``, ``config check|show|example``, ``mailbox add|list``, ``--version``.
 
 A bad flag, a bad configuration file or an unusable mail root gives one
 line on stderr and a non-zero exit, never a traceback.
@@ -8,6 +8,10 @@ then the TOML file of ``--config``, then the flags actually given on the
 command line.  argparse's own defaults serve only ``--help``: the command
 line is parsed a second time with every default suppressed, so that a flag
 left out never overrides the file.
+
+The flags of ``serve`` and ``config show`` are the rows of the settings
+table (settings.py): their names, types, choices, metavars, defaults and
+help all come from there.
 """
 
 from __future__ import annotations
@@ -16,28 +20,15 @@ import argparse
 import os
 import shlex
 import sys
-from dataclasses import fields
+from typing import Any
 
 from ._version import __version__
-from .config import (
-    BARE_LF_CHOICES,
-    FSYNC_CHOICES,
-    LOG_FORMATS,
-    PATH_FIELDS,
-    Config,
-    ConfigError,
-    layer,
-    parse_listen,
-    parse_size,
-    server_defaults,
-    to_toml,
-    usable_cpus,
-)
+from .config import Config, ConfigError, field_values, layer, parse_size, server_defaults, to_toml
+from .settings import SETTINGS, Kind, Setting, example_toml, format_size
 
 __all__ = ["main"]
 
-DEFAULT_MAIL_ROOT = "mail"
-_DEFAULTS = {f.name: f.default for f in fields(Config)}
+DEFAULT_MAIL_ROOT = Config().mail_root
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +45,47 @@ def _size(value: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _add_flag(parser: argparse.ArgumentParser, setting: Setting) -> None:
+    """``--KEY``, typed by the setting's kind; its default serves only ``--help``."""
+    options: dict[str, Any] = {"help": setting.help}
+    if setting.metavar is not None:
+        options["metavar"] = setting.metavar
+    if setting.choices:
+        options["choices"] = setting.choices
+    default = setting.default
+    if setting.machine_default is not None:
+        default = setting.machine_default()
+    if setting.kind is Kind.SIZE:
+        assert isinstance(default, int)
+        # argparse passes a string default through type=, so "25M" shows in
+        # --help and still parses to bytes.
+        options["type"], default = _size, format_size(default)
+    elif setting.kind is Kind.INT:
+        options["type"] = int
+    elif setting.kind is Kind.SECONDS:
+        options["type"] = float
+    elif setting.kind is Kind.STRINGS:
+        assert isinstance(default, tuple)
+        options["nargs"], default = "+", list(default)
+    parser.add_argument(f"--{setting.key}", default=default, **options)
+
+
+def _flag_values(given: argparse.Namespace) -> dict[str, Any]:
+    """The flags in ``given`` as Config field values (paths made absolute)."""
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        dest = setting.key.replace("-", "_")
+        if not hasattr(given, dest):  # not given (explicit_only)
+            continue
+        value: Any = getattr(given, dest)
+        if setting.kind is Kind.PATH and value:
+            value = os.path.abspath(value)
+        elif setting.kind is Kind.STRINGS:
+            value = tuple(value)
+        values.update(field_values(setting, value))
+    return values
+
+
 def build_parser(*, explicit_only: bool = False) -> argparse.ArgumentParser:
     """The command line; with ``explicit_only``, only flags given appear in serve's namespace."""
     # "@FILE" reads more arguments from FILE (shell-style words, # comments);
@@ -64,78 +96,13 @@ def build_parser(*, explicit_only: bool = False) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # serve's flags, held by a parent parser that "serve" and "config show"
-    # both take them from (argparse parents share the same actions).
+    # both take them from (argparse parents share the same actions).  Each
+    # flag is a row of the settings table.
     serve = _Parser(add_help=False)
     serve.add_argument("--config", metavar="FILE",
                        help="read settings from this TOML file; flags given here override it")
-    serve.add_argument("--listen", default=f"{_DEFAULTS['host']}:{_DEFAULTS['port']}", metavar="HOST:PORT",
-                       help="address to listen on (default: %(default)s; port 0 picks a free port)")
-    serve.add_argument("--mail-root", default=DEFAULT_MAIL_ROOT, metavar="DIR",
-                       help="Maildir tree MAIL_ROOT/<domain>/<user>/ (default: ./%(default)s)")
-    serve.add_argument("--hostname", default="", help="name in the greeting and Received headers (default: FQDN)")
-    serve.add_argument("--max-message-size", type=_size, default=_DEFAULTS["max_message_size"], metavar="BYTES",
-                       help="largest message accepted, advertised as SIZE (default: 25M)")
-    serve.add_argument("--max-recipients", type=int, default=_DEFAULTS["max_recipients"], metavar="N",
-                       help="recipients per message (default: %(default)s)")
-    serve.add_argument("--max-errors", type=int, default=_DEFAULTS["max_errors"], metavar="N",
-                       help="errors before a session is closed with 421 (default: %(default)s)")
-    serve.add_argument("--idle-timeout", type=float, default=_DEFAULTS["idle_timeout"], metavar="SECONDS",
-                       help="close a silent session with 421 (default: %(default)s)")
-    serve.add_argument("--recipient-delimiter", default=_DEFAULTS["recipient_delimiter"], metavar="CHAR",
-                       help="user+tag delivers to user (default: %(default)s; empty disables)")
-    serve.add_argument("--fsync", choices=FSYNC_CHOICES, default=_DEFAULTS["fsync"],
-                       help="batch: group commit (default); always: one flush per message; off: UNSAFE, benchmarks only")
-    serve.add_argument("--bare-lf", choices=BARE_LF_CHOICES, default=_DEFAULTS["bare_lf"],
-                       help="a message with a bare CR or LF: reject with 550 (default) or normalize to CRLF")
-    serve.add_argument("--workers", type=int, default=usable_cpus(), metavar="N",
-                       help="worker processes under a supervisor (default: the CPUs, here %(default)s; "
-                            "0 serves in the foreground process)")
-    serve.add_argument("--worker-timeout", type=float, default=_DEFAULTS["worker_timeout"], metavar="SECONDS",
-                       help="kill and replace a worker whose event loop is stuck this long (default: %(default)s)")
-    serve.add_argument("--shutdown-timeout", type=float, default=_DEFAULTS["shutdown_timeout"], metavar="SECONDS",
-                       help="on SIGTERM, how long transactions in progress may take to finish (default: %(default)s)")
-    serve.add_argument("--max-connections", type=int, default=_DEFAULTS["max_connections"], metavar="N",
-                       help="connections per worker; more get 421 4.7.0 (default: %(default)s)")
-    serve.add_argument("--max-connections-per-ip", type=int, default=_DEFAULTS["max_connections_per_ip"],
-                       metavar="N", help="connections per client address over all workers; more get 421 4.7.0 "
-                                         "(default: %(default)s; 0: no limit)")
-    serve.add_argument("--user", default="", help="serve mail as this user after binding the port (needs root)")
-    serve.add_argument("--group", default="", help="and this group (default: the user's own)")
-    serve.add_argument("--loop", choices=("uvloop", "asyncio"), default=_DEFAULTS["loop"],
-                       help="event loop (default: uvloop where installed)")
-    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    serve.add_argument("--log-format", default=_DEFAULTS["log_format"], choices=LOG_FORMATS,
-                       help="text: Postfix-style key=value lines (default); json: one JSON object per line")
-    serve.add_argument("--log-file", default="", metavar="FILE",
-                       help="append log lines to FILE instead of stderr; SIGUSR2 reopens it (log rotation)")
-    serve.add_argument("--policy", default="", metavar="MODULE:CLASS",
-                       help="policy hooks: a class in an importable module, or FILE.py:CLASS "
-                            "(instantiated once per worker; see README, Policy hooks)")
-    serve.add_argument("--policy-timeout", type=float, default=_DEFAULTS["policy_timeout"], metavar="SECONDS",
-                       help="an async policy hook taking longer gets 451 4.3.0 (default: %(default)s)")
-    serve.add_argument("--tls-cert", default="", metavar="FILE", help="PEM certificate chain: enables STARTTLS")
-    serve.add_argument("--tls-key", default="", metavar="FILE", help="PEM private key for --tls-cert")
-    serve.add_argument("--tls-listen", default="", metavar="HOST:PORT",
-                       help="also listen with implicit TLS (port 465 style)")
-    serve.add_argument("--proxy-trusted", nargs="+", default=[], metavar="CIDR",
-                       help="expect a PROXY protocol v1/v2 header from these networks (e.g. HAProxy)")
-    serve.add_argument("--proxy-timeout", type=float, default=_DEFAULTS["proxy_timeout"], metavar="SECONDS",
-                       help="how long a trusted peer may take to send its PROXY header (default: %(default)s)")
-    serve.add_argument("--greeting-delay", type=float, default=_DEFAULTS["greeting_delay"], metavar="SECONDS",
-                       help="wait before the greeting; clients talking first get 554 (default: %(default)s; 0: off)")
-    serve.add_argument("--soft-error-limit", type=int, default=_DEFAULTS["soft_error_limit"], metavar="N",
-                       help="errors after which replies are delayed (default: %(default)s)")
-    serve.add_argument("--error-delay", type=float, default=_DEFAULTS["error_delay"], metavar="SECONDS",
-                       help="delay per error over the soft limit (default: %(default)s)")
-    serve.add_argument("--min-data-rate", type=int, default=_DEFAULTS["min_data_rate"], metavar="BYTES_PER_S",
-                       help="cut off message data slower than this (default: %(default)s; 0: off)")
-    serve.add_argument("--max-command-line", type=int, default=_DEFAULTS["max_command_line"], metavar="BYTES",
-                       help="longest command line, CRLF included (default: %(default)s; at least 512)")
-    serve.add_argument("--spill-threshold", type=_size, default=_DEFAULTS["spill_threshold"], metavar="BYTES",
-                       help="message bytes held in memory before spilling to tmp/ (default: 256K)")
-    serve.add_argument("--metrics", default=_DEFAULTS["metrics"], metavar="HOST:PORT",
-                       help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; "
-                            "no authentication, so keep it on 127.0.0.1; port 0 picks a free port)")
+    for setting in SETTINGS:
+        _add_flag(serve, setting)
     if explicit_only:
         for action in serve._actions:  # the parents share these action objects
             action.default = argparse.SUPPRESS
@@ -148,6 +115,8 @@ def build_parser(*, explicit_only: bool = False) -> argparse.ArgumentParser:
     config_sub.add_parser("show", parents=[serve],
                           help="print the effective configuration as TOML: defaults, then --config FILE, "
                                "then the flags given (those of serve)")
+    config_sub.add_parser("example", help="print an example configuration file: every setting at its default, "
+                                          "with what it means")
 
     mailbox = sub.add_parser("mailbox", help="create and list Maildir mailboxes")
     mailbox_sub = mailbox.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -166,16 +135,7 @@ def _config_from(argv: list[str]) -> Config:
     again (SIGHUP) reads the file again.
     """
     given = build_parser(explicit_only=True).parse_args(argv)
-    names = {f.name for f in fields(Config)}
-    flags: dict[str, object] = {}
-    for name, value in vars(given).items():
-        if name == "listen":
-            flags["host"], flags["port"] = parse_listen(value)
-        elif name in PATH_FIELDS:
-            flags[name] = os.path.abspath(value) if value else value
-        elif name in names:
-            flags[name] = tuple(value) if isinstance(value, list) else value
-    return layer(server_defaults(), getattr(given, "config", None), flags)
+    return layer(server_defaults(), getattr(given, "config", None), _flag_values(given))
 
 
 def _serve(argv: list[str]) -> int:
@@ -245,6 +205,9 @@ def _config(args: argparse.Namespace, argv: list[str]) -> int:
         except ConfigError as exc:
             raise ConfigError(f"{args.file}: {exc}") from None
         print(f"{args.file}: ok")
+        return 0
+    if args.action == "example":
+        sys.stdout.write(example_toml())
         return 0
     # "config show" has the flags of serve, so its command line reads the same.
     sys.stdout.write(to_toml(_config_from(argv)))

@@ -1,0 +1,585 @@
+"""The table of settings: each one declared once, every view derived from it.
+
+Rules of this module:
+- A setting is one row of ``SETTINGS``: its key, kind, default, the texts
+  of ``--help``, of the README's flag table and of the example file, its
+  choices, metavar and check.  Nothing else in the package writes a
+  setting's name, default or allowed values a second time.
+- The views are derived, never edited: the flags of ``fastsmtp serve``
+  (cli.py), the keys and types of the TOML file, ``Config.validate()`` and
+  ``config show`` (config.py), ``fastsmtp.example.toml`` and the README's
+  "Configuration flags" table (``example_toml()`` and ``readme_table()``
+  here; tests/test_settings_table.py holds the committed files to them).
+- ``Config`` (config.py) stays a written-out dataclass, for type checkers
+  and readers; config.py checks at import that its fields are exactly the
+  table's, with the same types and defaults.
+- This module imports nothing from the rest of the package: a check
+  returns its problem as a sentence, and config.py raises ``ConfigError``
+  with it.  Checks that need parsing (``HOST:PORT``) belong to a kind and
+  are config.py's.
+- The rows are grouped by section, in the order the example file, the
+  README table and ``--help`` show them.  ``Config``'s field order (that
+  of ``config show``) is older and stays as it is.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import itertools
+import math
+import os
+import re
+import textwrap
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+__all__ = [
+    "Kind",
+    "Setting",
+    "SETTINGS",
+    "Check",
+    "BY_KEY",
+    "usable_cpus",
+    "format_size",
+    "toml_value",
+    "toml_string",
+    "example_toml",
+    "readme_table",
+    "FSYNC_CHOICES",
+    "BARE_LF_CHOICES",
+    "LOOP_CHOICES",
+    "LOG_LEVELS",
+    "LOG_FORMATS",
+]
+
+FSYNC_CHOICES = ("batch", "always", "off")
+BARE_LF_CHOICES = ("reject", "normalize")
+LOOP_CHOICES = ("uvloop", "asyncio")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+MiB = 1024 * 1024
+
+
+class Kind(enum.Enum):
+    """What a setting's value is, which fixes how it is read, written and typed."""
+
+    TEXT = enum.auto()
+    #: A file or folder, made absolute when read (a file's value against
+    #: the file's directory, a flag's against the working directory).
+    PATH = enum.auto()
+    #: "HOST:PORT" or "" (none); checked by parsing it.
+    ENDPOINT = enum.auto()
+    INT = enum.auto()
+    #: Bytes: an integer, or a string with a K/M/G suffix ("25M").
+    SIZE = enum.auto()
+    SECONDS = enum.auto()
+    STRINGS = enum.auto()
+    #: The one setting of two fields: ``listen`` is ``host`` and ``port``.
+    LISTEN = enum.auto()
+
+    @property
+    def annotations(self) -> tuple[str, ...]:
+        """The annotation of each Config field a setting of this kind fills."""
+        return _ANNOTATIONS[self]
+
+
+_ANNOTATIONS = {
+    Kind.TEXT: ("str",), Kind.PATH: ("str",), Kind.ENDPOINT: ("str",), Kind.INT: ("int",), Kind.SIZE: ("int",),
+    Kind.SECONDS: ("float",), Kind.STRINGS: ("tuple[str, ...]",), Kind.LISTEN: ("str", "int"),
+}
+
+
+#: Takes the value (a tuple of the field values for ``listen``) and returns
+#: the problem as one sentence naming the setting, or None.
+Check = Callable[[Any], str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One setting, as every view shows it."""
+
+    #: The flag without its dashes, the TOML key and the name in messages.
+    key: str
+    kind: Kind
+    #: The Config value; for ``listen`` the "HOST:PORT" text of both fields.
+    default: object
+    #: The heading of the example file's part it is listed under.
+    section: str
+    #: ``--help``; ``%(default)s`` is the flag's default.
+    help: str | None
+    #: The README table's meaning column (markdown).
+    doc: str
+    #: The example file's comment above the key; "" shares the one above.
+    comment: str
+    metavar: str | None = None
+    choices: tuple[str, ...] = ()
+    check: Check | None = None
+    #: The README's default column where the value itself says too little.
+    shown_default: str | None = None
+    #: A default that depends on the machine (``workers``): ``fastsmtp
+    #: serve`` uses this, and the example file lists the key commented out.
+    machine_default: Callable[[], object] | None = None
+    #: The value written commented out in the example file for such a key.
+    sample: str | None = None
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The Config fields this setting fills."""
+        return ("host", "port") if self.kind is Kind.LISTEN else (self.key.replace("-", "_"),)
+
+    def problem(self, value: object) -> str | None:
+        """The first thing wrong with ``value`` that this row can see, or None."""
+        if self.choices and value not in self.choices:
+            return f"{self.key} must be {_either(self.choices)}, not {value!r}"
+        return self.check(value) if self.check is not None else None
+
+
+def _either(choices: tuple[str, ...]) -> str:
+    """'a or b' for two choices, 'one of a, b, c' for more."""
+    return " or ".join(choices) if len(choices) == 2 else "one of " + ", ".join(choices)
+
+
+# -- checks ------------------------------------------------------------------------
+#
+# Declarative bounds: each takes the whole sentence it reports, so that every
+# message reads as it always has (tests and users match on them).
+
+
+def at_least(low: float, message: str) -> Check:
+    """``message`` for a value under ``low``."""
+    return lambda value: message if value < low else None
+
+
+def above(low: float, message: str) -> Check:
+    """``message`` for a value that is not over ``low`` (nan included)."""
+    return lambda value: message if not value > low else None
+
+
+def finite_and(then: Check, message: str) -> Check:
+    """``message`` for inf and nan (inf passes any lower bound), else ``then``."""
+    return lambda value: message if not math.isfinite(value) else then(value)
+
+
+def _seconds(key: str, *, positive: bool) -> Check:
+    low = above(0, f"{key} must be positive") if positive else at_least(0, f"{key} must be 0 or more")
+    return finite_and(low, f"{key} must be a finite number of seconds")
+
+
+def _listen(value: tuple[str, int]) -> str | None:
+    host, port = value
+    if not host:
+        return "listen: the host is empty"
+    if not 0 <= port <= 65535:
+        return f"listen: port {port} is not between 0 and 65535"
+    return None
+
+
+def _networks(value: tuple[str, ...]) -> str | None:
+    for net in value:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            return f"proxy-trusted: {net!r} is not an address or network"
+    return None
+
+
+def _policy(value: str) -> str | None:
+    return f"policy: {value!r} is not MODULE:CLASS or FILE.py:CLASS" if value and ":" not in value else None
+
+
+def _one_char(value: str) -> str | None:
+    return "recipient-delimiter must be one character or empty" if len(value) > 1 else None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a cpuset or taskset may allow fewer than exist)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# -- TOML text ---------------------------------------------------------------------
+
+
+def toml_value(value: object) -> str:
+    """A Config value as TOML: a string, an array of strings, an integer or a float."""
+    if isinstance(value, str):
+        return toml_string(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)  # int, or a finite float: "300.0"
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string: backslash, quote and control characters escaped."""
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch < " " or ch == "\x7f":
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def format_size(size: int) -> str:
+    """The shortest exact "25M" form of a size, as parse_size reads it."""
+    for suffix, unit in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if size and size % unit == 0:
+            return f"{size // unit}{suffix}"
+    return str(size)
+
+
+# -- the example file --------------------------------------------------------------
+
+_EXAMPLE_HEAD = """\
+# fastsmtp configuration: every setting, at its default.
+#
+#   fastsmtp serve --config fastsmtp.toml        # flags given as well override the file
+#   fastsmtp config check fastsmtp.toml          # validate without starting
+#   fastsmtp config show --config fastsmtp.toml  # the effective settings, as TOML
+#
+# Keys are the flags of `fastsmtp serve` without their leading dashes
+# (--max-message-size is max-message-size), all at the top level.  Relative
+# paths are taken from the directory of this file.  SIGHUP makes a running
+# server read the file again (listen and tls-listen take a restart).
+#
+# `fastsmtp config example` prints this file.
+"""
+
+_WIDTH = 80
+
+
+def example_toml() -> str:
+    """``fastsmtp.example.toml``: every key at its default, with what it means."""
+    parts = [_EXAMPLE_HEAD]
+    for section, rows in itertools.groupby(SETTINGS, key=lambda s: s.section):
+        parts.append("\n" + f"# -- {section} ".ljust(_WIDTH - 2, "-") + "\n")
+        for setting in rows:
+            parts.append(_example_entry(setting))
+    return "".join(parts)
+
+
+#: Spaces a comment is not broken at: "RFC 5321 §4.1.3", "552 5.3.4".
+_UNBROKEN = re.compile(r"(?<=\bRFC) (?=\d)|(?<=\d) (?=§)|(?<=\b\d{3}) (?=\d\.\d)")
+
+
+def _comment(text: str) -> str:
+    """``# ``-prefixed lines of ``text``, wrapped to the file's width."""
+    glued = _UNBROKEN.sub("\u00a0", text)  # textwrap breaks only at ASCII whitespace
+    wrapped = textwrap.fill(glued, _WIDTH - 2, initial_indent="# ", subsequent_indent="# ", break_on_hyphens=False)
+    return wrapped.replace("\u00a0", " ")
+
+
+def _example_entry(setting: Setting) -> str:
+    comment = f"\n{_comment(setting.comment)}\n" if setting.comment else ""
+    if setting.sample is not None:
+        return f"{comment}# {setting.key} = {setting.sample}\n"
+    if setting.kind is Kind.SIZE:
+        assert isinstance(setting.default, int)
+        value = toml_string(format_size(setting.default))
+    else:
+        value = toml_value(setting.default)
+    return f"{comment}{setting.key} = {value}\n"
+
+
+# -- the README table --------------------------------------------------------------
+
+README_HEADER = "| flag | default | meaning |\n|---|---|---|\n"
+
+
+def readme_table() -> str:
+    """The README's "Configuration flags" table, header included."""
+    return README_HEADER + "".join(
+        f"| `--{s.key} {_readme_metavar(s)}` | {_readme_default(s)} | {s.doc} |\n" for s in SETTINGS)
+
+
+def _readme_metavar(setting: Setting) -> str:
+    if setting.choices:
+        return "\\|".join(setting.choices)
+    if setting.kind is Kind.STRINGS:
+        return f"{setting.metavar} ..."
+    return setting.metavar or setting.key.replace("-", "_").upper()
+
+
+def _readme_default(setting: Setting) -> str:
+    if setting.shown_default is not None:
+        return setting.shown_default
+    value = setting.default
+    if setting.kind is Kind.SIZE:
+        assert isinstance(value, int)
+        return f"`{format_size(value)}`"
+    if isinstance(value, float):
+        return f"`{value:g}`"
+    return f"`{value}`"
+
+
+# -- the table ---------------------------------------------------------------------
+#
+# The comment above a row gives the reason for its default (DESIGN.md,
+# principle 5: every limit has one).
+
+_RATES = "greeting-delay, error-delay and min-data-rate must not be negative"
+
+_WHERE = "where to listen and deliver"
+_LIMITS = "limits (RFC 5321 §4.5.3)"
+_CONTENT = "durability and content"
+_PROCESSES = "processes"
+_LOGS = "logs"
+_POLICY = "policy hooks"
+_TLS = "TLS (RFC 3207, RFC 8314)"
+_PROXY = "PROXY protocol"
+_ABUSE = "abusive clients"
+_MONITORING = "monitoring"
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "listen", Kind.LISTEN, "127.0.0.1:2525", _WHERE, metavar="HOST:PORT", check=_listen,
+        help="address to listen on (default: %(default)s; port 0 picks a free port)",
+        doc="where to listen; port 0 picks a free port and prints it",
+        comment="HOST:PORT ([v6]:PORT for IPv6).  A public MX listens on 0.0.0.0:25, which needs root to bind "
+                "(see user and group below); port 0 picks a free port."),
+    Setting(
+        "mail-root", Kind.PATH, "mail", _WHERE, metavar="DIR", shown_default="`./mail`",
+        help="Maildir tree MAIL_ROOT/<domain>/<user>/ (default: ./%(default)s)",
+        doc="the Maildir tree `MAIL_ROOT/<domain>/<user>/{tmp,new,cur}`",
+        comment="Maildir tree: MAIL_ROOT/<domain>/<user>/{tmp,new,cur}.  Use an absolute path in production "
+                "(e.g. /var/spool/fastsmtp)."),
+    Setting(
+        # "" is filled in by validate() with socket.getfqdn().
+        "hostname", Kind.TEXT, "", _WHERE, shown_default="the machine's FQDN",
+        help="name in the greeting and Received headers (default: FQDN)",
+        doc="name in the greeting and in `Received:`",
+        comment="Name in the 220 greeting, the EHLO reply and Received: headers (RFC 5321 §4.1.3, §4.4); \"\" "
+                "means this machine's fully qualified name."),
+    # 25 MiB is what the large providers accept today; SIZE advertises it
+    # (RFC 1870).
+    Setting(
+        "max-message-size", Kind.SIZE, 25 * MiB, _LIMITS, metavar="BYTES",
+        check=at_least(1, "max-message-size must be at least 1 byte"),
+        help="largest message accepted, advertised as SIZE (default: %(default)s)",
+        doc="advertised as `SIZE`; larger messages get `552 5.3.4` (suffixes K, M, G)",
+        comment="Largest message accepted, advertised as SIZE (RFC 1870); bigger ones get 552 5.3.4.  Bytes, "
+                "or a string with a K/M/G suffix."),
+    # RFC 5321 §4.5.3.1.8 asks servers to accept at least 100 recipients.
+    Setting(
+        "max-recipients", Kind.INT, 100, _LIMITS, metavar="N",
+        check=at_least(1, "max-recipients must be at least 1"),
+        help="recipients per message (default: %(default)s)",
+        doc="further RCPTs get `452 4.5.3`",
+        comment="RFC 5321 §4.5.3.1.8 asks for at least 100; further RCPTs get 452 4.5.3."),
+    # Postfix's smtpd_hard_error_limit default: a client making this many
+    # errors is a dictionary attack or broken, and is disconnected.
+    Setting(
+        "max-errors", Kind.INT, 20, _LIMITS, metavar="N",
+        check=at_least(1, "max-errors must be at least 1"),
+        help="errors before a session is closed with 421 (default: %(default)s)",
+        doc="errors in one session before `421 4.7.0` and close",
+        comment="Errors in one session before 421 and close (Postfix's smtpd_hard_error_limit)."),
+    # A command line may be 512 octets (RFC 5321 §4.5.3.1.4); MAIL and RCPT
+    # grow by their ESMTP parameters (SIZE alone adds 26, RFC 1870 §3), so
+    # we allow 512 more for parameters.
+    Setting(
+        "max-command-line", Kind.INT, 1024, _LIMITS, metavar="BYTES",
+        check=at_least(512, "max-command-line must be at least 512 (RFC 5321 §4.5.3.1.4)"),
+        help="longest command line, CRLF included (default: %(default)s; at least 512)",
+        doc="longest command line, CRLF included; longer ones get `500 5.5.2` (at least 512, RFC 5321 "
+            "§4.5.3.1.4)",
+        comment="Longest command line, CRLF included: 512 (RFC 5321 §4.5.3.1.4) plus room for ESMTP parameters "
+                "such as SIZE (RFC 1870 §3)."),
+    # RFC 5321 §4.5.3.2.7: a server should wait at least 5 minutes for the
+    # next command.
+    Setting(
+        "idle-timeout", Kind.SECONDS, 300.0, _LIMITS, metavar="SECONDS",
+        check=_seconds("idle-timeout", positive=True),
+        help="close a silent session with 421 (default: %(default)s)",
+        doc="a silent session gets `421 4.4.2`",
+        comment="Seconds a session may stay silent before 421 4.4.2; RFC 5321 §4.5.3.2.7 asks servers to wait "
+                "at least 5 minutes."),
+    Setting(
+        "recipient-delimiter", Kind.TEXT, "+", _LIMITS, metavar="CHAR", check=_one_char,
+        help="user+tag delivers to user (default: %(default)s; empty disables)",
+        doc="`user+tag` delivers to `user`; empty disables",
+        comment="user+tag@domain delivers to user; \"\" turns it off."),
+    Setting(
+        "fsync", Kind.TEXT, "batch", _CONTENT, choices=FSYNC_CHOICES,
+        help="batch: group commit (default); always: one flush per message; off: UNSAFE, benchmarks only",
+        doc="group commit; one flush per message; no flush (unsafe, for benchmarks)",
+        comment="\"batch\": group commit, one flush for all messages that arrived together; \"always\": one "
+                "flush per message; \"off\": no flush (UNSAFE: benchmarks only).  Either way 250 is sent only "
+                "after the message is written."),
+    Setting(
+        "bare-lf", Kind.TEXT, "reject", _CONTENT, choices=BARE_LF_CHOICES,
+        help="a message with a bare CR or LF: reject with 550 (default) or normalize to CRLF",
+        doc="a message containing a bare CR or LF: refuse with `550 5.5.2`, or store it with CRLF",
+        comment="A message with a bare CR or LF (the SMTP smuggling vector): \"reject\" with 550 5.5.2, or "
+                "\"normalize\" it to CRLF."),
+    Setting(
+        "spill-threshold", Kind.SIZE, 256 * 1024, _CONTENT, metavar="BYTES",
+        check=at_least(0, "spill-threshold must be 0 or more"),
+        help="message bytes held in memory before spilling to tmp/ (default: %(default)s)",
+        doc="message bytes held in memory before the spool spills to `tmp/` (suffixes K, M, G)",
+        comment="Message bytes held in memory before the spool spills to tmp/."),
+    Setting(
+        "shutdown-timeout", Kind.SECONDS, 30.0, _PROCESSES, metavar="SECONDS",
+        check=_seconds("shutdown-timeout", positive=False),
+        help="on SIGTERM, how long transactions in progress may take to finish (default: %(default)s)",
+        doc="on SIGTERM, how long transactions in progress may take to finish",
+        comment="On SIGTERM, seconds that transactions in progress may take to finish."),
+    # Config's default is 1; fastsmtp serve's is one worker per usable CPU.
+    Setting(
+        "workers", Kind.INT, 1, _PROCESSES, metavar="N", check=at_least(0, "workers must be 0 or more"),
+        machine_default=usable_cpus, sample="4", shown_default="the CPUs",
+        help="worker processes under a supervisor (default: the CPUs, here %(default)s; "
+             "0 serves in the foreground process)",
+        doc="worker processes under a supervisor, one event loop each, sharing the port (SO_REUSEPORT); `0`: "
+            "one worker in the foreground process, no supervisor",
+        comment="Worker processes sharing the port (SO_REUSEPORT); 0 serves in the foreground process without a "
+                "supervisor.  Left out, the default is the number of CPUs this process may use, so it is "
+                "commented out here."),
+    # gunicorn's --timeout, default 30 s.
+    Setting(
+        "worker-timeout", Kind.SECONDS, 30.0, _PROCESSES, metavar="SECONDS",
+        check=_seconds("worker-timeout", positive=True),
+        help="kill and replace a worker whose event loop is stuck this long (default: %(default)s)",
+        doc="a worker whose event loop is stuck this long is killed and replaced",
+        comment="A worker whose event loop is stuck this many seconds is killed and replaced."),
+    Setting(
+        "max-connections", Kind.INT, 1000, _PROCESSES, metavar="N",
+        check=at_least(1, "max-connections must be at least 1"),
+        help="connections per worker; more get 421 4.7.0 (default: %(default)s)",
+        doc="sessions per worker; more get `421 4.7.0`",
+        comment="Sessions per worker; more get 421 4.7.0."),
+    # Postfix's smtpd_client_connection_count_limit default.
+    Setting(
+        "max-connections-per-ip", Kind.INT, 50, _PROCESSES, metavar="N",
+        check=at_least(0, "max-connections-per-ip must be 0 (no limit) or more"),
+        help="connections per client address over all workers; more get 421 4.7.0 "
+             "(default: %(default)s; 0: no limit)",
+        doc="sessions per client address, counted over all workers; more get `421 4.7.0` (`0`: no limit)",
+        comment="Sessions per client address over all workers (Postfix's smtpd_client_connection_count_limit); "
+                "0: no limit."),
+    # Port 25 needs root to bind; the workers need not keep it.  Checked
+    # together with group, by config.py.
+    Setting(
+        "user", Kind.TEXT, "", _PROCESSES, shown_default="unchanged",
+        help="serve mail as this user after binding the port (needs root)",
+        doc="serve mail as this user after binding the port (port 25 needs root to bind); the mail root must "
+            "be writable by it",
+        comment="Serve mail as this user and group once the port is bound; \"\" keeps the current ones.  "
+                "Changing them needs root."),
+    Setting(
+        "group", Kind.TEXT, "", _PROCESSES, shown_default="the user's own",
+        help="and this group (default: the user's own)",
+        doc="serve mail as this group after binding the port (needs root)", comment=""),
+    Setting(
+        "loop", Kind.TEXT, "uvloop", _PROCESSES, choices=LOOP_CHOICES,
+        help="event loop (default: uvloop where installed)",
+        doc="event loop; `asyncio` where uvloop is not installed",
+        comment="\"uvloop\" (where installed) or \"asyncio\"."),
+    Setting(
+        "log-level", Kind.TEXT, "info", _LOGS, choices=LOG_LEVELS, help=None,
+        doc="least severe records written; `info` logs one line per session and per message",
+        comment="\"debug\", \"info\", \"warning\" or \"error\"."),
+    Setting(
+        "log-format", Kind.TEXT, "text", _LOGS, choices=LOG_FORMATS,
+        help="text: Postfix-style key=value lines (default); json: one JSON object per line",
+        doc="`text`: Postfix-style `key=value` lines; `json`: one JSON object per line (see Logs)",
+        comment="\"text\" (Postfix-style key=value lines) or \"json\" (one object per line)."),
+    Setting(
+        "log-file", Kind.PATH, "", _LOGS, metavar="FILE", shown_default="stderr",
+        help="append log lines to FILE instead of stderr; SIGUSR2 reopens it (log rotation)",
+        doc="append log lines to FILE; `SIGUSR2` reopens it after rotation",
+        comment="Append log lines to this file (relative: to this file's directory) instead of stderr; SIGUSR2 "
+                "reopens it after rotation.  \"\" is stderr."),
+    Setting(
+        "policy", Kind.TEXT, "", _POLICY, metavar="MODULE:CLASS", check=_policy, shown_default="none",
+        help="policy hooks: a class in an importable module, or FILE.py:CLASS "
+             "(instantiated once per worker; see README, Policy hooks)",
+        doc="policy hooks (see Policy hooks); also `path/to/file.py:CLASS`; a load error is one line at start",
+        comment="Policy hooks: \"module:Class\" (importable) or \"path/to/file.py:Class\" (relative: to the "
+                "working directory); \"\" for none.  See README."),
+    # A DNS lookup that hangs must not hold the session for the idle timeout.
+    Setting(
+        "policy-timeout", Kind.SECONDS, 30.0, _POLICY, metavar="SECONDS",
+        check=finite_and(above(0, "policy-timeout must be a positive number of seconds"),
+                         "policy-timeout must be a positive number of seconds"),
+        help="an async policy hook taking longer gets 451 4.3.0 (default: %(default)s)",
+        doc="an async policy hook taking longer answers `451 4.3.0`",
+        comment="Seconds an async policy hook may take before the command gets 451 4.3.0."),
+    # STARTTLS is offered only with both (RFC 3207); config.py checks the pair.
+    Setting(
+        "tls-cert", Kind.PATH, "", _TLS, metavar="FILE", shown_default="none",
+        help="PEM certificate chain: enables STARTTLS",
+        doc="PEM certificate chain: with `--tls-key`, STARTTLS is offered (RFC 3207)",
+        comment="PEM certificate chain and private key: STARTTLS is offered only with both."),
+    Setting(
+        "tls-key", Kind.PATH, "", _TLS, metavar="FILE", shown_default="none",
+        help="PEM private key for --tls-cert",
+        doc="PEM private key for `--tls-cert`", comment=""),
+    Setting(
+        "tls-listen", Kind.ENDPOINT, "", _TLS, metavar="HOST:PORT", shown_default="none",
+        help="also listen with implicit TLS (port 465 style)",
+        doc="a second listener with implicit TLS, port 465 style (RFC 8314 §3.3); needs `--tls-cert`",
+        comment="A second listener with implicit TLS, e.g. \"0.0.0.0:465\" (RFC 8314 §3.3); \"\" for none.  "
+                "Needs tls-cert and tls-key."),
+    Setting(
+        "proxy-trusted", Kind.STRINGS, (), _PROXY, metavar="CIDR", check=_networks, shown_default="none",
+        help="expect a PROXY protocol v1/v2 header from these networks (e.g. HAProxy)",
+        doc="expect a PROXY protocol v1/v2 header, before the greeting, from peers in these networks (see "
+            "More than one host)",
+        comment="Networks (HAProxy, a load balancer) that send a PROXY v1/v2 header before the greeting, e.g. "
+                "[\"10.0.0.0/8\", \"fd00::/8\"]; [] turns it off."),
+    Setting(
+        "proxy-timeout", Kind.SECONDS, 5.0, _PROXY, metavar="SECONDS",
+        check=_seconds("proxy-timeout", positive=True),
+        help="how long a trusted peer may take to send its PROXY header (default: %(default)s)",
+        doc="how long a trusted peer may take to send its PROXY header",
+        comment="Seconds a trusted peer may take to send its PROXY header."),
+    # A client that talks first is an early talker (a spam engine that does
+    # not wait for replies), as Postfix's postscreen and Haraka's
+    # early_talker detect.
+    Setting(
+        "greeting-delay", Kind.SECONDS, 0.5, _ABUSE, metavar="SECONDS", check=at_least(0, _RATES),
+        help="wait before the greeting; clients talking first get 554 (default: %(default)s; 0: off)",
+        doc="wait before the greeting; a client talking first gets `554 5.5.0` and is closed (`0`: off)",
+        comment="Seconds to wait before the greeting; a client that talks first is an early talker (a spam "
+                "engine not waiting for replies) and gets 554.  0: off."),
+    # Postfix's smtpd_soft_error_limit.
+    Setting(
+        "soft-error-limit", Kind.INT, 10, _ABUSE, metavar="N",
+        check=at_least(0, "soft-error-limit must not be negative"),
+        help="errors after which replies are delayed (default: %(default)s)",
+        doc="errors in one session after which each error reply is delayed",
+        comment="Past this many errors, each error reply is delayed by error-delay seconds per error over it "
+                "(Postfix's smtpd_soft_error_limit)."),
+    Setting(
+        "error-delay", Kind.SECONDS, 1.0, _ABUSE, metavar="SECONDS", check=at_least(0, _RATES),
+        help="delay per error over the soft limit (default: %(default)s)",
+        doc="seconds of delay per error over `--soft-error-limit`", comment=""),
+    # Postfix's smtpd_min_data_rate.
+    Setting(
+        "min-data-rate", Kind.INT, 500, _ABUSE, metavar="BYTES_PER_S", check=at_least(0, _RATES),
+        help="cut off message data slower than this (default: %(default)s; 0: off)",
+        doc="message data slower than this many bytes per second, after a 16 KiB allowance, is cut off with "
+            "`421` (`0`: off)",
+        comment="Bytes per second: message data slower than this (after a 16 KiB allowance) is cut off with 421 "
+                "(Postfix's smtpd_min_data_rate); 0: off."),
+    Setting(
+        "metrics", Kind.ENDPOINT, "", _MONITORING, metavar="HOST:PORT", shown_default="off",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; "
+             "no authentication, so keep it on 127.0.0.1; port 0 picks a free port)",
+        doc="serve Prometheus metrics at `http://HOST:PORT/metrics` (counters summed over all workers, kept "
+            "across worker restarts); no authentication, so use `127.0.0.1` or a private address",
+        comment="Serve Prometheus metrics at http://HOST:PORT/metrics, e.g. \"127.0.0.1:9125\"; \"\" turns it "
+                "off.  No authentication: keep it on loopback or a private network."),
+)
+
+#: The rows by key (the TOML key, the flag without its dashes).
+BY_KEY: Mapping[str, Setting] = MappingProxyType({s.key: s for s in SETTINGS})

@@ -74,6 +74,10 @@ class SMTPProtocol(asyncio.Protocol):
 
     # -- phases -----------------------------------------------------------------
 
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
     def enter(self, phase: Phase, delay: float = 0.0, on_timer: Callable[[], None] | None = None) -> None:
         """Move to ``phase`` (checked against MOVES), with its own timer if it has one."""
         if phase not in MOVES[self._phase]:

@@ -64,6 +64,8 @@ __all__ = [
 StrPath = str | os.PathLike[str]
 _V = TypeVar("_V")
 
+_monotonic_ns = time.monotonic_ns  # the clock of ROOT_RECHECK_NS (tests move it)
+
 #: The folders that make a directory a Maildir (maildir(5)).
 MAILDIR_SUBDIRS = ("tmp", "new", "cur")
 
@@ -192,7 +194,7 @@ class FolderRecipients:
         # answer would then describe another folder than the path returned.
         self._local: dict[str, str] = {}
         self._root_identity: _Identity | None = None
-        self._root_due_ns = 0  # time.monotonic_ns() of the next look at MAIL_ROOT
+        self._root_due_ns = 0  # _monotonic_ns() of the next look at MAIL_ROOT
         # mailbox path -> identity of the folder when its tmp/, new/ and cur/
         # were last found to be real directories (only once settled).
         self._maildirs: dict[str, _Identity] = {}
@@ -256,7 +258,7 @@ class FolderRecipients:
 
     def _check_root(self) -> None:
         """Forget the domain folders if MAIL_ROOT may have changed (at most once per ROOT_RECHECK_NS)."""
-        now = time.monotonic_ns()
+        now = _monotonic_ns()
         if now < self._root_due_ns:
             return
         st = os.stat(self._root)  # followed: MAIL_ROOT itself may be a link
@@ -296,12 +298,14 @@ class FolderRecipients:
     def _candidates(self, local: bytes) -> list[str]:
         """Folder names to try: as sent, lower-cased, then both for the part before the delimiter."""
         full = os.fsdecode(local)
-        names = [full, full.lower()]
-        if self._delimiter:
-            base, found, _ = local.partition(self._delimiter)
-            if found and base:
-                name = os.fsdecode(base)
-                names += (name, name.lower())
+        lower = full.lower()
+        if not (self._delimiter and self._delimiter in local):
+            return [full] if full == lower else [full, lower]  # the usual case
+        names = [full, lower]
+        base, _, _ = local.partition(self._delimiter)
+        if base:
+            name = os.fsdecode(base)
+            names += (name, name.lower())
         return list(dict.fromkeys(names))
 
     def _domain_dir(self, lower: str) -> str | None:

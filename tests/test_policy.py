@@ -6,6 +6,8 @@ import errno
 import os
 import stat
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +54,73 @@ def root(tmp_path: Path) -> Path:
     return mail_root
 
 
-@pytest.fixture
-def no_fs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test on any file system call the policy could make."""
+#: Every file system call the policy could make: os functions, then os.path ones.
+FS_CALLS = (
+    (os, ("stat", "lstat", "scandir", "listdir", "open", "access", "mkdir", "makedirs")),
+    (os.path, ("exists", "lexists", "isdir", "isfile", "islink", "realpath")),
+)
 
-    def forbidden(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError(f"file system call with {args!r}")
 
-    for name in ("stat", "lstat", "scandir", "listdir", "open", "access", "mkdir", "makedirs"):
-        monkeypatch.setattr(os, name, forbidden)
-    for name in ("exists", "lexists", "isdir", "isfile", "islink", "realpath"):
-        monkeypatch.setattr(os.path, name, forbidden)
+@contextmanager
+def patched_fs(wrap: Callable[[str, Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
+    """Replace every FS_CALLS function by ``wrap(name, real)`` for the ``with`` block only.
+
+    Not a fixture that patches for the whole test: pytest itself stats
+    files to report a failure, and would then crash instead of reporting.
+    """
+    saved = [(module, name, getattr(module, name)) for module, names in FS_CALLS for name in names]
+    try:
+        for module, name, real in saved:
+            setattr(module, name, wrap(name, real))
+        yield
+    finally:
+        for module, name, real in saved:
+            setattr(module, name, real)
+
+
+@contextmanager
+def no_fs() -> Iterator[None]:
+    """Fail on any file system call the policy could make inside the block."""
+
+    def wrap(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def forbidden(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError(f"file system call {name}{args!r}")
+
+        return forbidden
+
+    with patched_fs(wrap):
+        yield
+
+
+@contextmanager
+def counting_fs() -> Iterator[list[tuple[str, str]]]:
+    """Record (function, first argument) of every file system call inside the block."""
+    calls: list[tuple[str, str]] = []
+
+    def wrap(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            calls.append((name, os.fspath(args[0]) if args else ""))
+            return real(*args, **kwargs)
+
+        return counted
+
+    with patched_fs(wrap):
+        yield calls
+
+
+@contextmanager
+def failing_lstat(err: int) -> Iterator[None]:
+    """os.lstat raises ``err`` inside the block."""
+
+    def failing(path: Any, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(err, os.strerror(err), path)
+
+    real = os.lstat
+    os.lstat = failing
+    try:
+        yield
+    finally:
+        os.lstat = real
 
 
 # ------------------------------------------------------------------ resolve
@@ -159,26 +217,20 @@ def test_domain_created_within_one_mtime_tick_is_seen(root: Path) -> None:
     assert r.resolve(addr("u@second.example")) == path
 
 
-def test_old_unchanged_mtime_does_not_rescan(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_old_unchanged_mtime_does_not_rescan(root: Path) -> None:
     # Misses (mostly relay attempts) cost one stat of MAIL_ROOT, not a listing.
     old = time.time_ns() - 60 * 10**9
     os.utime(root, ns=(old, old))
     r = FolderRecipients(root)
     assert code(r.resolve(addr("u@elsewhere.example"))) == (550, "5.7.1")  # builds the map
-    scans: list[Any] = []
-    real_scandir = os.scandir
-
-    def counting_scandir(path: Any) -> Any:
-        scans.append(path)
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", counting_scandir)
-    for _ in range(3):
-        assert code(r.resolve(addr("u@elsewhere.example"))) == (550, "5.7.1")
-    assert scans == []
+    with counting_fs() as calls:
+        for _ in range(3):
+            assert code(r.resolve(addr("u@elsewhere.example"))) == (550, "5.7.1")
+    assert [name for name, _ in calls if name == "scandir"] == []
     (root / "Elsewhere.Example").mkdir()  # changes the mtime
-    assert code(r.resolve(addr("u@elsewhere.example"))) == (550, "5.1.1")
-    assert len(scans) == 1
+    with counting_fs() as calls:
+        assert code(r.resolve(addr("u@elsewhere.example"))) == (550, "5.1.1")
+    assert [name for name, _ in calls if name == "scandir"] == ["scandir"]
 
 
 def test_renamed_domain_spelling_is_followed(root: Path) -> None:
@@ -198,6 +250,206 @@ def test_mailbox_created_after_start_resolves_at_once(root: Path) -> None:
     for sub in ("tmp", "new", "cur"):
         (root / "example.com" / "bob" / sub).rmdir()
     assert code(r.resolve(addr("bob@example.com"))) == (550, "5.1.1")
+
+
+# ------------------------------------------ the cost of a lookup, and its cache
+#
+# A lookup costs one lstat once the mailbox and MAIL_ROOT are settled (their
+# times older than MTIME_SLACK_NS).  These tests make every folder settled at
+# once (slack 0), so that the cache is used; a change the tests make after a
+# lookup is then followed by a utime() to a distinct time, as the next clock
+# tick would give it on a real file system.
+
+
+@pytest.fixture
+def settled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every folder counts as settled: its times are trusted at once."""
+    monkeypatch.setattr(policy, "MTIME_SLACK_NS", 0)
+
+
+_tick = [10**18]
+
+
+def touch(path: Path) -> None:
+    """Give ``path`` a new, distinct mtime: the next tick of a coarse clock."""
+    _tick[0] += 10**9
+    os.utime(path, ns=(_tick[0], _tick[0]))
+
+
+def test_one_lstat_per_rcpt_once_settled(root: Path, settled: None) -> None:
+    alice = str(root / "example.com" / "alice")
+    mixed = make_maildir(root, "Example.ORG", "u")
+    r = FolderRecipients(root)
+    assert r.resolve(addr("alice@example.com")) == alice  # learns
+    assert r.resolve(addr("u@example.org")) == mixed
+    with counting_fs() as calls:
+        for _ in range(3):
+            assert r.resolve(addr("alice@example.com")) == alice
+            assert r.resolve(addr("alice@Example.Com")) == alice
+            assert r.resolve(addr("u@EXAMPLE.org")) == mixed
+    assert calls == [("lstat", alice), ("lstat", alice), ("lstat", mixed)] * 3
+    # Upper case or a tag costs one more each: the local part as sent is
+    # looked for first (exact match, then lower case, then before the tag).
+    with counting_fs() as calls:
+        assert r.resolve(addr("ALICE@example.com")) == alice
+        assert r.resolve(addr("alice+news@example.com")) == alice
+    upper = alice[: -len("alice")] + "ALICE"
+    assert calls == [("lstat", upper), ("lstat", alice), ("lstat", alice + "+news"), ("lstat", alice)]
+
+
+def test_unsettled_mailbox_is_checked_in_full_every_time(root: Path) -> None:
+    # A fresh folder's times could still hide a change made in the same tick.
+    alice = str(root / "example.com" / "alice")
+    r = FolderRecipients(root)
+    assert r.resolve(addr("alice@example.com")) == alice
+    with counting_fs() as calls:
+        assert r.resolve(addr("alice@example.com")) == alice
+    looked = [path for name, path in calls if name == "lstat"]
+    assert looked[-4:] == [alice] + [os.path.join(alice, sub) for sub in ("tmp", "new", "cur")]
+    assert ("stat", str(root)) in calls  # MAIL_ROOT is fresh too: looked at every time
+
+
+def test_root_is_looked_at_once_per_recheck_interval(
+    root: Path, settled: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = FolderRecipients(root)
+    assert isinstance(r.resolve(addr("alice@example.com")), str)
+    clock = [time.monotonic_ns()]
+    monkeypatch.setattr(policy, "_monotonic_ns", lambda: clock[0])
+    with counting_fs() as calls:
+        r.resolve(addr("alice@example.com"))
+        clock[0] += policy.ROOT_RECHECK_NS + 1
+        r.resolve(addr("alice@example.com"))
+    assert [c for c in calls if c[0] == "stat"] == [("stat", str(root))]
+
+
+@pytest.mark.parametrize("missing", ["tmp", "new", "cur"])
+def test_remembered_maildir_losing_a_subfolder_is_seen(root: Path, settled: None, missing: str) -> None:
+    alice = root / "example.com" / "alice"
+    r = FolderRecipients(root)
+    assert r.resolve(addr("alice@example.com")) == str(alice)
+    (alice / missing).rmdir()
+    touch(alice)
+    assert code(r.resolve(addr("alice@example.com"))) == (550, "5.1.1")
+    (alice / missing).mkdir()
+    touch(alice)
+    assert r.resolve(addr("alice@example.com")) == str(alice)
+
+
+def test_remembered_maildir_subfolder_replaced_by_a_link(root: Path, settled: None, tmp_path: Path) -> None:
+    alice = root / "example.com" / "alice"
+    r = FolderRecipients(root)
+    assert r.resolve(addr("alice@example.com")) == str(alice)
+    (alice / "new").rmdir()
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", alice / "new")
+    touch(alice)
+    assert code(r.resolve(addr("alice@example.com"))) == (550, "5.1.1")
+
+
+def test_remembered_user_removed_or_replaced(root: Path, settled: None, tmp_path: Path) -> None:
+    alice = root / "example.com" / "alice"
+    r = FolderRecipients(root)
+    assert r.resolve(addr("alice@example.com")) == str(alice)
+    # Replaced by a link to a real Maildir: not followed.
+    os.rename(alice, tmp_path / "moved")
+    os.symlink(tmp_path / "moved", alice)
+    assert code(r.resolve(addr("alice@example.com"))) == (550, "5.1.1")
+    # Removed: gone at once.
+    alice.unlink()
+    assert code(r.resolve(addr("alice@example.com"))) == (550, "5.1.1")
+    # Recreated, not (yet) a Maildir, with the old times: the ctime differs.
+    old = os.lstat(tmp_path / "moved")
+    alice.mkdir()
+    os.utime(alice, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert code(r.resolve(addr("alice@example.com"))) == (550, "5.1.1")
+    for sub in ("tmp", "new", "cur"):
+        (alice / sub).mkdir()
+    assert r.resolve(addr("alice@example.com")) == str(alice)
+
+
+@pytest.mark.parametrize("field", range(4))
+def test_any_other_identity_is_checked_again(root: Path, settled: None, field: int) -> None:
+    # Inode numbers are reused at once (ext4, tmpfs), and utime() sets the
+    # mtime back: each of device, inode, mtime and ctime alone must tell a
+    # recreated or changed folder from the remembered one.
+    alice = str(root / "example.com" / "alice")
+    r = FolderRecipients(root)
+    assert r.resolve(addr("alice@example.com")) == alice
+    identity = list(r._maildirs[alice])
+    identity[field] -= 1
+    r._maildirs[alice] = (identity[0], identity[1], identity[2], identity[3])
+    with counting_fs() as calls:
+        assert r.resolve(addr("alice@example.com")) == alice
+    assert len(calls) == 4  # the folder and its three subfolders
+
+
+def test_remembered_domain_removed_renamed_or_recreated(root: Path, settled: None, tmp_path: Path) -> None:
+    bob = make_maildir(root, "example.com", "bob")
+    r = FolderRecipients(root)
+    assert r.resolve(addr("bob@example.com")) == bob
+    assert isinstance(r.resolve(addr("alice@example.com")), str)
+    # Renamed away and recreated, with only alice: bob is gone at once.
+    os.rename(root / "example.com", tmp_path / "old.example.com")
+    alice = make_maildir(root, "example.com", "alice")
+    assert r.resolve(addr("alice@example.com")) == alice
+    assert code(r.resolve(addr("bob@example.com"))) == (550, "5.1.1")
+    # Removed: not local at once.
+    for sub in ("tmp", "new", "cur"):
+        (root / "example.com" / "alice" / sub).rmdir()
+    (root / "example.com" / "alice").rmdir()
+    (root / "example.com").rmdir()
+    assert code(r.resolve(addr("alice@example.com"))) == (550, "5.7.1")
+
+
+def test_remembered_domain_respelled_is_followed_on_a_miss(root: Path, settled: None) -> None:
+    make_maildir(root, "Old.Example", "u")
+    r = FolderRecipients(root)
+    assert isinstance(r.resolve(addr("u@old.example")), str)
+    (root / "old.example").mkdir()  # a lower-case spelling appears, with a new user
+    v = make_maildir(root, "old.example", "v")
+    assert r.resolve(addr("v@old.example")) == v
+
+
+def test_domain_swapped_for_a_link_is_seen_once_root_is_rechecked(
+    root: Path, settled: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The one late case of the module's rules: until MAIL_ROOT is looked at
+    # again, the very Maildir that was checked is still reached.
+    alice = str(root / "example.com" / "alice")
+    r = FolderRecipients(root)
+    clock = [time.monotonic_ns()]
+    monkeypatch.setattr(policy, "_monotonic_ns", lambda: clock[0])
+    assert r.resolve(addr("alice@example.com")) == alice
+    os.rename(root / "example.com", tmp_path / "real")
+    os.symlink(tmp_path / "real", root / "example.com")
+    touch(root)
+    assert r.resolve(addr("alice@example.com")) == alice
+    clock[0] += policy.ROOT_RECHECK_NS
+    assert code(r.resolve(addr("alice@example.com"))) == (550, "5.7.1")
+
+
+def test_caches_are_bounded(root: Path, settled: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(policy, "MAX_DOMAINS", 3)
+    monkeypatch.setattr(policy, "MAX_MAILDIRS", 5)
+    r = FolderRecipients(root)
+    for d in range(6):
+        for u in range(4):
+            path = make_maildir(root, f"d{d}.example", f"u{u}")
+            assert r.resolve(addr(f"u{u}@d{d}.example")) == path
+    assert len(r._local) <= 3 and len(r._maildirs) <= 5
+    assert r.resolve(addr("u0@d0.example")) == str(root / "d0.example" / "u0")
+
+
+def test_a_lookup_opens_no_descriptor(root: Path, settled: None) -> None:
+    # Nothing to leak into a forked worker or a hook's child process.
+    r = FolderRecipients(root)
+    with counting_fs() as calls:
+        for _ in range(3):
+            r.resolve(addr("alice@example.com"))
+            r.resolve(addr("nobody@example.com"))
+            r.resolve(addr("u@elsewhere.example"))
+    assert [c for c in calls if c[0] in ("open", "scandir")] == [("scandir", str(root))]
 
 
 @pytest.mark.parametrize("missing", ["tmp", "new", "cur"])
@@ -246,9 +498,10 @@ ESCAPES = [
 
 
 @pytest.mark.parametrize("local", [e for e in ESCAPES if e != b"a."])
-def test_escapes_are_refused_without_touching_the_fs(root: Path, no_fs: None, local: bytes) -> None:
+def test_escapes_are_refused_without_touching_the_fs(root: Path, local: bytes) -> None:
     r = FolderRecipients(root)
-    result = r.resolve(Address(local, b"example.com", local + b"@example.com"))
+    with no_fs():
+        result = r.resolve(Address(local, b"example.com", local + b"@example.com"))
     assert code(result) == (553, "5.1.3")
     assert isinstance(result, Reply)
     # Whatever the address held, the reply is one line.
@@ -259,9 +512,11 @@ def test_escapes_are_refused_without_touching_the_fs(root: Path, no_fs: None, lo
 @pytest.mark.parametrize(
     "domain", [b"..", b".", b"../x", b"a/b", b"/etc", b"a\\b", b"a\x00", b".example.com", b"a\nb"]
 )
-def test_escaping_domains_are_refused_without_touching_the_fs(no_fs: None, domain: bytes) -> None:
+def test_escaping_domains_are_refused_without_touching_the_fs(domain: bytes) -> None:
     r = FolderRecipients("/nonexistent")
-    assert code(r.resolve(Address(b"u", domain, b"u@" + domain))) == (553, "5.1.3")
+    with no_fs():
+        result = r.resolve(Address(b"u", domain, b"u@" + domain))
+    assert code(result) == (553, "5.1.3")
 
 
 GRAMMATICAL_ESCAPES = [
@@ -279,16 +534,23 @@ GRAMMATICAL_ESCAPES = [
 
 
 @pytest.mark.parametrize("raw", GRAMMATICAL_ESCAPES)
-def test_grammatical_escapes_are_refused_by_the_policy(root: Path, no_fs: None, raw: bytes) -> None:
+def test_grammatical_escapes_are_refused_by_the_policy(root: Path, raw: bytes) -> None:
     # These pass the grammar ("/" is atext, quoted strings hold nearly
     # anything); keeping them out of the file system is the policy's job.
-    assert code(FolderRecipients(root).resolve(addr(raw))) == (553, "5.1.3")
+    address = addr(raw)
+    r = FolderRecipients(root)
+    with no_fs():
+        result = r.resolve(address)
+    assert code(result) == (553, "5.1.3")
 
 
-def test_literals_and_empty_domains_are_not_local(no_fs: None) -> None:
+def test_literals_and_empty_domains_are_not_local() -> None:
     r = FolderRecipients("/nonexistent")
     for raw in (b"u@[192.0.2.1]", b"u@[IPv6:::1]", b"postmaster"):
-        assert code(r.resolve(addr(raw))) == (550, "5.7.1")
+        address = addr(raw)
+        with no_fs():
+            result = r.resolve(address)
+        assert code(result) == (550, "5.7.1")
 
 
 def test_exim_style_expansion_is_just_a_name(root: Path) -> None:
@@ -368,14 +630,11 @@ def test_mail_root_itself_may_be_a_symlink(root: Path, tmp_path: Path) -> None:
 # ------------------------------------------------------- temporary failures
 
 
-def test_io_errors_are_temporary(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("err", [errno.EACCES, errno.EIO])
+def test_io_errors_are_temporary(root: Path, err: int) -> None:
     r = FolderRecipients(root)
-
-    def denied(path: Any, *args: Any, **kwargs: Any) -> Any:
-        raise PermissionError(errno.EACCES, "Permission denied", path)
-
-    monkeypatch.setattr(os, "lstat", denied)
-    result = r.resolve(addr("alice@example.com"))
+    with failing_lstat(err):
+        result = r.resolve(addr("alice@example.com"))
     assert code(result) == (451, "4.3.0")
     assert result == Reply(451, "4.3.0", "<alice@example.com>: Temporary lookup failure")
 
@@ -562,7 +821,10 @@ def test_ensure_mail_root_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         ensure_mail_root(writable)
 
 
-def test_no_fs_fixture_catches_calls(root: Path, no_fs: None) -> None:
+def test_no_fs_catches_calls_and_restores(root: Path) -> None:
     # The escape tests above are only as good as this guard.
+    real = os.stat
     with pytest.raises(AssertionError, match="file system call"):
-        FolderRecipients(root).resolve(addr("alice@example.com"))
+        with no_fs():
+            FolderRecipients(root).resolve(addr("alice@example.com"))
+    assert os.stat is real and os.path.isdir(root)

@@ -7,8 +7,13 @@ Rules of this module:
   case-insensitively (RFC 5321 §2.4: domain names are case-insensitive).  A
   user exists iff ``MAIL_ROOT/<domain>/<user>/`` is a Maildir.  The file
   system is the only database, and nothing is cached that could hide a domain
-  or mailbox created while the server runs: mailbox lookups are never cached,
-  and the one cache (domain spellings) is checked against MAIL_ROOT's mtime.
+  or mailbox created or removed while the server runs.  A lookup costs one
+  ``lstat`` of the mailbox folder (see ``FolderRecipients.resolve``): the
+  answer "this folder is a Maildir" is remembered only together with the
+  folder's identity and times, which creating, removing or replacing
+  ``tmp``/``new``/``cur`` changes; misses and absent folders are never
+  remembered; domain folders and spellings are checked against MAIL_ROOT's
+  identity and times.
 - Safety comes before the file system.  A local part or domain that could
   name anything but a child folder (``/``, ``\\``, NUL and other control
   characters, a leading ``.``, ``..``, the empty string) is refused with 553
@@ -21,7 +26,11 @@ Rules of this module:
   mailbox owner); a link planted there must not turn the server's writes,
   which run with its own privileges, into writes anywhere else
   (``new -> /etc/cron.d``).  MAIL_ROOT itself may be a link: the operator
-  chose it.  Aliases belong in a policy hook, not in links.
+  chose it.  Aliases belong in a policy hook, not in links.  One case is
+  noticed late, by design: a domain folder moved away and replaced by a
+  link to itself still reaches the very Maildirs that were checked, and is
+  seen for what it is within ``ROOT_RECHECK_NS``, when MAIL_ROOT's changed
+  times drop the remembered domain folders.
 - Lookups answer with a Reply, never an exception: a file system error other
   than "not there" (EACCES, EIO, an unmounted MAIL_ROOT) is a temporary
   ``451 4.3.0``, so that the client retries instead of bouncing the mail.
@@ -38,6 +47,7 @@ import os
 import re
 import stat
 import time
+from typing import TypeVar
 
 from . import _abnf
 from .events import Address, Reply
@@ -52,6 +62,9 @@ __all__ = [
 ]
 
 StrPath = str | os.PathLike[str]
+_V = TypeVar("_V")
+
+_monotonic_ns = time.monotonic_ns  # the clock of ROOT_RECHECK_NS (tests move it)
 
 #: The folders that make a directory a Maildir (maildir(5)).
 MAILDIR_SUBDIRS = ("tmp", "new", "cur")
@@ -60,6 +73,21 @@ MAILDIR_SUBDIRS = ("tmp", "new", "cur")
 #: some file systems): two changes inside one tick leave one mtime.  While
 #: the mtime is this recent, a miss rebuilds the domain map anyway.
 MTIME_SLACK_NS = 2_000_000_000
+
+#: How often a lookup looks at MAIL_ROOT itself (its identity and times),
+#: when it has not changed for MTIME_SLACK_NS: the remembered domain folders
+#: are dropped whenever it has.  A removed or renamed domain folder is seen
+#: at once anyway (its mailboxes are gone from the path, and a miss looks
+#: the domain up again); this bounds only how long a mailbox that is found
+#: keeps being found through a domain folder that changed: one swapped for a
+#: link to itself, or a spelling in use since joined by a lower-case one.
+ROOT_RECHECK_NS = 1_000_000_000
+
+#: Bounds on what one process remembers: domain folders, and mailboxes known
+#: to be Maildirs.  Past them the oldest entry goes; a forgotten one costs
+#: its full lookup (four ``lstat``) once more, never a wrong answer.
+MAX_DOMAINS = 1024
+MAX_MAILDIRS = 8192
 
 # A folder name that is not exactly one child folder: a separator, a control
 # character (NUL included), "..", or a leading "." ("." itself, and the
@@ -103,6 +131,33 @@ def _is_maildir(path: str) -> bool:
     return all(_is_dir(os.path.join(path, sub)) for sub in MAILDIR_SUBDIRS)
 
 
+#: What identifies one state of a folder: (st_dev, st_ino, st_mtime_ns, st_ctime_ns).
+_Identity = tuple[int, int, int, int]
+
+
+def _identity(st: os.stat_result) -> _Identity:
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _settled(st: os.stat_result) -> bool:
+    """Whether the folder's last change is older than the times' granularity.
+
+    Any later change of its entries then gives it another mtime (and any
+    change at all another ctime, which utime() cannot set back), so its
+    identity tells whether it changed.  A change inside the tick of a recent
+    one might not, hence not trusted while recent.  A time in the future
+    (clock skew) is never settled: slower, not wrong.
+    """
+    return time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) >= MTIME_SLACK_NS
+
+
+def _put(cache: dict[str, _V], key: str, value: _V, limit: int) -> None:
+    """Insert into a bounded cache, dropping the oldest entry when full."""
+    if key not in cache and len(cache) >= limit:
+        del cache[next(iter(cache))]
+    cache[key] = value
+
+
 def _shown(raw: bytes) -> str:
     """The address for a reply text: control characters must never reach the wire."""
     return _control_re.sub(b"?", raw).decode("utf-8", "replace")
@@ -133,13 +188,33 @@ class FolderRecipients:
         # whose name is not already lower case (those take the fast path).
         self._domains: dict[str, str] = {}
         self._domains_mtime_ns: int | None = None
+        # lower-cased domain -> its folder, found to be a real directory while
+        # MAIL_ROOT had the identity _root_identity.  Paths only, no
+        # descriptors: a descriptor would pin a folder renamed away, and the
+        # answer would then describe another folder than the path returned.
+        self._local: dict[str, str] = {}
+        self._root_identity: _Identity | None = None
+        self._root_due_ns = 0  # _monotonic_ns() of the next look at MAIL_ROOT
+        # mailbox path -> identity of the folder when its tmp/, new/ and cur/
+        # were last found to be real directories (only once settled).
+        self._maildirs: dict[str, _Identity] = {}
 
     @property
     def mail_root(self) -> str:
         return self._root
 
     def resolve(self, address: Address) -> str | Reply:
-        """The Maildir to deliver ``address`` to, or the Reply refusing it."""
+        """The Maildir to deliver ``address`` to, or the Reply refusing it.
+
+        The usual cost is one ``lstat``, of the mailbox folder by its full
+        path: if the folder is the one remembered as a Maildir (same device,
+        inode, mtime and ctime), its tmp/, new/ and cur/ are what they were.
+        Its domain folder was found to be a real directory while MAIL_ROOT
+        was as it is (looked at once per ROOT_RECHECK_NS); a folder removed
+        or renamed away leaves the path empty, and a miss looks the domain up
+        again before answering.  A mailbox that vanishes after this answer is
+        the writer's 451.
+        """
         local, domain = address.local, address.domain
         if not domain and self._postmaster_domain and local.lower() == b"postmaster":
             domain = self._postmaster_domain
@@ -154,13 +229,24 @@ class FolderRecipients:
         if not domain or domain[0] == 91:  # '['
             return self._relay_denied(address)
         try:
-            domain_dir = self._domain_dir(os.fsdecode(domain))
+            self._check_root()
+            lower = os.fsdecode(domain).lower()
+            remembered = self._local.get(lower)
+            if remembered is not None:
+                found = self._mailbox(remembered, local)
+                if found is not None:
+                    return found
+                # A miss: the domain folder may be gone, renamed or
+                # re-spelled since; answer from what is there now.
+                del self._local[lower]
+            domain_dir = self._domain_dir(lower)
             if domain_dir is None:
                 return self._relay_denied(address)
-            for name in self._candidates(local):
-                path = os.path.join(domain_dir, name)
-                if _is_maildir(path):
-                    return path
+            _put(self._local, lower, domain_dir, MAX_DOMAINS)
+            if domain_dir != remembered:
+                found = self._mailbox(domain_dir, local)
+                if found is not None:
+                    return found
         except (_LookupFailed, OSError):
             return Reply(451, "4.3.0", f"<{_shown(address.raw)}>: Temporary lookup failure")
         return Reply(
@@ -170,19 +256,59 @@ class FolderRecipients:
     def _relay_denied(self, address: Address) -> Reply:
         return Reply(550, "5.7.1", f"<{_shown(address.raw)}>: Relay access denied")
 
+    def _check_root(self) -> None:
+        """Forget the domain folders if MAIL_ROOT may have changed (at most once per ROOT_RECHECK_NS)."""
+        now = _monotonic_ns()
+        if now < self._root_due_ns:
+            return
+        st = os.stat(self._root)  # followed: MAIL_ROOT itself may be a link
+        identity = _identity(st)
+        settled = _settled(st)
+        if identity != self._root_identity or not settled:
+            self._local.clear()
+        self._root_identity = identity
+        # While recent, a change inside the same tick could leave it as it
+        # is: look again at every lookup, and trust no domain folder.
+        self._root_due_ns = now + ROOT_RECHECK_NS if settled else 0
+
+    def _mailbox(self, domain_dir: str, local: bytes) -> str | None:
+        """The first candidate folder under ``domain_dir`` that is a Maildir."""
+        for name in self._candidates(local):
+            # os.path.join, spelled out: domain_dir never ends with a
+            # separator and name holds none (safe_local_part).
+            path = domain_dir + os.sep + name
+            try:
+                st = os.lstat(path)
+            except OSError as exc:
+                if exc.errno in _MISSING:
+                    continue
+                raise _LookupFailed(str(exc)) from exc
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            identity = _identity(st)
+            if self._maildirs.get(path) == identity:
+                return path
+            if all(_is_dir(os.path.join(path, sub)) for sub in MAILDIR_SUBDIRS):
+                if _settled(st):
+                    _put(self._maildirs, path, identity, MAX_MAILDIRS)
+                return path
+            self._maildirs.pop(path, None)
+        return None
+
     def _candidates(self, local: bytes) -> list[str]:
         """Folder names to try: as sent, lower-cased, then both for the part before the delimiter."""
         full = os.fsdecode(local)
-        names = [full, full.lower()]
-        if self._delimiter:
-            base, found, _ = local.partition(self._delimiter)
-            if found and base:
-                name = os.fsdecode(base)
-                names += (name, name.lower())
+        lower = full.lower()
+        if not (self._delimiter and self._delimiter in local):
+            return [full] if full == lower else [full, lower]  # the usual case
+        names = [full, lower]
+        base, _, _ = local.partition(self._delimiter)
+        if base:
+            name = os.fsdecode(base)
+            names += (name, name.lower())
         return list(dict.fromkeys(names))
 
-    def _domain_dir(self, domain: str) -> str | None:
-        lower = domain.lower()
+    def _domain_dir(self, lower: str) -> str | None:
         # Fast path: folders are normally created lower-case (add_mailbox does).
         path = os.path.join(self._root, lower)
         if _is_dir(path):

@@ -7,8 +7,7 @@ import os
 
 import pytest
 
-from conftest import Client, RunningServer
-from test_server import MESSAGE, body_of
+from helpers import MESSAGE, Client, RunningServer, body_of
 
 
 def start(c: Client, rcpt: bytes = b"alice@example.com") -> None:

@@ -34,7 +34,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import RunningServer, children, start_server, wait_gone
+from helpers import RunningServer, children, start_server, wait_gone
 from fastsmtp.policy import add_mailbox
 
 USERS = {"alice@example.com": "alice-secret", "bob@example.com": "bob-secret"}

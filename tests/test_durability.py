@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RunningServer, start_server, wait_gone
-from test_server import body_of
+from helpers import RunningServer, start_server, stored, wait_gone
 
 CONNECTIONS = 8
 RECIPIENTS = ["alice@example.com", "bob@example.com"]
@@ -77,15 +76,6 @@ async def load_until_killed(srv: RunningServer, kill_after: float, sizes: list[i
     return acked
 
 
-def stored(srv: RunningServer) -> dict[bytes, list[str]]:
-    """Every message in new/, by body, with the mailboxes holding it."""
-    found: dict[bytes, list[str]] = {}
-    for address in RECIPIENTS:
-        for path in srv.messages(address):
-            found.setdefault(body_of(path), []).append(address)
-    return found
-
-
 @pytest.mark.parametrize("kill_after", [0.4, 0.9, 1.5, 2.2])
 def test_sigkill_under_load_loses_nothing_acknowledged(tmp_path: Path, kill_after: float) -> None:
     root = tmp_path / "mail"
@@ -99,7 +89,7 @@ def test_sigkill_under_load_loses_nothing_acknowledged(tmp_path: Path, kill_afte
     # server's leftovers in tmp/.
     srv2 = start_server(root, "--fsync", "batch")
     try:
-        found = stored(srv2)
+        found = stored(srv2, RECIPIENTS)
         for body, rcpt in acked.items():
             assert body in found, f"acknowledged message lost: {body[:60]!r}"
             assert found[body] == [rcpt.decode()]

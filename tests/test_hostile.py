@@ -3,14 +3,14 @@ oversized lines, recipient floods, probes from other protocols."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
 
 import pytest
 
-from conftest import Client, RunningServer
-from test_server import MESSAGE
+from helpers import MESSAGE, Client, RunningServer, wait_for
 
 
 def test_early_talker_gets_554_and_is_closed(server_factory) -> None:  # type: ignore[no-untyped-def]
@@ -58,7 +58,7 @@ def test_slow_drip_data_is_cut_off_without_hurting_others(server_factory) -> Non
         try:
             for _ in range(40):
                 slow.send(b"x")
-                time.sleep(0.25)
+                time.sleep(0.25)  # the thing under test: a client that drips
         except OSError:
             pass
 
@@ -132,6 +132,10 @@ def _rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def test_five_thousand_idle_connections_do_not_block_delivery(server_factory) -> None:  # type: ignore[no-untyped-def]
     import resource
 
@@ -150,7 +154,8 @@ def test_five_thousand_idle_connections_do_not_block_delivery(server_factory) ->
             idle.append(s)
         for s in idle[-50:]:  # the last ones were accepted and greeted too
             assert s.recv(100).startswith(b"220 ")
-        time.sleep(0.5)
+        # Every connection accepted: the server holds a descriptor for each.
+        wait_for(lambda: _open_fds(srv.proc.pid) >= 5000, what="5,000 accepted connections")
         grown = _rss_kb(srv.proc.pid) - before
         c = Client(srv.connect())
         assert c.reply().startswith(b"220")

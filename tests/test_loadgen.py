@@ -15,7 +15,7 @@ from types import ModuleType
 
 import pytest
 
-from conftest import RunningServer
+from helpers import RunningServer
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 

@@ -7,16 +7,14 @@ import re
 import signal
 import smtplib
 import socket
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Callable
 
 import pytest
 
 from fastsmtp import metrics as m
-from conftest import RunningServer, wait_gone
+from helpers import RunningServer, wait_for, wait_gone
 
 BODY = b"Subject: metrics\r\n\r\n" + b"x" * 300 + b"\r\n"
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
@@ -49,15 +47,6 @@ def send(srv: RunningServer, count: int, rcpts: list[str] | None = None, body: b
     with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
         for _ in range(count):
             smtp.sendmail("sender@example.net", rcpts or ["alice@example.com"], body)
-
-
-def wait_for(check: Callable[[], object], timeout: float = 15.0) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
 
 
 def test_rows_are_summed_and_a_retired_row_is_kept() -> None:

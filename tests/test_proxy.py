@@ -6,15 +6,13 @@ import shutil
 import socket
 import struct
 import subprocess
-import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from conftest import Client, RunningServer
 from fastsmtp.proxy import V2_SIGNATURE, ProxyHeaderError, ProxyInfo, parse_proxy_header
-from test_server import MESSAGE
+from helpers import MESSAGE, Client, RunningServer, wait_for
 
 
 def v2(command: int, family: int, payload: bytes) -> bytes:
@@ -74,6 +72,14 @@ def test_malformed_headers_are_errors(header: bytes) -> None:
 # -- a real HAProxy in front ----------------------------------------------------------
 
 
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 @pytest.fixture
 def haproxy(tmp_path: Path, server_factory) -> Iterator[tuple[RunningServer, int, int]]:  # type: ignore[no-untyped-def]
     """fastsmtp trusting 127.0.0.1, behind HAProxy with send-proxy (v1) and send-proxy-v2."""
@@ -110,13 +116,7 @@ backend smtp_v2
     )
     proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", ports[1]), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_for(lambda: _listening(ports[0]) and _listening(ports[1]), timeout=10, what="haproxy to listen")
         yield srv, ports[0], ports[1]
     finally:
         proc.terminate()

@@ -19,44 +19,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from conftest import HOSTNAME, Client, RunningServer
-
-MESSAGE = (
-    b"From: Sender <sender@example.net>\r\n"
-    b"To: Alice <alice@example.com>\r\n"
-    b"Subject: hello\r\n"
-    b"\r\n"
-    b"Hello Alice.\r\n"
-)
-
-
-def body_of(path: Path) -> bytes:
-    """The stored message without the trace headers we prepend."""
-    data = path.read_bytes()
-    assert data.startswith(b"Return-Path: <")
-    # Return-Path line, then a Received header of one line and its
-    # continuation lines (they start with a tab).
-    lines = data.split(b"\r\n")
-    assert lines[1].startswith(b"Received: from ")
-    i = 2
-    while lines[i].startswith(b"\t"):
-        i += 1
-    return b"\r\n".join(lines[i:])
-
-
-def transaction(c: Client, rcpts: list[bytes], content: bytes, sender: bytes = b"sender@example.net") -> bytes:
-    c.send(b"EHLO client.example\r\n")
-    assert c.reply().startswith(b"250-")
-    c.send(b"MAIL FROM:<" + sender + b">\r\n")
-    assert c.reply().startswith(b"250 ")
-    for r in rcpts:
-        c.send(b"RCPT TO:<" + r + b">\r\n")
-        assert c.reply().startswith(b"250 ")
-    c.send(b"DATA\r\n")
-    assert c.reply().startswith(b"354 ")
-    c.send(content + b".\r\n")
-    return c.reply()
-
+from helpers import HOSTNAME, MESSAGE, Client, RunningServer, body_of, greeted, transaction, wait_for
 
 # -- the greeting and EHLO ---------------------------------------------------------
 
@@ -76,25 +39,52 @@ def test_greeting_and_ehlo(server: RunningServer) -> None:
     c.close()
 
 
+# Each row: the commands that bring the session into a state, the command
+# under test and its exact reply, then a probe whose reply shows the state
+# the session is in afterwards (a refused command changes nothing,
+# RFC 5321 §4.1.4).  Without the EHLO the RCPT and DATA rows would test
+# GREETED, not READY: both states answer them with the same 503.
+GREETED_PROBE = (b"MAIL FROM:<p@example.net>", b"503 5.5.1 Error: send HELO/EHLO first\r\n")
+READY_PROBE = (b"MAIL FROM:<p@example.net>", b"250 2.1.0 Ok\r\n")
+MAIL_PROBE = (b"MAIL FROM:<p@example.net>", b"503 5.5.1 Error: nested MAIL command\r\n")
+NEED_MAIL = b"503 5.5.1 Error: need MAIL command\r\n"
+
+
 @pytest.mark.parametrize(
-    "sent,expected",
+    "setup,sent,expected,probe",
     [
-        (b"HELO\r\n", b"501 5.5.4"),
-        (b"EHLO\r\n", b"501 5.5.4"),
-        (b"MAIL FROM:<a@example.net>\r\n", b"503 5.5.1"),  # before HELO
-        (b"RCPT TO:<alice@example.com>\r\n", b"503 5.5.1"),  # before MAIL
-        (b"DATA\r\n", b"503 5.5.1"),
-        (b"NOOP\r\n", b"250 2.0.0"),
-        (b"RSET\r\n", b"250 2.0.0"),
-        (b"VRFY alice\r\n", b"252 2.5.0"),
-        (b"HELP\r\n", b"214 "),
-        (b"WHATEVER\r\n", b"500 5.5.2"),
-        (b"NOOP " + b"x" * 2000 + b"\r\n", b"500 5.5.2"),
+        ([], b"HELO", b"501 5.5.4 Syntax: HELO hostname\r\n", GREETED_PROBE),
+        ([], b"EHLO", b"501 5.5.4 Syntax: EHLO hostname\r\n", GREETED_PROBE),
+        ([], b"MAIL FROM:<a@example.net>", b"503 5.5.1 Error: send HELO/EHLO first\r\n", GREETED_PROBE),
+        ([], b"RCPT TO:<alice@example.com>", NEED_MAIL, GREETED_PROBE),  # before HELO
+        ([b"EHLO c.example"], b"RCPT TO:<alice@example.com>", NEED_MAIL, READY_PROBE),  # before MAIL
+        ([], b"DATA", NEED_MAIL, GREETED_PROBE),
+        ([b"EHLO c.example"], b"DATA", NEED_MAIL, READY_PROBE),
+        # Out-of-order BDAT octets are read and dropped (RFC 3030 §2): send them.
+        ([b"EHLO c.example"], b"BDAT 4 LAST\r\nab", NEED_MAIL, READY_PROBE),
+        ([b"EHLO c.example", b"MAIL FROM:<a@example.net>"], b"DATA", b"503 5.5.1 Error: no valid recipients\r\n", MAIL_PROBE),
+        ([], b"NOOP", b"250 2.0.0 Ok\r\n", GREETED_PROBE),
+        ([], b"RSET", b"250 2.0.0 Ok\r\n", GREETED_PROBE),  # RSET before HELO stays in GREETED
+        ([b"EHLO c.example", b"MAIL FROM:<a@example.net>"], b"RSET", b"250 2.0.0 Ok\r\n", READY_PROBE),
+        ([], b"VRFY alice", b"252 2.5.0", GREETED_PROBE),
+        ([], b"HELP", b"214 ", GREETED_PROBE),
+        ([], b"WHATEVER", b"500 5.5.2 Error: command not recognized\r\n", GREETED_PROBE),
+        ([b"EHLO c.example"], b"WHATEVER", b"500 5.5.2 Error: command not recognized\r\n", READY_PROBE),
+        ([], b"NOOP " + b"x" * 2000, b"500 5.5.2 Error: line too long\r\n", GREETED_PROBE),
     ],
+    ids=lambda v: v.decode()[:30] if isinstance(v, bytes) else None,
 )
-def test_reply_table_before_a_transaction(client: Client, sent: bytes, expected: bytes) -> None:
-    client.send(sent)
-    assert client.reply().startswith(expected)
+def test_reply_table_outside_a_transaction(
+    client: Client, setup: list[bytes], sent: bytes, expected: bytes, probe: tuple[bytes, bytes]
+) -> None:
+    for cmd in setup:
+        client.send(cmd + b"\r\n")
+        assert client.reply().startswith(b"250"), cmd
+    client.send(sent + b"\r\n")
+    reply = client.reply()
+    assert reply.startswith(expected), reply
+    client.send(probe[0] + b"\r\n")
+    assert client.reply() == probe[1]  # the state is what it was
     client.send(b"NOOP\r\n")
     assert client.reply().startswith(b"250")  # the session survives
 
@@ -119,14 +109,20 @@ def test_reply_table_before_a_transaction(client: Client, sent: bytes, expected:
         ([b"MAIL FROM:<a@example.net>", b"DATA"], b"503 5.5.1"),  # no valid recipient
         ([b"MAIL FROM:<a@example.net>", b"RCPT TO:<nobody@example.com>", b"DATA"], b"503 5.5.1"),
         ([b"MAIL FROM:<a@example.net>", b"RCPT TO:<alice@example.com> NOTIFY=NEVER"], b"555 5.5.4"),
+        ([b"MAIL FROM:<a@example.net>", b"RCPT TO:<alice@example.com>", b"MAIL FROM:<b@example.net>"], b"503 5.5.1"),
     ],
 )
 def test_reply_table_in_a_transaction(client: Client, commands: list[bytes], expected: bytes) -> None:
     client.send(b"EHLO client.example\r\n")
-    client.reply()
-    for cmd in commands:
+    assert client.reply().startswith(b"250-")
+    # Every command before the last must do what it says, or the last one
+    # would be answered in another state than the row means.
+    for cmd in commands[:-1]:
         client.send(cmd + b"\r\n")
-        last = client.reply()
+        reply = client.reply()
+        assert reply.startswith(b"550 5.1.1" if b"nobody@" in cmd else b"250 "), (cmd, reply)
+    client.send(commands[-1] + b"\r\n")
+    last = client.reply()
     assert last.startswith(expected), last
 
 
@@ -256,12 +252,12 @@ def test_one_byte_per_write(client: Client, server: RunningServer) -> None:
     )
     for i in range(len(script)):
         client.send(script[i : i + 1])
-        time.sleep(0.0005)
+        time.sleep(0.0005)  # the thing under test: one byte per segment, each read on its own
     assert [r[:3] for r in client.replies(4)] == [b"250", b"250", b"250", b"354"]
     content = b"Subject: slow\r\n\r\n..a stuffed dot\r\nend\r\n"
     for i, byte in enumerate(content + b".\r\n"):
         client.send(bytes([byte]))
-        time.sleep(0.0005)
+        time.sleep(0.0005)  # as above: the pause makes each byte its own read
     assert client.reply().startswith(b"250 2.0.0")
     (path,) = server.messages("alice@example.com")
     assert body_of(path) == b"Subject: slow\r\n\r\n.a stuffed dot\r\nend\r\n"
@@ -277,6 +273,8 @@ def test_dot_stuffing_at_chunk_edges(client: Client, server: RunningServer, cut:
     stream = b"first\r\n..second\r\n...third\r\n.\r\n"
     edge = stream.index(b"\r\n..") + cut
     client.send(stream[:edge])
+    # The thing under test: a pause between the two halves, so that the
+    # server reads them separately (no reply can tell us it has read one).
     time.sleep(0.05)
     client.send(stream[edge:])
     assert client.reply().startswith(b"250 2.0.0")
@@ -351,15 +349,18 @@ def test_graceful_shutdown_says_421_to_idle_sessions(server_factory) -> None:  #
 
 
 def test_shutdown_lets_a_transaction_finish(server_factory) -> None:  # type: ignore[no-untyped-def]
-    srv = server_factory()
+    srv = server_factory("--workers", "1")  # one worker: the witness below shares it
     c = Client(srv.connect())
     c.reply()
     c.send(b"EHLO c.example\r\nMAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n")
     c.replies(4)
     c.send(b"Subject: half\r\n\r\nfirst half\r\n")
-    time.sleep(0.1)
+    # An idle session is told 421 when the worker begins to shut down: its
+    # reply is the sign that the rest of the message arrives after that.
+    witness = greeted(srv)
     srv.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    assert witness.reply().startswith(b"421 4.3.2")
+    witness.close()
     c.send(b"second half\r\n.\r\n")
     assert c.reply().startswith(b"250 2.0.0")
     assert c.reply().startswith(b"421 4.3.2")
@@ -415,11 +416,24 @@ def test_helo_is_sanitized_in_received(client: Client, server: RunningServer) ->
     assert received.startswith(b"Received: from evil??host? ([127.0.0.1])")
 
 
+def tmp_bytes(maildir: Path) -> int:
+    """The bytes in a Maildir's tmp/ (a message being received spills there)."""
+    total = 0
+    for entry in (maildir / "tmp").iterdir():
+        try:
+            total += entry.stat().st_size
+        except FileNotFoundError:
+            pass  # committed meanwhile
+    return total
+
+
 def test_no_partial_file_in_new_while_data_arrives(client: Client, server: RunningServer) -> None:
     client.send(b"EHLO c.example\r\nMAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n")
     client.replies(4)
     client.send(b"Subject: x\r\n\r\n" + b"y" * 1_000_000 + b"\r\n")
-    time.sleep(0.3)
+    # Past the spill threshold the message grows in tmp/: wait until the
+    # server holds most of it there, then look in new/.
+    wait_for(lambda: tmp_bytes(server.maildir("alice@example.com")) >= 900_000, what="the message in tmp/")
     assert server.messages("alice@example.com") == []
     client.send(b".\r\n")
     assert client.reply().startswith(b"250")
@@ -432,13 +446,12 @@ def test_client_vanishing_mid_data_leaves_nothing(server: RunningServer) -> None
     c.send(b"EHLO c.example\r\nMAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n")
     c.replies(4)
     c.send(b"Subject: x\r\n\r\n" + b"z" * 600_000)
-    time.sleep(0.2)
+    # Vanish only once the server has spilled part of it to tmp/, so that
+    # there is something to clean up.
+    wait_for(lambda: tmp_bytes(server.maildir("alice@example.com")) > 0, what="the message in tmp/")
     c.close()
-    deadline = time.monotonic() + 5
     tmp = server.maildir("alice@example.com") / "tmp"
-    while list(tmp.iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert list(tmp.iterdir()) == []
+    wait_for(lambda: not list(tmp.iterdir()), timeout=5, what="tmp/ to be cleaned")
     assert server.messages("alice@example.com") == []
 
 

@@ -23,22 +23,12 @@ from typing import Callable
 
 import pytest
 
-from conftest import Client, RunningServer, start_server, wait_gone
-from test_durability import RECIPIENTS, stored
-from test_server import MESSAGE, transaction
+from helpers import MESSAGE, Client, RunningServer, greeted, start_server, stored, transaction, wait_for, wait_gone
 
 from fastsmtp.policy import add_mailbox
 from fastsmtp.supervisor import MAX_BACKOFF, backoff
 
-
-def wait_for(check: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+RECIPIENTS = ["alice@example.com", "bob@example.com"]
 
 
 def worker_of(sock: socket.socket, pids: list[int]) -> int | None:
@@ -68,12 +58,6 @@ def worker_of(sock: socket.socket, pids: list[int]) -> int | None:
             except OSError:
                 continue
     return None
-
-
-def greeted(srv: RunningServer) -> Client:
-    c = Client(srv.connect())
-    assert c.reply().startswith(b"220 ")
-    return c
 
 
 def proc_title(pid: int) -> str:
@@ -159,10 +143,18 @@ async def _sender(port: int, conn: int, acked: dict[bytes, bytes], stop: asyncio
                     acked[body] = rcpt
                     after[0] += 1
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # a pause before reconnecting, not a wait for something
         finally:
             if writer is not None:
                 writer.close()
+
+
+async def _until(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    """``wait_for`` for a coroutine: poll without blocking the loop the senders run on."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
 
 
 def test_sigkill_of_a_worker_under_load_loses_nothing(tmp_path: Path) -> None:
@@ -177,11 +169,14 @@ def test_sigkill_of_a_worker_under_load_loses_nothing(tmp_path: Path) -> None:
             count = [0]
             stop = asyncio.Event()
             tasks = [asyncio.create_task(_sender(srv.port, i, acked, stop, count)) for i in range(8)]
-            await asyncio.sleep(1.0)
+            await _until(lambda: count[0] >= 50, "messages before the kill")
             at_kill = count[0]
             os.kill(victim, signal.SIGKILL)  # a worker of our server, by its PID
-            # The survivor keeps serving while the victim is replaced.
-            await asyncio.sleep(1.5)
+            # The survivor keeps serving while the victim is replaced, and
+            # the replacement serves too: load goes on until both are seen.
+            await _until(lambda: len(srv.workers()) == 2 and victim not in srv.workers(), "the replacement")
+            mark = count[0]
+            await _until(lambda: count[0] >= mark + 50, "messages after the replacement")
             after_kill = count[0] - at_kill
             stop.set()
             await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
@@ -199,7 +194,7 @@ def test_sigkill_of_a_worker_under_load_loses_nothing(tmp_path: Path) -> None:
             c.close()
     finally:
         assert srv.stop() == 0
-    found = stored(srv)
+    found = stored(srv, RECIPIENTS)
     for body, rcpt in acked.items():
         assert body in found, f"acknowledged message lost: {body[:60]!r}"
         assert found[body] == [rcpt.decode()]
@@ -233,12 +228,9 @@ def test_sigterm_during_data_lets_the_message_finish(tmp_path: Path) -> None:
     c.send(b"EHLO c.example\r\nMAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n")
     c.replies(4)
     c.send(b"Subject: half\r\n\r\nfirst half\r\n")
-    time.sleep(0.1)
     srv.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
     # A new connection is refused now (other MXs take it) ...
-    with pytest.raises(OSError):
-        socket.create_connection((srv.host, srv.port), timeout=2).recv(1)
+    wait_for(lambda: _refused(srv), timeout=10, what="new connections to be refused")
     # ... while the transaction in progress completes.
     c.send(b"second half\r\n.\r\n")
     assert c.reply().startswith(b"250 2.0.0")
@@ -250,17 +242,28 @@ def test_sigterm_during_data_lets_the_message_finish(tmp_path: Path) -> None:
     assert path.read_bytes().endswith(b"first half\r\nsecond half\r\n")
 
 
+def _refused(srv: RunningServer) -> bool:
+    """True when a new connection is refused (no listener is left)."""
+    try:
+        socket.create_connection((srv.host, srv.port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 def test_second_sigint_stops_at_once(tmp_path: Path) -> None:
     srv = start_server(tmp_path / "mail", "--workers", "2", "--shutdown-timeout", "60")
     c = greeted(srv)
     c.send(b"EHLO c.example\r\nMAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n")
     c.replies(4)
     c.send(b"Subject: never finished\r\n\r\n")
-    time.sleep(0.1)
     started = time.monotonic()
     srv.proc.send_signal(signal.SIGINT)
-    time.sleep(0.5)
-    assert srv.proc.poll() is None  # graceful: waiting for the transaction
+    srv.wait_output("stopping gracefully")
+    # Graceful: waiting for the transaction.  Its deadline is 60 s away, so
+    # an exit within the next 0.3 s would be the first SIGINT's doing.
+    with pytest.raises(subprocess.TimeoutExpired):
+        srv.proc.wait(0.3)
     srv.proc.send_signal(signal.SIGINT)
     assert srv.proc.wait(10) == 0
     assert time.monotonic() - started < 10
@@ -331,7 +334,7 @@ def test_sighup_with_a_bad_file_keeps_serving(tmp_path: Path) -> None:
         old = srv.workers()
         args.write_text("--max-recipients 0\n")
         srv.proc.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
+        srv.wait_output("reload failed")  # the decision is made; nothing was replaced
         assert srv.workers() == old
         c = greeted(srv)
         c.close()
@@ -349,7 +352,10 @@ def test_sigttin_and_sigttou_change_the_worker_count(tmp_path: Path) -> None:
         srv.proc.send_signal(signal.SIGTTIN)
         wait_for(lambda: len(srv.workers()) == 3, what="a third worker")
         three = srv.workers()
-        time.sleep(0.3)  # let the new ones listen
+        # Seats are bound before the fork, so a connection would only wait;
+        # the log line says the new workers accept.
+        srv.wait_output("worker 2: INFO serving")
+        srv.wait_output("worker 3: INFO serving")
         clients = [greeted(srv) for _ in range(45)]
         assert {worker_of(c.sock, three) for c in clients} == set(three)
         for c in clients:
@@ -374,12 +380,13 @@ def _spread_over_workers(srv: RunningServer, n: int) -> list[Client]:
     """``n`` greeted connections that do not all sit on one worker."""
     workers = srv.workers()
     for _ in range(30):
-        clients = [greeted(srv) for _ in range(n)]
+        # The sessions closed on the last turn may not be counted out yet:
+        # wait for each place.
+        clients = [wait_for(lambda: _try_greeting(srv), what="a place") for _ in range(n)]
         if len({worker_of(c.sock, workers) for c in clients}) > 1:
             return clients
         for c in clients:
             c.close()
-        time.sleep(0.1)  # let the server count them out
     raise AssertionError("the kernel never spread the connections")
 
 
@@ -540,7 +547,7 @@ def test_reload_whose_workers_cannot_start_goes_back(tmp_path: Path) -> None:
         old = srv.workers()
         args.write_text("--user nobody\n")  # the mail root is root's: nobody cannot write it
         srv.proc.send_signal(signal.SIGHUP)
-        time.sleep(1.0)
+        srv.wait_output("going back to the previous configuration")
         assert srv.proc.poll() is None
         assert srv.workers() == old
         c = greeted(srv)

@@ -10,14 +10,12 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from conftest import LOOPS, Client, RunningServer, start_server
-from test_server import MESSAGE, body_of
+from helpers import LOOPS, MESSAGE, Client, RunningServer, body_of, start_server, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -54,14 +52,10 @@ def client_context() -> ssl.SSLContext:
 
 
 def implicit_port(srv: RunningServer) -> int:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        for line in srv.output:
-            m = re.search(r"implicit TLS on 127\.0\.0\.1:(\d+)", line)
-            if m:
-                return int(m.group(1))
-        time.sleep(0.05)  # conftest's drain thread appends to srv.output
-    raise AssertionError("no implicit TLS listener reported")
+    line = srv.wait_output("implicit TLS on 127.0.0.1:", timeout=5)
+    m = re.search(r"implicit TLS on 127\.0\.0\.1:(\d+)", line)
+    assert m is not None, line
+    return int(m.group(1))
 
 
 def test_starttls_with_smtplib(tls_server: RunningServer) -> None:
@@ -142,7 +136,9 @@ def _open_fds(pid: int) -> int:
 
 
 def test_garbage_client_hello_closes_cleanly(tls_server: RunningServer) -> None:
-    before = _open_fds(tls_server.proc.pid)
+    # The sessions' sockets are the workers', not the supervisor's.
+    workers = tls_server.workers()
+    before = sum(map(_open_fds, workers))
     for _ in range(5):
         c = Client(tls_server.connect())
         c.reply()
@@ -159,8 +155,8 @@ def test_garbage_client_hello_closes_cleanly(tls_server: RunningServer) -> None:
         answer += chunk
     assert b"250" not in answer
     s.close()
-    time.sleep(0.5)
-    assert _open_fds(tls_server.proc.pid) <= before  # nothing leaked
+    # Nothing leaked: the server closes each socket once it has seen our close.
+    wait_for(lambda: sum(map(_open_fds, workers)) <= before, timeout=5, what="the sockets to be closed")
     out = "".join(tls_server.output)
     assert "Traceback" not in out
     with smtplib.SMTP(tls_server.host, tls_server.port, timeout=10) as smtp:  # still serving

@@ -1,0 +1,340 @@
+"""What the tests of the real server share: a raw SMTP client, a whole
+transaction, the body of a stored message, the server subprocess and the
+thread that drains its output, and bounded waits.
+
+Every wait here has a deadline and every socket a timeout, so no test can
+hang the run.  conftest.py builds its fixtures from these; test modules
+import them from here (``from helpers import ...``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol, Sequence, TypeVar
+
+from fastsmtp.policy import add_mailbox
+
+LOOPS = ["uvloop", "asyncio"]
+HOSTNAME = "mx.test.example"
+MAILBOXES = ["postmaster@localhost", "alice@example.com", "bob@example.com", "carol@example.org"]
+
+MESSAGE = (
+    b"From: Sender <sender@example.net>\r\n"
+    b"To: Alice <alice@example.com>\r\n"
+    b"Subject: hello\r\n"
+    b"\r\n"
+    b"Hello Alice.\r\n"
+)
+
+T = TypeVar("T")
+
+
+# -- bounded waits -------------------------------------------------------------------
+
+
+def wait_for(check: Callable[[], T], timeout: float = 15.0, what: str = "condition", interval: float = 0.02) -> T:
+    """Poll ``check`` until it returns something true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def never(check: Callable[[], object], within: float = 0.3, what: str = "it") -> None:
+    """A "nothing happened" check: fail as soon as ``check`` turns true within ``within`` seconds.
+
+    It cannot prove that nothing ever happens, only that nothing did in a
+    bounded time; each caller says why that time is enough.
+    """
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        assert not check(), f"{what} happened"
+        time.sleep(0.02)
+    assert not check(), f"{what} happened"
+
+
+# -- a raw SMTP client ---------------------------------------------------------------
+
+
+class Client:
+    """A raw line-level SMTP client for tests that need exact bytes on the wire."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> bytes:
+        """Read one complete (possibly multiline) reply (RFC 5321 §4.2.1)."""
+        lines = []
+        while True:
+            while b"\r\n" not in self.buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError(f"closed; got {b''.join(lines) + self.buf!r}")
+                self.buf += chunk
+            line, self.buf = self.buf.split(b"\r\n", 1)
+            lines.append(line + b"\r\n")
+            if len(line) < 4 or line[3:4] != b"-":
+                return b"".join(lines)
+
+    def replies(self, n: int) -> list[bytes]:
+        return [self.reply() for _ in range(n)]
+
+    def closed(self) -> bool:
+        """True when the server has closed the connection (and sent nothing more)."""
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True  # closed with our input unread: a reset is a close too
+        except socket.timeout:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Connectable(Protocol):
+    def connect(self, timeout: float = 10.0) -> socket.socket: ...
+
+
+def greeted(srv: Connectable) -> Client:
+    """A new session, past its 220 greeting."""
+    c = Client(srv.connect())
+    greeting = c.reply()
+    assert greeting.startswith(b"220 "), greeting
+    return c
+
+
+def ehlo(c: Client, name: bytes = b"client.example") -> bytes:
+    c.send(b"EHLO " + name + b"\r\n")
+    return c.reply()
+
+
+def transaction(c: Client, rcpts: list[bytes], content: bytes, sender: bytes = b"sender@example.net") -> bytes:
+    """EHLO, MAIL, each RCPT (all must be accepted), DATA; return the reply to the end of data."""
+    assert ehlo(c).startswith(b"250-")
+    c.send(b"MAIL FROM:<" + sender + b">\r\n")
+    assert c.reply().startswith(b"250 ")
+    for r in rcpts:
+        c.send(b"RCPT TO:<" + r + b">\r\n")
+        assert c.reply().startswith(b"250 ")
+    c.send(b"DATA\r\n")
+    assert c.reply().startswith(b"354 ")
+    c.send(content + b".\r\n")
+    return c.reply()
+
+
+def body_of(path: Path) -> bytes:
+    """The stored message without the trace headers the server prepends."""
+    data = path.read_bytes()
+    assert data.startswith(b"Return-Path: <")
+    # Return-Path line, then a Received header of one line and its
+    # continuation lines (they start with a tab).
+    lines = data.split(b"\r\n")
+    assert lines[1].startswith(b"Received: from ")
+    i = 2
+    while lines[i].startswith(b"\t"):
+        i += 1
+    return b"\r\n".join(lines[i:])
+
+
+def stored(srv: "RunningServer", addresses: Sequence[str]) -> dict[bytes, list[str]]:
+    """Every message in the ``new/`` of these mailboxes, by body, with the mailboxes holding it."""
+    found: dict[bytes, list[str]] = {}
+    for address in addresses:
+        for path in srv.messages(address):
+            found.setdefault(body_of(path), []).append(address)
+    return found
+
+
+# -- processes -----------------------------------------------------------------------
+
+
+class OutputDrain:
+    """Reads a subprocess's output into ``lines`` on a thread, until EOF.
+
+    A pipe nobody reads fills up (64 KiB of log lines) and then blocks the
+    writer.  Readers wait for a line with ``wait_line`` (a condition, no
+    polling).  ``os.read``, not ``readline()``: a buffered reader could hold
+    a line back.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.lines: list[str] = []
+        self.eof = False
+        self._fd = fd
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(self._fd, 65536)
+            except OSError:
+                chunk = b""
+            pending += chunk
+            if chunk:
+                *done, pending = pending.split(b"\n")
+            else:
+                done, pending = ([pending] if pending else []), b""
+            with self._cond:
+                self.lines.extend(raw.decode("utf-8", "replace") + ("\n" if chunk else "") for raw in done)
+                self.eof = not chunk
+                self._cond.notify_all()
+            if not chunk:
+                return
+
+    def wait_line(self, needle: str, timeout: float = 15.0, start: int = 0) -> str | None:
+        """The first line from index ``start`` on that holds ``needle``; None at EOF or timeout."""
+        found: list[str] = []
+
+        def ready() -> bool:
+            found[:] = [line for line in self.lines[start:] if needle in line][:1]
+            return bool(found) or self.eof
+
+        with self._cond:
+            self._cond.wait_for(ready, timeout)
+        return found[0] if found else None
+
+    def text(self) -> str:
+        with self._cond:
+            return "".join(self.lines)
+
+    def join(self, timeout: float = 10.0) -> None:
+        self._thread.join(timeout)
+
+
+def children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid``, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: fields follow the last ")".
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def wait_gone(pids: list[int], timeout: float = 10.0) -> None:
+    """Wait until none of ``pids`` runs any more (a killed supervisor's workers die after it)."""
+    # Until /proc forgets them: an unreaped zombie still looks alive to the
+    # tmp/ cleanup of the next server on the same mail root.
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+@dataclass
+class RunningServer:
+    host: str
+    port: int
+    mail_root: Path
+    proc: subprocess.Popen[str]
+    output: list[str] = field(default_factory=list)
+    drain: OutputDrain | None = None
+
+    def maildir(self, address: str) -> Path:
+        user, domain = address.split("@")
+        return self.mail_root / domain / user
+
+    def messages(self, address: str) -> list[Path]:
+        return sorted((self.maildir(address) / "new").iterdir())
+
+    def wait_messages(self, address: str, count: int, timeout: float = 10.0) -> list[Path]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.messages(address)
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
+
+    def wait_output(self, needle: str, timeout: float = 15.0, start: int = 0) -> str:
+        """The first output line from index ``start`` on that holds ``needle``; fail after ``timeout``."""
+        assert self.drain is not None
+        line = self.drain.wait_line(needle, timeout, start)
+        assert line is not None, f"no {needle!r} in the output:\n{self.drain.text()}"
+        return line
+
+    def connect(self, timeout: float = 10.0) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout=timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        workers = self.workers()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        wait_gone(workers)
+        if self.drain is not None:
+            self.drain.join(10)
+        return self.proc.returncode
+
+    def workers(self) -> list[int]:
+        """The PIDs of the server's worker processes (none with --workers 0)."""
+        return children(self.proc.pid)
+
+
+def start_server(
+    mail_root: Path, *args: str, loop: str = "uvloop", timeout: float = 20.0, wrapper: Sequence[str] = ()
+) -> RunningServer:
+    """Start ``fastsmtp serve`` on a free loopback port and wait until it listens.
+
+    ``wrapper`` runs the server under another command (strace); ``proc`` is
+    then that command's process.
+    """
+    if not mail_root.exists():
+        mail_root.mkdir(parents=True)
+        for address in MAILBOXES:
+            add_mailbox(str(mail_root), address)
+    cmd = [
+        *wrapper,
+        sys.executable, "-m", "fastsmtp", "serve",
+        "--listen", "127.0.0.1:0",
+        "--mail-root", str(mail_root),
+        "--hostname", HOSTNAME,
+        "--loop", loop,
+        # No greeting delay unless a test asks for one: most tests connect
+        # hundreds of times and only test_hostile.py is about early talkers.
+        "--greeting-delay", "0",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    drain = OutputDrain(proc.stdout.fileno())
+    line = drain.wait_line("listening on", timeout)
+    if line is None:
+        proc.kill()
+        proc.wait(5)
+        drain.join(5)
+        raise RuntimeError("server did not start:\n" + drain.text())
+    port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
+    return RunningServer("127.0.0.1", port, mail_root, proc, drain.lines, drain)

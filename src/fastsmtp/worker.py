@@ -34,7 +34,7 @@ import sys
 from typing import TYPE_CHECKING, Callable
 
 from .config import Config, ConfigError, parse_listen
-from .logs import reopen_logs, set_role
+from .logs import event_log, reopen_logs, set_role
 from .maildir import MaildirWriter, clean_tmp
 from .server import Server
 
@@ -157,6 +157,8 @@ async def serve(
         await loop.run_in_executor(None, writer.close)
         if beat is not None:
             beat.cancel()
+        # Workers end with os._exit: the last lines must not wait in a buffer.
+        event_log().flush()
 
 
 def heartbeat_interval(config: Config) -> float:

@@ -734,3 +734,15 @@ def test_a_submitted_spool_owns_nothing(tmp_path: Path) -> None:
 
     stored = run(go, spill_threshold=10)
     assert Path(md, "new", stored).read_bytes() == MSG * 3
+
+
+def test_queue_ids_are_crockford_base32_of_time_pid_and_counter() -> None:
+    from fastsmtp.maildir import _B32, _queue_id
+
+    def plain(secs: int, pid: int, n: int) -> str:  # the definition, five bits at a time
+        v = (secs & 0xFFFFFFFF) << 48 | (pid & 0x3FFFFF) << 26 | (n & 0x3FFFFFF)
+        return "".join(_B32[(v >> (5 * i)) & 31] for i in reversed(range(16)))
+
+    for secs, pid, n in [(0, 0, 0), (2**32 - 1, 2**22 - 1, 2**26 - 1), (1_764_633_600, 4321, 77), (1, 2, 3)]:
+        assert _queue_id(secs, pid, n) == plain(secs, pid, n)
+    assert _queue_id(1_764_633_600, 1, 1) < _queue_id(1_764_633_601, 0, 0)  # ids sort by time

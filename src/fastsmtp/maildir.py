@@ -141,18 +141,32 @@ def _queue_id(secs: int, pid: int, n: int) -> str:
     like Postfix's long queue ids.
     """
     v = (secs & 0xFFFFFFFF) << 48 | (pid & 0x3FFFFF) << 26 | (n & 0x3FFFFFF)
-    out = []
-    for _ in range(16):
-        out.append(_B32[v & 31])
-        v >>= 5
-    return "".join(reversed(out))
+    # Two digits (10 bits) per table lookup, most significant first.
+    pairs = _B32_PAIRS
+    return "".join((pairs[v >> 70], pairs[v >> 60 & 1023], pairs[v >> 50 & 1023], pairs[v >> 40 & 1023],
+                    pairs[v >> 30 & 1023], pairs[v >> 20 & 1023], pairs[v >> 10 & 1023], pairs[v & 1023]))
+
+
+_B32_PAIRS = [a + b for a in _B32 for b in _B32]
+
+# This process's PID, read once (os.getpid() is a system call) and again in
+# a forked child.
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def _new_name(host: str) -> tuple[str, str]:
     """Return (Maildir base name, queue id) for a new message."""
     usecs = time.time_ns() // 1000
     secs, usec = divmod(usecs, 1_000_000)
-    pid = os.getpid()
+    pid = _pid
     n = next(_seq)
     return f"{secs}.M{usec}P{pid}Q{n}.{host}", _queue_id(secs, pid, n)
 

@@ -4,8 +4,11 @@ Run:  /tmp/venv/bin/python bench/compare.py [--quick]      (or: bash bench/compa
 
 Servers, each started fresh for every run on its own loopback port:
 
-- ``fastsmtp serve --workers 1 --greeting-delay 0`` with ``--fsync off`` and
-  with ``--fsync batch``;
+- ``fastsmtp serve --workers 1 --greeting-delay 0 --max-connections-per-ip 0
+  --log-level info`` with ``--fsync off`` and with ``--fsync batch``;
+- with ``--baseline TREE``, also ``fastsmtp-base-off``: the same ``--fsync off``
+  command, same interpreter and flags, with PYTHONPATH=TREE/src (an older
+  checkout or unpacked tree with its extension built in place);
 - aiosmtpd (stdlib asyncio, as ``python -m aiosmtpd`` runs it) with a sink
   handler (``handle_DATA`` returns "250 OK") and with the Maildir handler a
   Python user would write (``mailbox.Maildir(...).add(envelope.content)`` in
@@ -43,6 +46,28 @@ configures no mail system.
 The report is printed and written into bench/RESULTS.md as the section
 "## Side by side: fastsmtp, aiosmtpd, smtp-sink" (``--no-write`` skips that).
 
+The key figure, before and after, in one run (the scenario of the speed
+issue: smtp-source, 20 sessions, 1 KiB, many messages per connection)::
+
+    PYTHONPATH=$PWD/src python bench/compare.py --scenarios smtp-source:20:1k:many \\
+        --servers fastsmtp-off,fastsmtp-base-off,aiosmtpd-maildir,smtp-sink \\
+        --baseline /path/to/old/tree --baseline-label e1de444 --rounds 3 --duration 5
+
+``--scenarios`` takes DRIVER:SESSIONS:SIZE:PER items, comma-separated
+(SIZE like 1k, 100k or bytes; PER one or many; ``*`` in a field means that
+field's default values), in place of the default set.  ``--baseline-label``
+names the baseline where TREE is not a git checkout (else its short HEAD is
+used, else the folder's name).  Which fastsmtp each server imports (folder
+and parser) is checked before the runs and written in the report: without
+PYTHONPATH, fastsmtp-off runs whatever copy the interpreter has installed.
+Whenever ``--scenarios`` or ``--baseline`` is given, the report adds "The key
+figure": per scenario, every server's messages/s, messages per server
+CPU-second and µs of server CPU per message, with fastsmtp off's ratio to
+each (goals: ≥ 3× the baseline and ≥ 4× aiosmtpd Maildir per CPU-second).
+
+The scenarios, the measurements and the report's tables are in
+bench/comparelib.py; this file starts the servers and drives the load.
+
 The same file serves the aiosmtpd peer: ``compare.py --serve-aiosmtpd
 sink|maildir --mail-root DIR`` listens on a free loopback port, prints
 "aiosmtpd listening on 127.0.0.1:PORT" and stops on SIGTERM.
@@ -51,12 +76,9 @@ sink|maildir --mail-root DIR`` listens on a free loopback port, prints
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import itertools
 import os
-import platform
-import pwd
 import re
 import resource
 import shlex
@@ -66,12 +88,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from benchlib import (  # bench/ is on sys.path: the script's own folder
-    FASTSMTP_BENCH_FLAGS,
     HERE,
     HOST,
     RESULTS,
@@ -79,38 +100,37 @@ from benchlib import (  # bench/ is on sys.path: the script's own folder
     create_probe,
     fastsmtp_command,
     free_port,
-    git_commit,
     launch,
     stop_server,
     tree_cpu,
     wait_listening,
     write_section,
 )
-from benchlib import median as med
-
-SECTION = "## Side by side: fastsmtp, aiosmtpd, smtp-sink"
-
-DOMAIN = "bench.example"
-RCPT = f"bench@{DOMAIN}"
-MAIL_FROM = "loadgen@example.net"
-CLIENT_NAME = "client.bench.example"
-REPLY_TIMEOUT = 30.0
-KiB = 1024
-# fastsmtp's flags besides --fsync (benchlib adds --listen, --mail-root and FASTSMTP_BENCH_FLAGS).
-FASTSMTP_ARGS = ("--hostname", "mx.bench.example", "--workers", "1", "--max-connections-per-ip", "10000")
-
-# name -> (table heading, what it is)
-SERVERS: dict[str, tuple[str, str]] = {
-    "fastsmtp-off": ("fastsmtp off", "fastsmtp serve --workers 1 --fsync off"),
-    "fastsmtp-batch": ("fastsmtp batch", "fastsmtp serve --workers 1 --fsync batch"),
-    "aiosmtpd-sink": ("aiosmtpd sink", "aiosmtpd, handle_DATA returns 250 OK"),
-    "aiosmtpd-maildir": ("aiosmtpd Maildir", "aiosmtpd, handle_DATA does mailbox.Maildir.add (no fsync)"),
-    "smtp-sink": ("smtp-sink", "Postfix smtp-sink (C, discards)"),
-}
-DRIVERS = ("smtp-source", "loadgen")
-SESSIONS = (1, 50)
-SIZES = (1 * KiB, 100 * KiB)
-PER_CONNECTION = {"one": 1, "many": 100}  # loadgen's K; smtp-source has one (no -d) or all (-d)
+from comparelib import (
+    BASE_HEADING,
+    BASE_SERVER,
+    CLIENT_NAME,
+    DOMAIN,
+    DRIVERS,
+    FASTSMTP_ARGS,
+    KiB,
+    MAIL_FROM,
+    PER_CONNECTION,
+    RCPT,
+    REPLY_TIMEOUT,
+    SECTION,
+    SERVERS,
+    SESSIONS,
+    SIZES,
+    Baseline,
+    Measurement,
+    RunInfo,
+    Scenario,
+    parse_scenarios,
+    report,
+    sink_user,
+    smtp_source_header_len,
+)
 
 
 # -- the aiosmtpd peer (runs in its own process) -------------------------------------
@@ -209,30 +229,83 @@ class Server:
             return 0
 
 
-def sink_user() -> str:
-    for name in ("nobody", pwd.getpwuid(os.getuid()).pw_name):
-        try:
-            pwd.getpwnam(name)
-            return name
-        except KeyError:
-            continue
-    return "root"
+# -- which fastsmtp runs ---------------------------------------------------------------
+
+# Run with the server's own interpreter and environment: the folder of the
+# fastsmtp it imports, and which parser (compiled or the twin) it picked.
+ORIGIN_PROBE = ("import os, fastsmtp, fastsmtp.parser as p; "
+                "print(os.path.dirname(os.path.realpath(fastsmtp.__file__))); "
+                "print(getattr(p, 'IMPLEMENTATION', '?'))")
 
 
-def start_server(name: str, run_dir: Path) -> Server:
+def tree_label(tree: Path) -> str:
+    """Short HEAD of ``tree`` when it is a git checkout's top folder, else the folder's name."""
+    try:
+        top = subprocess.run(["git", "-C", str(tree), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        if top and Path(top).resolve() == tree.resolve():
+            head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                  text=True, timeout=10).stdout.strip()
+            if head:
+                return head
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tree.resolve().name
+
+
+def fastsmtp_origin(env: dict[str, str] | None = None) -> tuple[str, str]:
+    """(folder of the fastsmtp package, parser implementation) as a server with ``env`` would import them."""
+    out = subprocess.run([sys.executable, "-c", ORIGIN_PROBE], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, **(env or {})}, cwd=tempfile.gettempdir())
+    if out.returncode != 0:
+        raise SystemExit(f"cannot import fastsmtp with {env or 'this environment'}: {out.stderr.strip()[-500:]}")
+    folder, impl = (out.stdout.split("\n") + ["", ""])[:2]
+    return folder, impl
+
+
+def check_origins(servers: list[str], baseline: Baseline | None) -> dict[str, str]:
+    """What each fastsmtp server of the run imports, as report lines by server; refuses a wrong baseline."""
+    origins: dict[str, tuple[str, str]] = {}
+    if any(s.startswith("fastsmtp-") and s != BASE_SERVER for s in servers):
+        origins["fastsmtp"] = fastsmtp_origin()
+    if baseline is not None and BASE_SERVER in servers:
+        folder, impl = origins[BASE_SERVER] = fastsmtp_origin(baseline.env)
+        if Path(folder) != (baseline.src / "fastsmtp").resolve():
+            raise SystemExit(f"--baseline: PYTHONPATH={baseline.src} imports fastsmtp from {folder}")
+        if impl != "cython" and not os.environ.get("FASTSMTP_PUREPYTHON"):
+            raise SystemExit(f"--baseline: {baseline.src} has no compiled parser (parser: {impl}); build it "
+                             "in place: python setup.py build_ext --inplace")
+        if "fastsmtp" in origins and origins["fastsmtp"][0] == folder:
+            raise SystemExit(f"--baseline: the baseline and the tree under test are both {folder}")
+        if "fastsmtp" in origins and origins["fastsmtp"][1] != impl:
+            raise SystemExit(f"--baseline: its parser is {impl}, the tree under test's is {origins['fastsmtp'][1]} "
+                             f"({origins['fastsmtp'][0]}): build the extension in place there, or compare twins")
+    mine = HERE.parent / "src" / "fastsmtp"
+    if "fastsmtp" in origins and mine.is_dir() and Path(origins["fastsmtp"][0]) != mine.resolve():
+        print(f"note: fastsmtp-off/-batch import {origins['fastsmtp'][0]}, not this checkout's {mine} "
+              f"(PYTHONPATH={mine.parent} runs this one)", flush=True)
+    return {k: f"`{folder}` (parser: {impl})" for k, (folder, impl) in origins.items()}
+
+
+def start_server(name: str, run_dir: Path, baseline: Baseline | None = None) -> Server:
     """Start ``name`` on a free loopback port with a fresh mail root under ``run_dir``."""
     run_dir.mkdir(parents=True)
     log = run_dir / "server.log"
     root = run_dir / "mail"
     new_dir: Path | None = None
     port: int | None = None
+    env: dict[str, str] | None = None
     if name.startswith("fastsmtp-"):
-        from fastsmtp.policy import add_mailbox
+        from fastsmtp.policy import add_mailbox  # a Maildir folder (cur/, new/, tmp/): the same in every tree
 
         root.mkdir()
         add_mailbox(str(root), RCPT)
         new_dir = root / DOMAIN / "bench" / "new"
-        cmd = fastsmtp_command(root, *FASTSMTP_ARGS, "--fsync", name.split("-", 1)[1])
+        cmd = fastsmtp_command(root, *FASTSMTP_ARGS, "--fsync", name.rsplit("-", 1)[1])
+        if name == BASE_SERVER:
+            if baseline is None:
+                raise ValueError(f"{name} needs --baseline")
+            env = baseline.env
     elif name.startswith("aiosmtpd-"):
         kind = name.split("-", 1)[1]
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-aiosmtpd", kind]
@@ -246,64 +319,11 @@ def start_server(name: str, run_dir: Path) -> Server:
         cmd = [sbin_which("smtp-sink") or "smtp-sink", "-u", sink_user(), f"{HOST}:{port}", "1000"]
     else:
         raise ValueError(name)
-    proc = launch(cmd, log, cwd=run_dir)
+    proc = launch(cmd, log, env=env, cwd=run_dir)
     return Server(name, proc, wait_listening(proc, log, name, port), log, cmd, new_dir)
 
 
 # -- load ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Scenario:
-    driver: str
-    sessions: int
-    size: int
-    per_conn: str  # "one" | "many"
-
-    @property
-    def label(self) -> str:
-        size = f"{self.size // KiB} KiB"
-        per = "1/conn" if self.per_conn == "one" else ("many/conn" if self.driver == "smtp-source" else "100/conn")
-        return f"{self.driver}, {self.sessions} sess, {size}, {per}"
-
-
-@dataclass
-class Measurement:
-    scenario: Scenario
-    server: str
-    round: int
-    accepted: int = 0
-    elapsed: float = 0.0
-    server_cpu: float = 0.0  # user + system
-    server_user: float = 0.0
-    client_cpu: float = 0.0
-    clock_stopped: bool = False  # smtp-source hit the time cap (its count may be high by up to one per session)
-    p50: float | None = None
-    p99: float | None = None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def rate(self) -> float:
-        return self.accepted / self.elapsed if self.elapsed > 0 else 0.0
-
-    @property
-    def cpu_per_1k(self) -> float:
-        return 1000 * self.server_cpu / self.accepted if self.accepted else float("nan")
-
-    @property
-    def user_per_1k(self) -> float:
-        return 1000 * self.server_user / self.accepted if self.accepted else float("nan")
-
-    @property
-    def client_per_1k(self) -> float:
-        return 1000 * self.client_cpu / self.accepted if self.accepted else float("nan")
-
-
-def smtp_source_header_len() -> int:
-    """Bytes smtp-source puts in front of its -l payload (From, To, Date, Message-Id, blank line)."""
-    date = "Date: Sat, 28 Nov 2026 17:01:13 +0000 (UTC)\r\n"
-    msgid = f"Message-Id: <754e.0003.0001@{CLIENT_NAME}>\r\n"
-    return len(f"From: <{MAIL_FROM}>\r\nTo: <{RCPT}>\r\n") + len(date) + len(msgid) + 2
 
 
 def smtp_source_cmd(sc: Scenario, port: int, count: int) -> list[str]:
@@ -376,7 +396,7 @@ def one_run(loadgen: Any, base: Path, rnd: int, sc: Scenario, server_name: str, 
     m = Measurement(sc, server_name, rnd)
     run_dir = base / f"r{rnd}" / f"{sc.driver}-s{sc.sessions}-{sc.size}-{sc.per_conn}" / server_name
     count = args.count_1k if sc.size <= KiB else args.count_100k
-    server = start_server(server_name, run_dir)
+    server = start_server(server_name, run_dir, args.baseline_tree)
     warm_accepted, slack = 0, 0
     try:
         # Warm-up (imports, first connections, the first files of a fresh root) with the
@@ -440,162 +460,6 @@ def one_run(loadgen: Any, base: Path, rnd: int, sc: Scenario, server_name: str, 
     return m
 
 
-# -- report ----------------------------------------------------------------------------
-
-
-def fmt_rate(x: float) -> str:
-    return "–" if x != x else f"{x:,.0f}"
-
-
-def fmt_num(x: float | None, digits: int = 3) -> str:
-    return "–" if x is None or x != x else f"{x:.{digits}f}"
-
-
-def report(runs: list[Measurement], scenarios: list[Scenario], servers: list[str], args: argparse.Namespace,
-           command: str, wall: float, skipped: list[str], installed: list[str], probes: tuple[float, float],
-           loads: tuple[str, str]) -> str:
-    cell: dict[tuple[Scenario, str], dict[str, float]] = {}
-    for sc in scenarios:
-        for s in servers:
-            rs = [r for r in runs if r.scenario == sc and r.server == s]
-            if not rs:
-                continue
-            cell[sc, s] = {
-                "rate": med([r.rate for r in rs]),
-                "cpu": med([r.cpu_per_1k for r in rs]),
-                "user": med([r.user_per_1k for r in rs]),
-                "client": med([r.client_per_1k for r in rs]),
-                "p50": med([r.p50 for r in rs if r.p50 is not None]),
-                "p99": med([r.p99 for r in rs if r.p99 is not None]),
-            }
-    heads = [SERVERS[s][0] for s in servers]
-    now = datetime.datetime.now(datetime.timezone.utc)
-    count_text = f"{args.count_1k:,} (1 KiB) / {args.count_100k:,} (100 KiB)"
-    lines = [
-        SECTION,
-        "",
-        f"Date: {now:%Y-%m-%d %H:%M} UTC. Commit: `{git_commit()}`. nproc: {os.cpu_count()}. "
-        f"Linux {platform.release()}, Python {platform.python_version()}. Total run time {wall:.0f} s "
-        "(before the final deletion of the mail roots)"
-        f"{' (quick mode)' if args.quick else ''}.",
-        "",
-        "Command:",
-        "",
-        f"    {command}",
-        "",
-        "What it ran, each server fresh for every run (fresh mail root, its own loopback port), "
-        f"{args.rounds} round(s){', servers interleaved within each scenario, medians shown' if args.rounds > 1 else ''}:",
-        "",
-        f"- fastsmtp: `python -m fastsmtp serve --listen 127.0.0.1:0 --mail-root ROOT "
-        f"{' '.join(FASTSMTP_BENCH_FLAGS + FASTSMTP_ARGS)} --fsync off|batch` (uvloop; a supervisor and one worker; "
-        "no greeting delay, else one-message-per-connection runs would measure it).",
-        "- aiosmtpd: `python bench/compare.py --serve-aiosmtpd sink|maildir --mail-root ROOT`: "
-        "`loop.create_server(lambda: SMTP(handler), ...)` on stdlib asyncio; the sink's `handle_DATA` returns "
-        "`\"250 OK\"`, the Maildir one calls `mailbox.Maildir(ROOT/...).add(envelope.content)` "
-        "(no fsync, on the event loop). aiosmtpd does not offer PIPELINING, so loadgen waits for every reply there.",
-        f"- smtp-sink: `smtp-sink -u {sink_user()} 127.0.0.1:PORT 1000`.",
-        f"- smtp-source: `smtp-source -c -s SESSIONS -l LEN -m COUNT [-d] -f {MAIL_FROM} -t {RCPT} "
-        f"-M {CLIENT_NAME} 127.0.0.1:PORT`; LEN is the size minus its {smtp_source_header_len()} header bytes; "
-        "it sends HELO, so no pipelining; `-d` (many per connection) keeps each session on one connection for "
-        "the whole run. It has no duration option, so COUNT is 1.3 × what the warm-up's rate gives in "
-        f"{args.duration:g} s (capped as below; the warm-up is an unmeasured smtp-source run of "
-        f"max({4 * args.warmup} at 1 KiB or {args.warmup} at 100 KiB, 2 × sessions) messages); a run still "
-        f"going after {2 * args.duration + 2:g} s is stopped by its PID and its `-c` count is taken "
-        "(listed under anomalies). Messages/s is its count over its run time.",
-        f"- loadgen: `python bench/loadgen.py --port PORT --connections SESSIONS --messages COUNT "
-        f"--duration {args.duration:g} --size SIZE --per-connection 1|100 --pipelining --from {MAIL_FROM} "
-        f"--to {RCPT}`, run in the benchmark's process (`loadgen.run_sync`).",
-        f"- COUNT: at most {count_text}; loadgen also stops claiming messages after {args.duration:g} s "
-        f"(and finishes those in flight). Its warm-up: {args.warmup} unmeasured messages over up to 5 sessions.",
-        "- Server CPU: utime+stime from /proc/PID/stat over the server process and its children "
-        "(fastsmtp's supervisor plus worker), read before and after the measured load.",
-        "- The machine is shared (2 cores; other test runs were going on): trust only differences "
-        "over ~20%. Client and server share the two cores, so the client's CPU slows the server too.",
-        f"- Load average (1, 5, 15 min) before: {loads[0]}; after: {loads[1]}. Creating a 1 KiB file in a new "
-        f"folder took {probes[0]:.3f} ms before the runs and {probes[1]:.3f} ms after them (the ext4 "
-        "state after deletions, DESIGN.md).",
-    ]
-    if installed:
-        lines.append(f"- Installed first: {', '.join(installed)}.")
-    lines += ["", "### Messages per second", "",
-              "| scenario | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
-    for sc in scenarios:
-        lines.append(f"| {sc.label} | " + " | ".join(
-            fmt_rate(cell[sc, s]["rate"]) if (sc, s) in cell else "–" for s in servers) + " |")
-    lines += ["", "### Server CPU seconds per 1,000 messages", "",
-              "| scenario | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
-    for sc in scenarios:
-        lines.append(f"| {sc.label} | " + " | ".join(
-            fmt_num(cell[sc, s]["cpu"]) if (sc, s) in cell else "–" for s in servers) + " |")
-    lines += ["", "### Of which user-mode CPU (the rest is system time: sockets, file creation)", "",
-              "| scenario | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
-    for sc in scenarios:
-        lines.append(f"| {sc.label} | " + " | ".join(
-            fmt_num(cell[sc, s]["user"]) if (sc, s) in cell else "–" for s in servers) + " |")
-    lines += ["", "### Time to 250 after the end of the content, p50 / p99 (loadgen)", "",
-              "| scenario | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
-    for sc in scenarios:
-        if sc.driver != "loadgen":
-            continue
-        lines.append(f"| {sc.label} | " + " | ".join(
-            f"{cell[sc, s]['p50']:.2f} / {cell[sc, s]['p99']:.2f} ms" if (sc, s) in cell else "–"
-            for s in servers) + " |")
-    lines += ["", "### Load generator CPU seconds per 1,000 messages", "",
-              "| scenario | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
-    for sc in scenarios:
-        lines.append(f"| {sc.label} | " + " | ".join(
-            fmt_num(cell[sc, s]["client"]) if (sc, s) in cell else "–" for s in servers) + " |")
-    lines += goals(cell, scenarios, servers)
-    notes = [f"round {r.round}, {r.scenario.label}, {SERVERS[r.server][0]}: {n}" for r in runs for n in r.notes]
-    lines += ["", "Anomalies: " + ("none (no failures, stored = acknowledged, no server errors)." if not notes else "")]
-    lines += [f"- {n}" for n in notes]
-    if skipped:
-        lines += ["", f"Skipped for the time budget ({args.budget:g} s): {len(skipped)} run(s): "
-                  + "; ".join(skipped[:10]) + (" …" if len(skipped) > 10 else "")]
-    return "\n".join(lines) + "\n"
-
-
-def goals(cell: dict[tuple[Scenario, str], dict[str, float]], scenarios: list[Scenario],
-          servers: list[str]) -> list[str]:
-    """Per scenario: the three ratios the issue sets goals for."""
-    want = {"fastsmtp-off", "fastsmtp-batch", "aiosmtpd-sink", "aiosmtpd-maildir", "smtp-sink"}
-    if not want <= set(servers):
-        return []
-    lines = ["", "### Against the goals", "",
-             "Messages per server CPU-second are 1000 / (CPU s per 1k). Goals: fastsmtp off ≥ 3× aiosmtpd's "
-             "messages per server CPU-second (A: against the sink handler, B: against the Maildir handler); "
-             "fastsmtp off ≥ 0.5× smtp-sink's messages/s (C); fastsmtp batch ahead of aiosmtpd Maildir in "
-             "messages/s (D).",
-             "",
-             "| scenario | A: off / aiosmtpd sink, msgs per CPU-s | B: off / aiosmtpd Maildir, msgs per CPU-s | "
-             "C: off / smtp-sink, msgs/s | D: batch / aiosmtpd Maildir, msgs/s |",
-             "|---|---:|---:|---:|---:|"]
-    tally = {"A": [0, 0], "B": [0, 0], "C": [0, 0], "D": [0, 0]}
-
-    def ratio(key: str, num: float, den: float, goal: float, strict: bool = False) -> str:
-        if not (num == num and den == den) or den == 0:
-            return "–"
-        r = num / den
-        ok = r > goal if strict else r >= goal
-        tally[key][0] += ok
-        tally[key][1] += 1
-        return f"{r:.2f}×" + ("" if ok else " ✗")
-
-    for sc in scenarios:
-        if not all((sc, s) in cell for s in want):
-            continue
-        c = {s: cell[sc, s] for s in want}
-        lines.append(
-            f"| {sc.label} | "
-            f"{ratio('A', c['aiosmtpd-sink']['cpu'], c['fastsmtp-off']['cpu'], 3)} | "
-            f"{ratio('B', c['aiosmtpd-maildir']['cpu'], c['fastsmtp-off']['cpu'], 3)} | "
-            f"{ratio('C', c['fastsmtp-off']['rate'], c['smtp-sink']['rate'], 0.5)} | "
-            f"{ratio('D', c['fastsmtp-batch']['rate'], c['aiosmtpd-maildir']['rate'], 1, strict=True)} |")
-    lines += ["", "✗ marks a scenario where the goal is not met. Met in: "
-              + ", ".join(f"{k} {v[0]} of {v[1]}" for k, v in tally.items()) + "."]
-    return lines
-
-
 # -- main ------------------------------------------------------------------------------
 
 
@@ -606,7 +470,28 @@ def load_loadgen() -> Any:
     return loadgen
 
 
-def main(argv: list[str] | None = None) -> int:
+def select(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The baseline, servers and drivers of the run, checked (``ap.error`` on a bad one)."""
+    args.baseline_tree = None
+    if args.baseline:
+        tree = Path(args.baseline).resolve()
+        if not (tree / "src" / "fastsmtp" / "__init__.py").is_file():
+            ap.error(f"--baseline {args.baseline}: no src/fastsmtp/ in it")
+        args.baseline_tree = Baseline(tree / "src", args.baseline_label or tree_label(tree))
+    elif args.baseline_label:
+        ap.error("--baseline-label needs --baseline")
+    default = [*SERVERS, BASE_SERVER] if args.baseline_tree else list(SERVERS)
+    args.server_list = [s for s in (args.servers or ",".join(default)).split(",") if s]
+    args.driver_list = [d for d in args.drivers.split(",") if d]
+    unknown = [s for s in args.server_list if s not in [*SERVERS, BASE_SERVER]]
+    unknown += [d for d in args.driver_list if d not in DRIVERS]
+    if unknown:
+        ap.error(f"unknown: {', '.join(unknown)}")
+    if BASE_SERVER in args.server_list and args.baseline_tree is None:
+        ap.error(f"{BASE_SERVER} needs --baseline TREE")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 round of 1 s runs (a few minutes)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds (default 3; --quick 1)")
@@ -617,8 +502,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=50, help="unmeasured loadgen messages per run")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds for the whole benchmark; runs that would not fit are skipped (default 1140; --quick 240)")
-    ap.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset of " + ",".join(SERVERS))
+    ap.add_argument("--servers", default=None,
+                    help=f"comma-separated subset of {','.join(SERVERS)},{BASE_SERVER} "
+                    f"(default: all; {BASE_SERVER} only with --baseline)")
     ap.add_argument("--drivers", default=",".join(DRIVERS))
+    ap.add_argument("--scenarios", default=None, metavar="LIST",
+                    help="DRIVER:SESSIONS:SIZE:PER,... in place of the default set, e.g. smtp-source:20:1k:many "
+                    "(SIZE: 1k, 100k or bytes; PER: one|many; * in a field: its default values)")
+    ap.add_argument("--baseline", default=None, metavar="TREE",
+                    help=f"add {BASE_SERVER}: fastsmtp --fsync off from TREE/src (its extension built in place)")
+    ap.add_argument("--baseline-label", default=None, metavar="NAME",
+                    help="the baseline's name in the tables (default: TREE's short git HEAD, else its folder name)")
     ap.add_argument("--dir", default=None, help="parent folder of the mail roots (default: system tmp)")
     ap.add_argument("--keep", action="store_true", help="leave the mail roots in place")
     ap.add_argument("--no-write", action="store_true", help=f"do not update {RESULTS.name}")
@@ -627,56 +521,76 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mail-root", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve_aiosmtpd:
-        return serve_aiosmtpd(args.serve_aiosmtpd, args.mail_root)
+        return args
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.duration = args.duration or (1.0 if args.quick else 2.5)
     args.count_1k = args.count_1k or 30_000
     args.count_100k = args.count_100k or (500 if args.quick else 1500)
     args.budget = args.budget or (240.0 if args.quick else 1140.0)
-    servers = [s for s in args.servers.split(",") if s]
-    drivers = [d for d in args.drivers.split(",") if d]
-    unknown = [s for s in servers if s not in SERVERS] + [d for d in drivers if d not in DRIVERS]
-    if unknown:
-        ap.error(f"unknown: {', '.join(unknown)}")
+    select(ap, args)
+    try:
+        args.scenario_list = (parse_scenarios(args.scenarios, args.driver_list) if args.scenarios else
+                              [Scenario(*x) for x in itertools.product(args.driver_list, SESSIONS, SIZES,
+                                                                       PER_CONNECTION)])
+    except ValueError as exc:
+        ap.error(str(exc))
+    return args
+
+
+def run_rounds(args: argparse.Namespace, loadgen: Any, base: Path, info: RunInfo,
+               started: float) -> list[Measurement]:
+    """Every scenario, round by round, the servers in a rotating order; skips what the budget cannot fit."""
+    servers, scenarios, runs = args.server_list, args.scenario_list, []
+    per_run = args.duration + 1.5  # start, warm-up and stop besides the measured load
+    for rnd in range(1, args.rounds + 1):
+        for i, sc in enumerate(scenarios):
+            k = (rnd - 1 + i) % len(servers)  # rotate the order from scenario to scenario and round to round
+            for name in servers[k:] + servers[:k]:
+                if time.monotonic() - started + per_run > args.budget:
+                    info.skipped.append(f"r{rnd} {sc.label} {name}")
+                    continue
+                try:
+                    m = one_run(loadgen, base, rnd, sc, name, args)
+                except (RuntimeError, OSError) as exc:
+                    m = Measurement(sc, name, rnd, notes=[f"run failed: {exc}"[:300]])
+                runs.append(m)
+                lat = f"  p50 {m.p50:6.2f} ms  p99 {m.p99:6.2f} ms" if m.p50 is not None else ""
+                print(f"r{rnd} {sc.label:<38} {info.headings[name]:<21} {m.rate:9,.0f} msg/s "
+                      f"({m.accepted} in {m.elapsed:.2f} s)  "
+                      f"server {m.cpu_per_1k:.3f} s/1k  client {m.client_per_1k:.3f} s/1k{lat}"
+                      + ("  | " + "; ".join(m.notes) if m.notes else ""), flush=True)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve_aiosmtpd:
+        return serve_aiosmtpd(args.serve_aiosmtpd, args.mail_root)
     given = sys.argv[1:] if argv is None else argv
+    headings = {name: head for name, (head, _) in SERVERS.items()}
+    if args.baseline_tree is not None:
+        headings[BASE_SERVER] = BASE_HEADING.format(label=args.baseline_tree.label)
+    pythonpath = os.environ.get("PYTHONPATH")
     command = shlex.join([sys.executable, "bench/compare.py", *given])
+    info = RunInfo((f"PYTHONPATH={shlex.quote(pythonpath)} " if pythonpath else "") + command, headings,
+                   check_origins(args.server_list, args.baseline_tree), [])
 
     started = time.monotonic()
     load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    installed = ensure_tools(not args.no_install)
+    info.installed = ensure_tools(not args.no_install)
     loadgen = load_loadgen()
     # Each run holds up to 50 sessions plus smtp-source's descriptors: plenty, but be sure.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))
 
-    scenarios = [Scenario(d, s, z, p) for d, s, z, p in itertools.product(drivers, SESSIONS, SIZES, PER_CONNECTION)]
     base = Path(tempfile.mkdtemp(prefix="fastsmtp-compare-", dir=args.dir))
-    runs: list[Measurement] = []
-    skipped: list[str] = []
-    per_run = args.duration + 1.5  # start, warm-up and stop besides the measured load
     try:
         probe_before = create_probe(base / "probe-before")
-        for rnd in range(1, args.rounds + 1):
-            for i, sc in enumerate(scenarios):
-                k = (rnd - 1 + i) % len(servers)  # rotate the order from scenario to scenario and round to round
-                for name in servers[k:] + servers[:k]:
-                    if time.monotonic() - started + per_run > args.budget:
-                        skipped.append(f"r{rnd} {sc.label} {name}")
-                        continue
-                    try:
-                        m = one_run(loadgen, base, rnd, sc, name, args)
-                    except (RuntimeError, OSError) as exc:
-                        m = Measurement(sc, name, rnd, notes=[f"run failed: {exc}"[:300]])
-                    runs.append(m)
-                    lat = f"  p50 {m.p50:6.2f} ms  p99 {m.p99:6.2f} ms" if m.p50 is not None else ""
-                    print(f"r{rnd} {sc.label:<38} {SERVERS[name][0]:<17} {m.rate:9,.0f} msg/s "
-                          f"({m.accepted} in {m.elapsed:.2f} s)  "
-                          f"server {m.cpu_per_1k:.3f} s/1k  client {m.client_per_1k:.3f} s/1k{lat}"
-                          + ("  | " + "; ".join(m.notes) if m.notes else ""), flush=True)
-        probe_after = create_probe(base / "probe-after")
-        load_after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-        section = report(runs, scenarios, servers, args, command, time.monotonic() - started, skipped, installed,
-                         (probe_before, probe_after), (load_before, load_after))
+        runs = run_rounds(args, loadgen, base, info, started)
+        info.probes = (probe_before, create_probe(base / "probe-after"))
+        info.loads = (load_before, " ".join(Path("/proc/loadavg").read_text().split()[:3]))
+        info.wall = time.monotonic() - started
+        section = report(runs, args.scenario_list, args.server_list, args, info)
         print()
         print(section)
         if not args.no_write:

@@ -3,6 +3,10 @@
 # Python (it installs aiosmtpd and Postfix's smtp-source/smtp-sink if missing).
 #   bash bench/compare.sh --quick      # a few minutes
 #   bash bench/compare.sh              # full: 3 rounds, under 20 minutes
+#   bash bench/compare.sh --scenarios smtp-source:20:1k:many \
+#       --servers fastsmtp-off,fastsmtp-base-off,aiosmtpd-maildir,smtp-sink \
+#       --baseline OLD_TREE --baseline-label COMMIT --duration 5
+#                                      # the key figure against an older tree (~2 minutes)
 # PYTHON=/path/to/python overrides the interpreter (it must import fastsmtp).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import ssl
 from typing import Callable, cast
 
 from .errors import RemoteProtocolError
@@ -32,7 +31,7 @@ from .opening import Opening
 from .phase import MOVES, Phase
 from .server import Server
 from .session import CLOSED, DATA, NEED_DATA, PAUSED, Session
-from .tls import describe
+from .tls import HandshakeFailed, describe, handshake
 
 __all__ = ["SMTPProtocol"]
 
@@ -316,17 +315,12 @@ class SMTPProtocol(asyncio.Protocol):
         self._loop.create_task(self._handshake())
 
     async def _handshake(self) -> None:
-        transport = self._transport
-        context = self.server.tls_context
+        transport, context = self._transport, self.server.tls_context
         assert transport is not None and context is not None
         try:
-            new = await self._loop.start_tls(transport, self, context, server_side=True, ssl_handshake_timeout=30.0)
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
-            # A failed handshake or a garbage ClientHello: one line, no
-            # traceback, and the descriptor is released by abort().
-            log.info("TLS handshake with %s failed: %s", self.peer, exc or type(exc).__name__)
+            new = await handshake(self._loop, transport, self, context, self.peer)
+        except HandshakeFailed:
             self.server.meter.tls(False)
-            transport.abort()
             return
         self.server.meter.tls(True)
         if new is None or self._transport is None:

@@ -1,4 +1,4 @@
-"""TLS contexts from configuration; no protocol logic lives here.
+"""TLS contexts from configuration, and the STARTTLS handshake; no SMTP logic lives here.
 
 RFC 8314 §4.1 and RFC 7525 §3.1.1: TLS 1.2 is the floor.  The ciphers are
 Python's defaults (they follow OpenSSL's secure set); we do not second-guess
@@ -7,9 +7,16 @@ them.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import ssl
 
-__all__ = ["server_context", "describe"]
+__all__ = ["server_context", "describe", "handshake", "HandshakeFailed"]
+
+log = logging.getLogger("fastsmtp")
+
+#: How long a client may take over its STARTTLS handshake.
+HANDSHAKE_TIMEOUT = 30.0
 
 
 def server_context(cert: str, key: str) -> ssl.SSLContext:
@@ -37,3 +44,27 @@ def describe(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
         return f"using {version}"
     name, _, bits = cipher
     return f"using {version} with cipher {name} ({bits}/{bits} bits)"
+
+
+async def handshake(
+    loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, protocol: asyncio.BaseProtocol,
+    context: ssl.SSLContext, peer: str,
+) -> asyncio.Transport | None:
+    """Upgrade ``transport`` in place (RFC 3207): the new one, or None.
+
+    A failed handshake or a garbage ClientHello is one log line, no
+    traceback, and the connection is aborted (its descriptor released).
+    None also when the peer left during the handshake.
+    """
+    try:
+        return await loop.start_tls(
+            transport, protocol, context, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
+        )
+    except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+        log.info("TLS handshake with %s failed: %s", peer, exc or type(exc).__name__)
+        transport.abort()
+        raise HandshakeFailed from exc
+
+
+class HandshakeFailed(Exception):
+    """The STARTTLS handshake did not complete (already logged; connection aborted)."""

@@ -23,6 +23,7 @@ from .events import (
 )
 from .hooks import AcceptAll, MessageInfo, Policy, SessionInfo
 from .session import NEED_DATA, PAUSED, Limits, Session
+from .stages import CONTINUE, Verdict
 
 __all__ = [
     "__version__",
@@ -54,6 +55,8 @@ __all__ = [
     "AcceptAll",
     "SessionInfo",
     "MessageInfo",
+    "Verdict",
+    "CONTINUE",
     "NEED_DATA",
     "PAUSED",
 ]

@@ -17,7 +17,8 @@ import pytest
 from helpers import Client, ehlo, greeted, never
 from fastsmtp import Address, Reply
 from fastsmtp.config import ConfigError
-from fastsmtp.hooks import NO_HOOKS, SessionInfo, load_policy, resolve_hooks
+from fastsmtp.hooks import SessionInfo, load_policy
+from fastsmtp.stages import NO_STAGES, resolve
 
 HERE = Path(__file__).resolve().parent
 POLICIES = HERE / "policies_for_tests.py"
@@ -47,12 +48,13 @@ def message(c: Client, sender: bytes, rcpts: list[bytes], body: bytes = b"Subjec
 
 
 def test_hooks_are_resolved_once_by_name() -> None:
-    hooks = resolve_hooks(load_policy(policy("Slow")))
-    assert hooks.on_connect is None and hooks.on_helo is None
-    assert hooks.on_mail is not None and hooks.on_mail.is_async
-    sync = resolve_hooks(load_policy(policy("Refusing")))
-    assert sync.on_mail is not None and not sync.on_mail.is_async
-    assert resolve_hooks(None) is NO_HOOKS
+    stages = resolve([("policy", load_policy(policy("Slow")), 1.0)])
+    assert stages.on_connect == () and stages.on_helo == ()
+    (mail,) = stages.on_mail
+    assert mail.is_async and mail.name == "policy on_mail" and mail.timeout == 1.0
+    sync = resolve([("policy", load_policy(policy("Refusing")), 1.0)])
+    assert len(sync.on_mail) == 1 and not sync.on_mail[0].is_async
+    assert resolve([]) == NO_STAGES
 
 
 @pytest.mark.parametrize(
@@ -248,7 +250,7 @@ def test_dnsbl_example_with_an_injected_resolver() -> None:
 
 def test_examples_load_as_policies() -> None:
     for name in ("SenderDomainRateLimit", "DnsBlocklist", "Combined"):
-        hooks = resolve_hooks(load_policy(f"{EXAMPLES}:{name}"))
-        assert (hooks.on_connect is not None) == (name != "SenderDomainRateLimit")
-        if hooks.on_connect is not None:
-            assert hooks.on_connect.is_async
+        stages = resolve([("policy", load_policy(f"{EXAMPLES}:{name}"), 1.0)])
+        assert bool(stages.on_connect) == (name != "SenderDomainRateLimit")
+        if stages.on_connect:
+            assert stages.on_connect[0].is_async

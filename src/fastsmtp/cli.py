@@ -190,9 +190,13 @@ def _check_tls(config: Config) -> None:
 def _check_policy(config: Config) -> None:
     """Load the policy once here, so that a typo is one line at start, not a worker boot loop."""
     if config.policy:
-        from .hooks import load_policy, resolve_hooks
+        from .hooks import load_policy
+        from .stages import resolve
 
-        resolve_hooks(load_policy(config.policy))
+        try:
+            resolve([("policy", load_policy(config.policy), config.policy_timeout)])
+        except TypeError as exc:  # a hook name that is not a method
+            raise ConfigError(f"policy: {exc}") from None
 
 
 def _config(args: argparse.Namespace, argv: list[str]) -> int:

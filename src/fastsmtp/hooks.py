@@ -9,10 +9,11 @@ Rules of this module:
   4xx/5xx ``Reply`` (refuse with it).  Hooks refuse; they never accept
   what the server would refuse, since a recipient without a Maildir has
   nowhere to be delivered.  A positive Reply is therefore read as None.
-- Hooks are resolved once per worker (``resolve_hooks``), by name: a
-  missing method is never called, and whether a method is a coroutine
-  function is decided then, not per call (style rule 11; no ``dir()``
-  scan, no signature sniffing).
+- A policy is the first of the stages (stages.py), and is resolved with
+  them once per worker, by name: a missing method is never called, and
+  whether a method is a coroutine function is decided then, not per call
+  (style rule 11; no ``dir()`` scan, no signature sniffing).  A hook may
+  also answer a ``stages.Verdict``, the stages' own answer.
 - A hook that raises, answers something other than a Reply or None, or
   (async) takes longer than ``--policy-timeout`` gives ``451 4.3.0`` and
   one log line; it never ends the connection or the worker.
@@ -22,31 +23,26 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Awaitable, Protocol
 
 from .config import ConfigError
 from .events import Address, Reply
+from .stages import STAGE_FAILED
 
 __all__ = [
     "Policy",
     "AcceptAll",
     "SessionInfo",
     "MessageInfo",
-    "Hook",
-    "Hooks",
-    "NO_HOOKS",
     "HOOK_FAILED",
     "load_policy",
-    "resolve_hooks",
 ]
 
-#: What a hook that failed (raised, hung, answered nonsense) gets: the
-#: client retries later, as after any local trouble (RFC 3463 X.3.0).
-HOOK_FAILED = Reply(451, "4.3.0", "Error: temporary policy failure, try again later")
+#: What a hook that failed (raised, hung, answered nonsense) gets.
+HOOK_FAILED = STAGE_FAILED
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,51 +111,6 @@ class AcceptAll:
 
     A convenient base class; only the methods a subclass defines are called.
     """
-
-
-@dataclass(frozen=True, slots=True)
-class Hook:
-    """One resolved hook: the bound method, and whether it returns an awaitable."""
-
-    name: str
-    call: Callable[..., Any]
-    is_async: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Hooks:
-    """A policy's hooks, resolved once; None where the policy has no such method."""
-
-    on_connect: Hook | None = None
-    on_helo: Hook | None = None
-    on_mail: Hook | None = None
-    on_rcpt: Hook | None = None
-    on_message: Hook | None = None
-
-
-NO_HOOKS = Hooks()
-
-
-def _hook(policy: object, name: str) -> Hook | None:
-    method = getattr(policy, name, None)
-    if method is None:
-        return None
-    if not callable(method):
-        raise ConfigError(f"policy: {type(policy).__name__}.{name} is not a method")
-    return Hook(name, method, inspect.iscoroutinefunction(method))
-
-
-def resolve_hooks(policy: object | None) -> Hooks:
-    """Look up each hook of ``Policy`` by its name, once."""
-    if policy is None:
-        return NO_HOOKS
-    return Hooks(
-        on_connect=_hook(policy, "on_connect"),
-        on_helo=_hook(policy, "on_helo"),
-        on_mail=_hook(policy, "on_mail"),
-        on_rcpt=_hook(policy, "on_rcpt"),
-        on_message=_hook(policy, "on_message"),
-    )
 
 
 def load_policy(spec: str) -> object:

@@ -87,7 +87,7 @@ def resolve(stages: Sequence[tuple[str, object, float]]) -> Stages:
             if method is None:
                 continue
             if not callable(method):
-                raise TypeError(f"{name}: {type(stage).__name__}.{step} is not a method")
+                raise TypeError(f"{type(stage).__name__}.{step} is not a method")
             per_step[step].append(StepCall(f"{name} {step}", method, inspect.iscoroutinefunction(method), timeout))
     return Stages(**{step: tuple(calls) for step, calls in per_step.items()})
 

@@ -746,3 +746,39 @@ def test_queue_ids_are_crockford_base32_of_time_pid_and_counter() -> None:
     for secs, pid, n in [(0, 0, 0), (2**32 - 1, 2**22 - 1, 2**26 - 1), (1_764_633_600, 4321, 77), (1, 2, 3)]:
         assert _queue_id(secs, pid, n) == plain(secs, pid, n)
     assert _queue_id(1_764_633_600, 1, 1) < _queue_id(1_764_633_601, 0, 0)  # ids sort by time
+
+
+def test_fsync_off_commits_on_the_loop_once_per_iteration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    md = make_maildir(tmp_path)
+    linked_on: set[int] = set()
+    real_link = os.link
+
+    def link(src: Any, dst: Any, **kw: Any) -> None:
+        linked_on.add(threading.get_ident())
+        real_link(src, dst, **kw)
+
+    monkeypatch.setattr(os, "link", link)
+
+    async def go(w: MaildirWriter) -> tuple[list[str], dict[str, Any]]:
+        futs = [submit(w, [md], MSG + bytes([65 + i]))[1] for i in range(5)]
+        return list(await asyncio.gather(*futs)), w.stats
+
+    loop_thread = threading.get_ident()
+    stored, stats = run(go, fsync="off")
+    assert linked_on == {loop_thread}  # no hop to the committer thread
+    assert stats["batches"] == 1 and stats["messages"] == 5  # the five of one iteration together
+    assert sorted(ls(md, "new")) == sorted(stored)
+
+
+def test_fsync_off_close_commits_what_the_loop_has_not(tmp_path: Path) -> None:
+    md = make_maildir(tmp_path)
+
+    async def go(w: MaildirWriter) -> str:
+        _, fut = submit(w, [md])
+        w.close()  # on the loop, before its next turn: the thread commits it
+        return await fut
+
+    stored = run(go, fsync="off")
+    assert ls(md, "new") == [stored]

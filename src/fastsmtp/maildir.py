@@ -187,7 +187,7 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         n += k
 
 
-def _writev_all(fd: int, parts: list[bytes] | list[bytes | bytearray]) -> None:
+def _writev_all(fd: int, parts: Sequence[bytes | bytearray]) -> None:
     """os.writev until everything is written (one call in the usual case)."""
     total = sum(len(p) for p in parts)
     n = os.writev(fd, parts)

@@ -34,7 +34,7 @@ import mmap
 import socket
 import time
 from bisect import bisect_left
-from typing import Callable
+from typing import Any, Callable
 
 __all__ = [
     "Metrics", "Histogram", "MetricsHTTP", "Meter", "NO_METER", "serve_http", "observe", "http_response", "render",
@@ -315,14 +315,14 @@ class MetricsHTTP:
         self.sock = sock
         self._body = body
         # client -> [deadline, bytes received, bytes to send (None: still reading)]
-        self._clients: dict[socket.socket, list] = {}
+        self._clients: dict[socket.socket, list[Any]] = {}
 
     def fds(self) -> tuple[list[socket.socket], list[socket.socket]]:
         reading = [self.sock] + [c for c, st in self._clients.items() if st[2] is None]
         writing = [c for c, st in self._clients.items() if st[2] is not None]
         return reading, writing
 
-    def handle(self, readable: list, writable: list) -> None:
+    def handle(self, readable: list[socket.socket], writable: list[socket.socket]) -> None:
         if self.sock in readable:
             self._accept()
         for client in list(self._clients):
@@ -359,7 +359,7 @@ class MetricsHTTP:
             client.setblocking(False)
             self._clients[client] = [time.monotonic() + TIMEOUT, b"", None]
 
-    def _read(self, client: socket.socket, st: list) -> None:
+    def _read(self, client: socket.socket, st: list[Any]) -> None:
         data = client.recv(4096)
         if not data:
             self._drop(client)
@@ -370,7 +370,7 @@ class MetricsHTTP:
         elif len(st[1]) > MAX_REQUEST:
             self._drop(client)
 
-    def _write(self, client: socket.socket, st: list) -> None:
+    def _write(self, client: socket.socket, st: list[Any]) -> None:
         sent = client.send(st[2])
         st[2] = st[2][sent:]
         if not st[2]:

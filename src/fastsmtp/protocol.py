@@ -23,7 +23,7 @@ import socket
 from typing import Callable, cast
 
 from .errors import RemoteProtocolError
-from .events import Bdat, ConnectionClosed, MessageChunk, Reply
+from .events import Bdat, ConnectionClosed, Event, MessageChunk, Reply
 from .flow import FlowControl
 from .handlers import Handlers
 from .metrics import REFUSED_MAX_CONNECTIONS, REFUSED_SHUTDOWN
@@ -231,7 +231,7 @@ class SMTPProtocol(asyncio.Protocol):
             else:
                 if event is NEED_DATA or event is PAUSED:
                     break
-                kind = type(event)
+                kind = cast("type[Event]", type(event))
                 if kind is MessageChunk:
                     txn = self._handlers.txn
                     assert txn is not None and txn.spool is not None

@@ -26,12 +26,16 @@ _UNSAFE_HELO = re.compile(rb"[^A-Za-z0-9.\-_:\[\]]")
 class TraceHeaders:
     """Renders the trace block for one server host name."""
 
-    __slots__ = ("_by", "_second", "_date")
+    __slots__ = ("_by", "_second", "_date", "_helo", "_safe_helo")
 
     def __init__(self, hostname: bytes) -> None:
         self._by = b"\tby " + hostname + b" (fastsmtp) with "
         self._second = -1
         self._date = b""
+        # The last HELO argument and its sanitised form: a session sends
+        # one and then many messages.
+        self._helo: bytes | None = None
+        self._safe_helo = b""
 
     def date(self) -> bytes:
         """RFC 5322 date-time of now, in local time; recomputed once a second."""
@@ -61,7 +65,10 @@ class TraceHeaders:
         ``for <addr>`` is written only for a single recipient, so that one
         recipient's copy never names the others (RFC 5321 §7.2).
         """
-        safe_helo = _UNSAFE_HELO.sub(b"?", (helo or b"unknown")[:255])
+        if helo is not self._helo:
+            self._helo = helo
+            self._safe_helo = _UNSAFE_HELO.sub(b"?", (helo or b"unknown")[:255])
+        safe_helo = self._safe_helo
         if smtputf8:
             protocol = b"UTF8SMTP"
         else:

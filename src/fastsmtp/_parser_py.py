@@ -53,6 +53,8 @@ LF, wait for the next octet).
 
 from __future__ import annotations
 
+from ._parser_common import LineTooLong  # the one class, shared with _parser
+
 __all__ = ["LineTooLong", "LineReader", "DataReader", "DEBUG", "stuff"]
 
 #: The pure-Python twin has no debug counters.
@@ -71,10 +73,6 @@ _DOT_CR = 4  # '.' CR at line start; the CR is held back
 def _as_bytes(data: bytes | bytearray | memoryview) -> bytes:
     # Any buffer, as the compiled module takes; unlike bytes(), never an int.
     return data if type(data) is bytes else memoryview(data).tobytes()
-
-
-class LineTooLong(ValueError):
-    """A line, CRLF included, is longer than the reader's ``max_length``."""
 
 
 class LineReader:

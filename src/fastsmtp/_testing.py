@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
+
+from ._parser_common import LineTooLong
 
 __all__ = [
     "DataResult",
@@ -113,14 +114,13 @@ def read_lines(reader: Any, chunks: Iterable[bytes]) -> list[Any]:
 
     Returns ``(line, bare)`` per line and ``TOO_LONG`` per LineTooLong.
     """
-    exc = sys.modules[type(reader).__module__].LineTooLong
     out: list[Any] = []
     for chunk in chunks:
         reader.feed(chunk)
         while True:
             try:
                 line = reader.readline()
-            except exc:
+            except LineTooLong:
                 out.append(TOO_LONG)
                 continue
             if line is None:

@@ -18,7 +18,6 @@ from types import ModuleType
 import pytest
 
 from fastsmtp import _parser_common, _parser_py, parser
-from fastsmtp._parser_py import stuff
 from fastsmtp._testing import (
     TOO_LONG,
     DataResult,
@@ -27,6 +26,7 @@ from fastsmtp._testing import (
     lines_every_way,
     read_data,
     read_lines,
+    stuff,
 )
 
 PURE = os.environ.get("FASTSMTP_PUREPYTHON", "") not in ("", "0")

@@ -274,7 +274,13 @@ class Limits:
 
 
 class Envelope:
-    """The transaction being assembled; reset by MAIL, RSET, HELO/EHLO and end of data."""
+    """The transaction being assembled; a new one after each transaction ends.
+
+    Outside a transaction (GREETED, READY) the envelope is always a fresh
+    one: MAIL fills it in place, and only the end of a transaction (end of
+    data, RSET, HELO/EHLO, a refused chunk) replaces it.  Whoever kept the
+    envelope of a transaction that ended keeps it unchanged.
+    """
 
     __slots__ = ("mail_from", "mail_params", "rcpt_to", "smtputf8", "declared_size")
 
@@ -313,7 +319,7 @@ class Session:
         self._lines = LineReader(limits.max_command_line)
         self._pending: deque[bytes] = deque()
         self._reader: Reader = _read_command
-        self._data = DataReader(limits.max_message_size, limits.bare_lf == "normalize")
+        self._data: DataReader | None = None  # made at the first DATA
         self._owed: Event | None = None
         self._eom: EndOfMessage | None = None
         self._eof = False
@@ -498,33 +504,41 @@ class Session:
 
     def _apply(self, event: Event, kind: type[Event]) -> None:
         """A positive reply: the transition, and what the command does."""
-        target = TRANSITIONS[self.state][kind]
+        state = self.state
+        target = TRANSITIONS[state][kind]
         if kind is RcptTo:
             self.envelope.rcpt_to.append(event.address)  # type: ignore[attr-defined]
         elif kind is MailFrom:
             self._start_transaction(event)  # type: ignore[arg-type]
         elif kind is Data:
-            self._data.reset()
+            if self._data is None:
+                limits = self.limits
+                self._data = DataReader(limits.max_message_size, limits.bare_lf == "normalize")
+            else:
+                self._data.reset()
         elif kind is Helo or kind is Ehlo:
             self.helo = event.domain  # type: ignore[attr-defined]
             self.esmtp = kind is Ehlo
-            self.envelope = Envelope()
+            if state is not GREETED and state is not READY:
+                self.envelope = Envelope()  # RFC 5321 §4.1.4: a reset
         elif kind is Rset:
-            self.envelope = Envelope()
+            if state is not GREETED and state is not READY:
+                self.envelope = Envelope()
         elif kind is StartTLS:
             # RFC 3207 §4.2: forget everything, including what the client
             # pipelined after STARTTLS in plaintext (CVE-2011-0411): none of
-            # it may be executed inside the TLS session.
+            # it may be executed inside the TLS session.  STARTTLS is only
+            # in order in READY, so the envelope is a fresh one already.
             self._discard_input()
             self.tls = True
             self.helo = None
             self.esmtp = False
-            self.envelope = Envelope()
         if target is not None:
             self.state = target
 
     def _start_transaction(self, event: MailFrom) -> None:
-        env = Envelope()
+        # MAIL is only in order in READY, where the envelope is a fresh one.
+        env = self.envelope
         env.mail_from = event.address
         env.mail_params = params = event.params
         for key, value in params:
@@ -532,7 +546,6 @@ class Session:
                 env.declared_size = int(value or 0)
             elif key == b"SMTPUTF8":
                 env.smtputf8 = True
-        self.envelope = env
 
 
 # -- readers: READERS[state] reads the input -----------------------------------
@@ -585,6 +598,7 @@ def _read_content(session: Session) -> Event | type[NEED_DATA] | type[PAUSED]:
         session._owed = event
         return event
     reader = session._data
+    assert reader is not None
     pending = session._pending
     while pending:
         chunk = pending.popleft()

@@ -240,6 +240,8 @@ TLS_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
 # read first: a line that is not the command's syntax (``DATA now``) is a
 # 501, and an out-of-order BDAT's size is needed to skip its octets.
 _ORDER_FIRST = (MailFrom, RcptTo)
+# The commands whose positive reply does more than move the state (Session._apply).
+_EFFECTS = frozenset({RcptTo, MailFrom, Data, Helo, Ehlo, Rset, StartTLS})
 
 
 class _Refused(Event):
@@ -351,8 +353,13 @@ class Session:
         """
         if self._owed is not None:
             return PAUSED
+        reader = self._reader
         try:
-            return self._reader(self)
+            # A call site of its own for the hot readers: one that always
+            # calls the same function stays specialized (CPython 3.11+).
+            if reader is _read_command:
+                return _read_command(self)
+            return reader(self)
         except LocalProtocolError as exc:
             reply = exc.reply
             self._owed = _FATAL if reply is BDAT_SYNTAX or reply is NOT_SMTP else _REFUSED
@@ -370,10 +377,9 @@ class Session:
         if (old is _read_command) is (reader is _read_command):
             return  # the same buffer: content and chunks never meet
         if reader is _read_command:
-            lines = self._lines
-            for piece in self._pending:
-                lines.feed(piece)
-            self._pending.clear()
+            lines, pending = self._lines, self._pending
+            while pending:
+                lines.feed(pending.popleft())
         else:
             # Content a client sent before our 354 (or a chunk's octets
             # pipelined with its BDAT) is content all the same.
@@ -475,26 +481,36 @@ class Session:
         if code < 400:
             if kind is EndOfMessage:
                 self._end_transaction()
-            elif kind is not EndOfChunk and event is not _REFUSED:
-                self._apply(event, kind)
-            # An accepted chunk leaves the BDAT transaction open.
-        else:
-            self.errors += 1
-            # Any reply to the end of a message ends its transaction; a
-            # refused chunk ends it too (its data is gone).
-            if kind is EndOfMessage or kind is EndOfChunk:
-                self._end_transaction()
-            if self.errors >= self.limits.max_errors:
-                self._close()
-                return reply.encoded + TOO_MANY_ERRORS.encoded
-        reader = READERS[self.state]
-        if reader is not self._reader:
-            self._use(reader)
+            elif kind is EndOfChunk:
+                self._use(_read_command)  # the BDAT transaction stays open
+            elif event is not _REFUSED:
+                # The transition, as TRANSITIONS says; then what the command
+                # does, for the commands that do something.
+                target = TRANSITIONS[self.state][kind]
+                if kind in _EFFECTS:
+                    self._apply(event, kind)
+                if target is not None:
+                    self.state = target
+                    reader = READERS[target]
+                    if reader is not self._reader:
+                        self._use(reader)
+            return reply.encoded
+        self.errors += 1
+        # Any reply to the end of a message ends its transaction; a refused
+        # chunk ends it too (its data is gone).
+        if kind is EndOfMessage or kind is EndOfChunk:
+            self._end_transaction()
+        if self.errors >= self.limits.max_errors:
+            self._close()
+            return reply.encoded + TOO_MANY_ERRORS.encoded
+        if self._reader is not _read_command:
+            self._use(READERS[self.state])  # after a chunk read to be refused
         return reply.encoded
 
     def _end_transaction(self) -> None:
         self.envelope = Envelope()
         self.state = READY
+        self._use(_read_command)
 
     def _close(self) -> None:
         # Nothing is read after this, so nothing is kept either.
@@ -503,9 +519,8 @@ class Session:
         self._reader = _read_nothing
 
     def _apply(self, event: Event, kind: type[Event]) -> None:
-        """A positive reply: the transition, and what the command does."""
+        """A positive reply: what the command does, before its transition."""
         state = self.state
-        target = TRANSITIONS[state][kind]
         if kind is RcptTo:
             self.envelope.rcpt_to.append(event.address)  # type: ignore[attr-defined]
         elif kind is MailFrom:
@@ -533,8 +548,6 @@ class Session:
             self.tls = True
             self.helo = None
             self.esmtp = False
-        if target is not None:
-            self.state = target
 
     def _start_transaction(self, event: MailFrom) -> None:
         # MAIL is only in order in READY, where the envelope is a fresh one.

@@ -479,6 +479,17 @@ def test_bdat_out_of_order_octets_are_skipped_then_503() -> None:
     assert out == b"503 5.5.1 Error: need MAIL command\r\n250 2.0.0 Ok\r\n"
 
 
+def test_bdat_out_of_order_answered_positively_changes_nothing() -> None:
+    # A server may only pass the session's own 503 on, but if it answers
+    # otherwise, the skipped chunk must still hand the next command over.
+    s = session_in(READY)
+    s.receive_data(b"BDAT 2\r\nxyNOOP\r\n")
+    with pytest.raises(RemoteProtocolError):
+        s.next_event()
+    assert s.send(OK) == OK.encoded and s.state is READY
+    assert isinstance(s.next_event(), Noop)
+
+
 def test_data_after_bdat_is_refused() -> None:
     s = session_in(RCPT)
     _, out = drive(s, b"BDAT 1\r\nxDATA\r\n")

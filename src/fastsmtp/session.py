@@ -483,7 +483,11 @@ class Session:
                 self._end_transaction()
             elif kind is EndOfChunk:
                 self._use(_read_command)  # the BDAT transaction stays open
-            elif event is not _REFUSED:
+            elif event is _REFUSED:
+                # A refusal answered positively changes nothing, but a chunk
+                # read to be refused still hands over what follows it.
+                self._use(READERS[self.state])
+            else:
                 # The transition, as TRANSITIONS says; then what the command
                 # does, for the commands that do something.
                 target = TRANSITIONS[self.state][kind]

@@ -176,7 +176,7 @@ def parse_mail(arg: bytes, max_size: int) -> MailFrom:
     return MailFrom(address, params)
 
 
-def parse_rcpt(arg: bytes) -> Event:
+def parse_rcpt(arg: bytes) -> RcptTo:
     """``RCPT TO:<path>`` (RFC 5321 §4.1.1.3); no parameters are offered.
 
     Whether a non-ASCII recipient is allowed depends on the MAIL of the

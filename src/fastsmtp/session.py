@@ -64,19 +64,15 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-# The replies of command syntax live with the parsers; importing them here
-# keeps them where they always were (session.UNKNOWN_COMMAND and so on).
+# The replies of command syntax live with their parsers, in commands.py.
 from .commands import (
-    BAD_PARAMETER,
     BDAT_SYNTAX,
     FORBIDDEN,
-    MAX_HELO,
     MESSAGE_TOO_BIG,
     NEED_SMTPUTF8,
     NOT_SMTP,
     PARSERS,
     UNKNOWN_COMMAND,
-    UNKNOWN_PARAMETER,
     VERBS,
     parse_bdat,
     parse_mail,
@@ -422,7 +418,7 @@ class Session:
             if len(envelope.rcpt_to) >= self.limits.max_recipients:
                 raise LocalProtocolError("too many recipients", TOO_MANY_RECIPIENTS)
             event = parse_rcpt(arg)
-            if event.address.utf8 and not envelope.smtputf8:  # type: ignore[attr-defined]
+            if event.address.utf8 and not envelope.smtputf8:
                 # RFC 6531 §3.5: only in a transaction that gave SMTPUTF8.
                 raise LocalProtocolError("non-ASCII recipient without SMTPUTF8", NEED_SMTPUTF8)
             return event

@@ -32,7 +32,7 @@ import pytest
 pytest.importorskip("pytest_benchmark")
 
 from fastsmtp import _parser_py  # noqa: E402
-from fastsmtp._parser_py import stuff  # noqa: E402
+from fastsmtp._testing import stuff  # noqa: E402
 
 PURE = os.environ.get("FASTSMTP_PUREPYTHON", "") not in ("", "0")
 BIG = 1 << 40

@@ -17,8 +17,7 @@ from types import ModuleType
 
 import pytest
 
-from fastsmtp import _parser_py, parser
-from fastsmtp._parser_py import stuff
+from fastsmtp import _parser_common, _parser_py, parser
 from fastsmtp._testing import (
     TOO_LONG,
     DataResult,
@@ -27,6 +26,7 @@ from fastsmtp._testing import (
     lines_every_way,
     read_data,
     read_lines,
+    stuff,
 )
 
 PURE = os.environ.get("FASTSMTP_PUREPYTHON", "") not in ("", "0")
@@ -86,6 +86,16 @@ def test_selector_falls_back(env: str, compiled_missing: bool, expected: str) ->
 
 def test_line_too_long_is_a_value_error(impl: ModuleType) -> None:
     assert issubclass(impl.LineTooLong, ValueError)
+
+
+def test_one_line_too_long_for_both_implementations(impl: ModuleType) -> None:
+    # One class, whichever reader raised it: ``except LineTooLong`` in the
+    # session catches both (_parser_common.py).
+    assert impl.LineTooLong is parser.LineTooLong is _parser_common.LineTooLong
+    reader = impl.LineReader(4)
+    reader.feed(b"NOOP\r\n")
+    with pytest.raises(_parser_common.LineTooLong):
+        reader.readline()
 
 
 # -- DataReader: the end of data (RFC 5321 §4.1.1.4) ------------------------

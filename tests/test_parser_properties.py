@@ -20,8 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastsmtp import _parser_py
-from fastsmtp._parser_py import stuff
-from fastsmtp._testing import chunked, expected_data, read_data, read_lines
+from fastsmtp._testing import chunked, expected_data, read_data, read_lines, stuff
 
 PURE = os.environ.get("FASTSMTP_PUREPYTHON", "") not in ("", "0")
 BIG = 1 << 40

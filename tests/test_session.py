@@ -26,9 +26,11 @@ from fastsmtp.events import (
     RcptTo,
     Reply,
     Rset,
+    StartTLS,
     Vrfy,
 )
 from fastsmtp.session import (
+    BDAT,
     CLOSED,
     DATA,
     GREETED,
@@ -82,11 +84,13 @@ def drive(
 
 def session_in(state: type, limits: Limits = Limits()) -> Session:
     s = Session(limits)
+    rcpt = b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
     script = {
         GREETED: b"",
         READY: b"EHLO client.example\r\n",
         MAIL: b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\n",
-        RCPT: b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n",
+        RCPT: rcpt,
+        BDAT: rcpt + b"BDAT 1\r\nx",  # one chunk accepted, no LAST yet
     }[state]
     if script:
         drive(s, script)
@@ -100,29 +104,86 @@ COMMANDS = {
     MailFrom: b"MAIL FROM:<x@example.org>\r\n",
     RcptTo: b"RCPT TO:<y@example.net>\r\n",
     Data: b"DATA\r\n",
+    Bdat: b"BDAT 2\r\nyz",
     Rset: b"RSET\r\n",
     Noop: b"NOOP\r\n",
     Vrfy: b"VRFY someone\r\n",
     Help: b"HELP\r\n",
     Quit: b"QUIT\r\n",
+    StartTLS: b"STARTTLS\r\n",
 }
 
+# The contract, written out by hand from RFC 5321 §4.1.4 (command order),
+# RFC 3030 §2 (only BDAT after BDAT) and RFC 3207 §4.2 (STARTTLS outside a
+# transaction, back to the start): state x command -> the reply the client
+# gets (the session's 503, or the server's answer from default_answer) and
+# the state after it.  Not computed from TRANSITIONS: a wrong table must
+# fail here.  STARTTLS is offered (Limits(starttls=True)); a BDAT in order
+# is answered when its two octets are in.
+OK_ = "250 2.0.0 Ok"
+GO = "354 go ahead"
+HELO_FIRST = "503 5.5.1 Error: send HELO/EHLO first"
+NEED_MAIL = "503 5.5.1 Error: need MAIL command"
+NESTED = "503 5.5.1 Error: nested MAIL command"
+NO_RCPT = "503 5.5.1 Error: no valid recipients"
+IN_MAIL = "503 5.5.1 Error: MAIL transaction in progress"
+ONLY_BDAT = "503 5.5.1 Error: only BDAT may follow BDAT"
+EXPECTED: dict[type, dict[type, tuple[str, type]]] = {
+    GREETED: {
+        Helo: (OK_, READY), Ehlo: (OK_, READY), MailFrom: (HELO_FIRST, GREETED),
+        RcptTo: (NEED_MAIL, GREETED), Data: (NEED_MAIL, GREETED), Bdat: (NEED_MAIL, GREETED),
+        Rset: (OK_, GREETED), Noop: (OK_, GREETED), Vrfy: (OK_, GREETED), Help: (OK_, GREETED),
+        Quit: (OK_, CLOSED), StartTLS: (HELO_FIRST, GREETED),
+    },
+    READY: {
+        Helo: (OK_, READY), Ehlo: (OK_, READY), MailFrom: (OK_, MAIL),
+        RcptTo: (NEED_MAIL, READY), Data: (NEED_MAIL, READY), Bdat: (NEED_MAIL, READY),
+        Rset: (OK_, READY), Noop: (OK_, READY), Vrfy: (OK_, READY), Help: (OK_, READY),
+        Quit: (OK_, CLOSED), StartTLS: (OK_, GREETED),
+    },
+    MAIL: {
+        Helo: (OK_, READY), Ehlo: (OK_, READY), MailFrom: (NESTED, MAIL),
+        RcptTo: (OK_, RCPT), Data: (NO_RCPT, MAIL), Bdat: (NO_RCPT, MAIL),
+        Rset: (OK_, READY), Noop: (OK_, MAIL), Vrfy: (OK_, MAIL), Help: (OK_, MAIL),
+        Quit: (OK_, CLOSED), StartTLS: (IN_MAIL, MAIL),
+    },
+    RCPT: {
+        Helo: (OK_, READY), Ehlo: (OK_, READY), MailFrom: (NESTED, RCPT),
+        RcptTo: (OK_, RCPT), Data: (GO, DATA), Bdat: (OK_, BDAT),
+        Rset: (OK_, READY), Noop: (OK_, RCPT), Vrfy: (OK_, RCPT), Help: (OK_, RCPT),
+        Quit: (OK_, CLOSED), StartTLS: (IN_MAIL, RCPT),
+    },
+    BDAT: {
+        Helo: (OK_, READY), Ehlo: (OK_, READY), MailFrom: (NESTED, BDAT),
+        RcptTo: (ONLY_BDAT, BDAT), Data: (ONLY_BDAT, BDAT), Bdat: (OK_, BDAT),
+        Rset: (OK_, READY), Noop: (OK_, BDAT), Vrfy: (OK_, BDAT), Help: (OK_, BDAT),
+        Quit: (OK_, CLOSED), StartTLS: (IN_MAIL, BDAT),
+    },
+}  # fmt: skip
 
-@pytest.mark.parametrize("state", [GREETED, READY, MAIL, RCPT], ids=repr)
-@pytest.mark.parametrize("command", list(COMMANDS), ids=lambda c: c.__name__)
+
+def test_expected_table_covers_every_state_that_reads_commands() -> None:
+    # DATA reads content and CLOSED reads nothing; every other state is above.
+    assert set(EXPECTED) == set(TRANSITIONS) - {DATA, CLOSED}
+    assert all(set(row) == set(COMMANDS) for row in EXPECTED.values())
+
+
+@pytest.mark.parametrize(
+    "state,command",
+    [(state, command) for state, row in EXPECTED.items() for command in row],
+    ids=lambda x: getattr(x, "__name__", repr(x)),
+)
 def test_every_state_and_command(state: type, command: type) -> None:
-    """The transition table is the contract: allowed commands advance, others get 503 5.5.1."""
-    s = session_in(state)
+    """Allowed commands advance as the written-out table says, others get its 503 5.5.1."""
+    reply, after = EXPECTED[state][command]
+    s = session_in(state, Limits(starttls=True))
     seen, out = drive(s, COMMANDS[command])
-    allowed = TRANSITIONS[state]
-    if command in allowed:
-        assert type(seen[0]) is command
-        target = allowed[command]
-        assert s.state is (state if target is None else target)
+    assert out == reply.encode() + b"\r\n"
+    assert s.state is after
+    if reply.startswith("503"):
+        assert seen == [Reply(503, "5.5.1", reply[10:])]
     else:
-        assert seen == [Reply(503, "5.5.1", seen[0].text)]  # type: ignore[union-attr]
-        assert out.startswith(b"503 5.5.1 ")
-        assert s.state is state
+        assert type(seen[0]) is command
 
 
 @pytest.mark.parametrize(
@@ -416,6 +477,17 @@ def test_bdat_out_of_order_octets_are_skipped_then_503() -> None:
     _, out = drive(s, b"BDAT 6\r\nNOOP\r\nNOOP\r\n")
     # The six octets "NOOP\r\n" are the chunk; the second NOOP is a command.
     assert out == b"503 5.5.1 Error: need MAIL command\r\n250 2.0.0 Ok\r\n"
+
+
+def test_bdat_out_of_order_answered_positively_changes_nothing() -> None:
+    # A server may only pass the session's own 503 on, but if it answers
+    # otherwise, the skipped chunk must still hand the next command over.
+    s = session_in(READY)
+    s.receive_data(b"BDAT 2\r\nxyNOOP\r\n")
+    with pytest.raises(RemoteProtocolError):
+        s.next_event()
+    assert s.send(OK) == OK.encoded and s.state is READY
+    assert isinstance(s.next_event(), Noop)
 
 
 def test_data_after_bdat_is_refused() -> None:

@@ -28,8 +28,7 @@ from hypothesis import event as note
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from fastsmtp._parser_py import stuff
-from fastsmtp._testing import chunked, expected_data
+from fastsmtp._testing import chunked, expected_data, stuff
 from fastsmtp.errors import RemoteProtocolError
 from fastsmtp.events import (
     Bdat,

@@ -2,14 +2,14 @@
 # and documents the contract.
 from typing import Final, Union
 
+from ._parser_common import LineTooLong as LineTooLong
+
 # Any object with the buffer protocol is accepted; these are the usual ones.
 _Buffer = Union[bytes, bytearray, memoryview]
 
 __all__ = ["LineTooLong", "LineReader", "DataReader", "DEBUG"]
 
 DEBUG: Final[bool]
-
-class LineTooLong(ValueError): ...
 
 class LineReader:
     @property

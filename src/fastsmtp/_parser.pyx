@@ -21,6 +21,9 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport PyObject, Py_XDECREF
 from libc.string cimport memchr, memcpy, memmove
 
+# The one LineTooLong, shared with the twin (_parser_common.py).
+from fastsmtp._parser_common import LineTooLong
+
 cdef extern from "Python.h":
     # Declared by hand so that the new object stays a raw reference that
     # _PyBytes_Resize may shrink in place once the content length is known.
@@ -39,10 +42,6 @@ __all__ = ["LineTooLong", "LineReader", "DataReader", "DEBUG"]
 
 #: True in builds made with FASTSMTP_DEBUG set (the ``_debug_*`` counters count).
 DEBUG = FASTSMTP_DEBUG
-
-
-class LineTooLong(ValueError):
-    """A line, CRLF included, is longer than the reader's ``max_length``."""
 
 
 @cython.final

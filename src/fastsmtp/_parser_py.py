@@ -53,7 +53,9 @@ LF, wait for the next octet).
 
 from __future__ import annotations
 
-__all__ = ["LineTooLong", "LineReader", "DataReader", "DEBUG", "stuff"]
+from ._parser_common import LineTooLong  # the one class, shared with _parser
+
+__all__ = ["LineTooLong", "LineReader", "DataReader", "DEBUG"]
 
 #: The pure-Python twin has no debug counters.
 DEBUG = False
@@ -71,10 +73,6 @@ _DOT_CR = 4  # '.' CR at line start; the CR is held back
 def _as_bytes(data: bytes | bytearray | memoryview) -> bytes:
     # Any buffer, as the compiled module takes; unlike bytes(), never an int.
     return data if type(data) is bytes else memoryview(data).tobytes()
-
-
-class LineTooLong(ValueError):
-    """A line, CRLF included, is longer than the reader's ``max_length``."""
 
 
 class LineReader:
@@ -279,19 +277,3 @@ class DataReader:
                 self._out.append(chunk)
         self.size += m
 
-
-def stuff(content: bytes) -> bytes:
-    """Return ``content`` as a client sends it after DATA (RFC 5321 §4.5.2).
-
-    Every line that starts with '.' gets one more '.', and the terminator
-    ``.<CRLF>`` is appended.  Non-empty content that does not end with CRLF
-    gets a CRLF first, as clients do, so the result then decodes to
-    ``content + b"\\r\\n"``.  Only CRLF ends a line here, exactly as in the
-    readers: a '.' after a bare LF is not stuffed.
-    """
-    if content and not content.endswith(b"\r\n"):
-        content += b"\r\n"
-    out = content.replace(b"\r\n.", b"\r\n..")
-    if out.startswith(b"."):
-        out = b"." + out
-    return out + b".\r\n"

@@ -6,16 +6,20 @@ Rules of this module:
   leave alone.  ``feed_every_way`` and ``lines_every_way`` do that and return
   the one answer all ways agree on.
 - ``expected_data`` is the DATA contract written as plainly as possible, over
-  a whole input at once; the readers must agree with it.
+  a whole input at once; the readers must agree with it.  ``stuff`` is its
+  inverse, the client's side: content as sent after DATA.
+- Nothing in the server imports this module; helpers live here, not in the
+  production parsers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
+
+from ._parser_common import LineTooLong
 
 __all__ = [
     "DataResult",
@@ -26,6 +30,7 @@ __all__ = [
     "lines_every_way",
     "read_data",
     "read_lines",
+    "stuff",
 ]
 
 #: What a pipelining client may send after the end of data.
@@ -113,14 +118,13 @@ def read_lines(reader: Any, chunks: Iterable[bytes]) -> list[Any]:
 
     Returns ``(line, bare)`` per line and ``TOO_LONG`` per LineTooLong.
     """
-    exc = sys.modules[type(reader).__module__].LineTooLong
     out: list[Any] = []
     for chunk in chunks:
         reader.feed(chunk)
         while True:
             try:
                 line = reader.readline()
-            except exc:
+            except LineTooLong:
                 out.append(TOO_LONG)
                 continue
             if line is None:
@@ -147,6 +151,23 @@ def lines_every_way(factory: Callable[[], Any], payload: bytes) -> tuple[list[An
         assert read_lines(reader, [payload + b"RSET"]) == whole
         assert len(reader) == 4 and reader.take() == b"RSET"
     return whole, rest
+
+
+def stuff(content: bytes) -> bytes:
+    """Return ``content`` as a client sends it after DATA (RFC 5321 §4.5.2).
+
+    Every line that starts with '.' gets one more '.', and the terminator
+    ``.<CRLF>`` is appended.  Non-empty content that does not end with CRLF
+    gets a CRLF first, as clients do, so the result then decodes to
+    ``content + b"\\r\\n"``.  Only CRLF ends a line here, exactly as in the
+    readers: a '.' after a bare LF is not stuffed.
+    """
+    if content and not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    out = content.replace(b"\r\n.", b"\r\n..")
+    if out.startswith(b"."):
+        out = b"." + out
+    return out + b".\r\n"
 
 
 _STUFFING = re.compile(rb"(\A|\r\n)\.")

@@ -2,6 +2,8 @@
 
 Rule 1: everything that affects the state machine and its transitions lives
 in this file, and the transitions themselves are data (``TRANSITIONS``).
+The command parsers (commands.py) are pure functions of a line: they make
+events and refusals, and never see the state.
 
 Rule 2: no I/O.  This module imports no socket, loop, clock or file module;
 ``receive_data(b"")`` means end of input.
@@ -28,10 +30,21 @@ Command-order and syntax errors are raised from ``next_event()`` as
 reply to ``send()`` like any other.  Any other exception out of
 ``next_event()`` is a bug.
 
-After a positive reply to DATA, the session reads message content with the
-compiled ``DataReader`` and produces ``MessageChunk`` events (already
-dot-unstuffed, owing no reply), then one ``EndOfMessage``.  Only
-``<CRLF>.<CRLF>`` ends the data.
+A command line goes: verb -> event type (``commands.VERBS``); the
+transition table says whether that type is in order in this state; then
+the pure parser turns the argument into the event.  MAIL and RCPT out of
+order are 503 before their argument is read; any other command out of
+order has its argument checked first (``DATA now`` is 501 in any state),
+and BDAT must be parsed anyway, to skip its octets.
+
+Framing is a reader chosen by state (``READERS[state]``, as in h11): command
+lines, DATA content, or (picked by a ``Bdat`` event) a chunk's octets.
+Bytes received but not read wait for the current reader, and ``_use()`` is
+the one place that hands them to the next one.  After a positive reply to
+DATA the content reader (the compiled ``DataReader``) produces
+``MessageChunk`` events (already dot-unstuffed, owing no reply), then one
+``EndOfMessage``.  Only ``<CRLF>.<CRLF>`` ends the data.  What follows it
+goes back to the line reader with the reply to ``EndOfMessage``.
 
 BDAT (RFC 3030) is the one command whose reply follows its payload: the
 session yields ``Bdat`` (owing nothing), the chunk's octets as
@@ -49,9 +62,24 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
-from ._abnf import parse_mail_argument, parse_rcpt_argument
-from .errors import LocalProtocolError, RemoteProtocolError
+# The replies of command syntax live with their parsers, in commands.py.
+from .commands import (
+    BDAT_SYNTAX,
+    FORBIDDEN,
+    MESSAGE_TOO_BIG,
+    NEED_SMTPUTF8,
+    NOT_SMTP,
+    PARSERS,
+    UNKNOWN_COMMAND,
+    VERBS,
+    parse_bdat,
+    parse_mail,
+    parse_rcpt,
+    parse_starttls,
+)
+from .errors import LocalProtocolError
 from .events import (
     Address,
     Bdat,
@@ -91,6 +119,7 @@ __all__ = [
     "NEED_DATA",
     "PAUSED",
     "TRANSITIONS",
+    "READERS",
 ]
 
 
@@ -194,44 +223,21 @@ ORDER_ERRORS: dict[tuple[type[State], type[Event]], Reply] = {
     (BDAT, StartTLS): _IN_TRANSACTION,
 }
 
-UNKNOWN_COMMAND = Reply(500, "5.5.2", "Error: command not recognized")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
 BARE_NEWLINE = Reply(500, "5.5.2", "Error: bare <CR> or <LF> in command line")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Error: too many errors")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
-MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message exceeds fixed maximum message size")
 BARE_LF_REFUSED = Reply(550, "5.5.2", "Error: bare <CR> or <LF> in message content")
-UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Error: unsupported MAIL/RCPT parameter")
-BAD_PARAMETER = Reply(501, "5.5.4", "Error: bad parameter value")
-# RFC 6531 §3.5: a non-ASCII address needs SMTPUTF8 on MAIL.
-NEED_SMTPUTF8 = Reply(553, "5.6.7", "Error: non-ASCII address needs SMTPUTF8")
 NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
 TLS_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
-# RFC 3030 §2: a BDAT whose size cannot be read leaves the byte stream with
-# no known boundary; the only safe answer is to close (Postfix does too).
-BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT size [LAST]")
-# Another protocol on the SMTP port: a browser or a proxy probe (cross-
-# protocol attacks relay these through HTTP clients), or a POP3 client.
-# Postfix closes on the same words (smtpd_forbidden_commands); so do we.
-NOT_SMTP = Reply(221, "2.7.0", "Error: not an SMTP command; closing")
-_FORBIDDEN = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS", b"USER", b"PROXY"})
-# RFC 1035 §2.3.4: a domain name is at most 255 octets; an address literal
-# is shorter still.  A longer HELO argument is not a name.
-MAX_HELO = 255
-
-
-def _syntax(usage: str) -> Reply:
-    return Reply(501, "5.5.4", f"Syntax: {usage}")
-
-
-_HELO_SYNTAX = _syntax("HELO hostname")
-_EHLO_SYNTAX = _syntax("EHLO hostname")
-_NO_ARGUMENT = {
-    b"DATA": _syntax("DATA"),
-    b"RSET": _syntax("RSET"),
-    b"QUIT": _syntax("QUIT"),
-    b"STARTTLS": _syntax("STARTTLS"),
-}
+# The commands whose order is checked before their argument: a MAIL or RCPT
+# argument means nothing outside its transaction, so a nested MAIL is 503
+# whatever its syntax.  Every other command out of order has its argument
+# read first: a line that is not the command's syntax (``DATA now``) is a
+# 501, and an out-of-order BDAT's size is needed to skip its octets.
+_ORDER_FIRST = (MailFrom, RcptTo)
+# The commands whose positive reply does more than move the state (Session._apply).
+_EFFECTS = frozenset({RcptTo, MailFrom, Data, Helo, Ehlo, Rset, StartTLS})
 
 
 class _Refused(Event):
@@ -266,7 +272,13 @@ class Limits:
 
 
 class Envelope:
-    """The transaction being assembled; reset by MAIL, RSET, HELO/EHLO and end of data."""
+    """The transaction being assembled; a new one after each transaction ends.
+
+    Outside a transaction (GREETED, READY) the envelope is always a fresh
+    one: MAIL fills it in place, and only the end of a transaction (end of
+    data, RSET, HELO/EHLO, a refused chunk) replaces it.  Whoever kept the
+    envelope of a transaction that ended keeps it unchanged.
+    """
 
     __slots__ = ("mail_from", "mail_params", "rcpt_to", "smtputf8", "declared_size")
 
@@ -276,6 +288,10 @@ class Envelope:
         self.rcpt_to: list[Address] = []
         self.smtputf8 = False
         self.declared_size = 0
+
+
+#: A reader takes the session's buffered input and returns the next event.
+Reader = Callable[["Session"], "Event | type[NEED_DATA] | type[PAUSED]"]
 
 
 class Session:
@@ -291,20 +307,20 @@ class Session:
         #: Error replies sent so far (RFC 5321 §4.5.3.2 leaves the policy to
         #: the server; Postfix counts every 4xx/5xx).
         self.errors = 0
-        self._lines = LineReader(limits.max_command_line)
-        self._data = DataReader(limits.max_message_size, limits.bare_lf == "normalize")
-        # Chunks received while in DATA; the reader takes them one per event
-        # so that each network read becomes at most one MessageChunk.
-        self._data_in: deque[bytes] = deque()
-        # True while octets are message content (DATA, or a BDAT chunk)
-        # rather than command lines.
-        self._raw = False
-        self._owed: Event | None = None
-        self._eom: EndOfMessage | None = None
-        self._eof = False
         #: Set once STARTTLS has been answered 220 (or the listener is
         #: implicit TLS): the server owns the handshake.
         self.tls = False
+        # Input not read yet waits in one of two places: command lines in
+        # the LineReader (its CRLF search resumes where it stopped), content
+        # and chunk octets in _pending, whole as received, so that each
+        # network read becomes at most one MessageChunk.  _use() moves it.
+        self._lines = LineReader(limits.max_command_line)
+        self._pending: deque[bytes] = deque()
+        self._reader: Reader = _read_command
+        self._data: DataReader | None = None  # made at the first DATA
+        self._owed: Event | None = None
+        self._eom: EndOfMessage | None = None
+        self._eof = False
         # The BDAT chunk being read: octets still to come, its size, whether
         # it is LAST, the message size so far, and the reply it will get if
         # it was out of order (its octets are read and dropped first).
@@ -320,10 +336,10 @@ class Session:
         """Add received bytes; ``b""`` means the peer closed its side."""
         if not data:
             self._eof = True
-        elif self._raw:
-            self._data_in.append(data)
-        else:
+        elif self._reader is _read_command:
             self._lines.feed(data)
+        elif self._reader is not _read_nothing:
+            self._pending.append(data)
 
     def next_event(self) -> Event | type[NEED_DATA] | type[PAUSED]:
         """The next event, ``NEED_DATA``, or ``PAUSED`` while a reply is owed.
@@ -331,136 +347,103 @@ class Session:
         Raises:
             RemoteProtocolError: the peer's input is wrong; send its ``reply``.
         """
-        if self._owed is not None or self.state is CLOSED:
+        if self._owed is not None:
             return PAUSED
-        if self._raw:
-            if self.state is DATA:
-                return self._next_data_event()
-            return self._next_chunk_event()
+        reader = self._reader
         try:
-            event = self._next_command()
+            # A call site of its own for the hot readers: one that always
+            # calls the same function stays specialized (CPython 3.11+).
+            if reader is _read_command:
+                return _read_command(self)
+            return reader(self)
         except LocalProtocolError as exc:
-            self._owed = _FATAL if exc.reply is BDAT_SYNTAX or exc.reply is NOT_SMTP else _REFUSED
+            reply = exc.reply
+            self._owed = _FATAL if reply is BDAT_SYNTAX or reply is NOT_SMTP else _REFUSED
             raise exc._reraise_as_remote() from None
-        if event is NEED_DATA:
-            if self._raw:  # an out-of-order BDAT: its octets come first
-                return self._next_chunk_event()
-            return ConnectionClosed() if self._eof else NEED_DATA
-        if type(event) is Bdat:
-            return self._start_chunk(event)  # type: ignore[arg-type]
-        self._owed = event  # type: ignore[assignment]
-        return event
 
-    def _next_command(self) -> Event | type[NEED_DATA]:
-        try:
-            line = self._lines.readline()
-        except LineTooLong:
-            raise LocalProtocolError("command line too long", LINE_TOO_LONG) from None
-        if line is None:
-            return NEED_DATA
-        if self._lines.bare:
-            # RFC 5321 §2.3.8: lines end with CRLF only.  Accepting a bare
-            # LF here would let a command hide inside another one.
-            raise LocalProtocolError("bare CR or LF in a command", BARE_NEWLINE)
-        space = line.find(b" ")
-        verb = (line if space < 0 else line[:space]).upper()
-        parse = _PARSERS.get(verb)
-        if parse is None:
-            if verb in _FORBIDDEN:
-                raise LocalProtocolError(f"not SMTP: {verb!r}", NOT_SMTP)
-            raise LocalProtocolError(f"unknown command {line[:16]!r}", UNKNOWN_COMMAND)
-        event = parse(self, verb, line[len(verb) :])
-        next_state = TRANSITIONS[self.state]
-        if type(event) not in next_state:
-            reply = ORDER_ERRORS.get((self.state, type(event)), _NEED_MAIL)
-            if type(event) is Bdat:
-                return self._skip_chunk(event, reply)  # type: ignore[arg-type]
-            raise LocalProtocolError("command out of order", reply)
-        return event
+    def _use(self, reader: Reader) -> None:
+        """Make ``reader`` the reader, handing it the input not read yet.
 
-    def _next_data_event(self) -> Event | type[NEED_DATA]:
-        if self._eom is not None:
-            event, self._eom = self._eom, None
-            self._owed = event
-            self._raw = False
+        The one place where leftover bytes pass from one reader to the next:
+        the readers themselves only ever put back, at the front of
+        ``_pending``, what they took from it and did not consume.
+        """
+        old = self._reader
+        self._reader = reader
+        if (old is _read_command) is (reader is _read_command):
+            return  # the same buffer: content and chunks never meet
+        if reader is _read_command:
+            lines, pending = self._lines, self._pending
+            while pending:
+                lines.feed(pending.popleft())
+        else:
+            # Content a client sent before our 354 (or a chunk's octets
+            # pipelined with its BDAT) is content all the same.
+            rest = self._lines.take()
+            if rest:
+                self._pending.append(rest)
+
+    def _discard_input(self) -> None:
+        self._lines.take()
+        self._pending.clear()
+
+    # -- commands --------------------------------------------------------------
+
+    def _out_of_order(self, kind: type[Event], arg: bytes) -> Event | type[NEED_DATA]:
+        reply = ORDER_ERRORS.get((self.state, kind), _NEED_MAIL)
+        if kind not in _ORDER_FIRST:
+            parse = PARSERS.get(kind)
+            event = parse(arg) if parse is not None else self._parse(kind, arg)  # syntax first
+            if kind is Bdat:
+                # RFC 3030 §2: the octets follow whatever the answer; read
+                # and drop them, then answer 503.
+                self._begin_chunk(event, reply)  # type: ignore[arg-type]
+                return _read_chunk(self)
+        raise LocalProtocolError("command out of order", reply)
+
+    def _parse(self, kind: type[Event], arg: bytes) -> Event:
+        """A command not in ``PARSERS``: its pure parser, and around it the session's facts.
+
+        The size limit is passed to MAIL's parser (its SIZE check sits among
+        the parameter checks); the recipient count is checked before RCPT's
+        argument (452 whatever the syntax, RFC 5321 §4.5.3.1.10), SMTPUTF8
+        after it; TLS after STARTTLS's, TLS active coming first.
+        """
+        if kind is MailFrom:
+            return parse_mail(arg, self.limits.max_message_size)
+        if kind is Bdat:
+            return parse_bdat(arg, self.state is not BDAT)
+        if kind is RcptTo:
+            envelope = self.envelope
+            if len(envelope.rcpt_to) >= self.limits.max_recipients:
+                raise LocalProtocolError("too many recipients", TOO_MANY_RECIPIENTS)
+            event = parse_rcpt(arg)
+            if event.address.utf8 and not envelope.smtputf8:
+                # RFC 6531 §3.5: only in a transaction that gave SMTPUTF8.
+                raise LocalProtocolError("non-ASCII recipient without SMTPUTF8", NEED_SMTPUTF8)
             return event
-        reader = self._data
-        while self._data_in:
-            chunk = self._data_in.popleft()
-            content, consumed = reader.feed(chunk)
-            if reader.done:
-                # Whatever follows the terminator is the next commands.
-                if consumed < len(chunk):
-                    self._lines.feed(chunk[consumed:] if consumed else chunk)
-                while self._data_in:
-                    self._lines.feed(self._data_in.popleft())
-                eom = self._end_of_message()
-                if content:
-                    self._eom = eom
-                    return MessageChunk(content)
-                self._owed = eom
-                self._raw = False
-                return eom
-            if content:
-                return MessageChunk(content)
-        return ConnectionClosed() if self._eof else NEED_DATA
+        event = parse_starttls(arg)
+        if self.tls:
+            raise LocalProtocolError("STARTTLS inside TLS", TLS_ACTIVE)
+        if not self.limits.starttls:
+            raise LocalProtocolError("STARTTLS not configured", NOT_IMPLEMENTED)
+        return event
 
     def _start_chunk(self, event: Bdat) -> Bdat:
         """Enter a BDAT chunk: its octets are content, whatever they contain."""
         if event.first:
             self._bdat_total = 0
-        self.state = BDAT
-        self._begin_raw(event.size, event.last, None)
+        self.state = BDAT  # Bdat moves when read: its reply follows its octets
+        self._begin_chunk(event, None)
         return event
 
-    def _skip_chunk(self, event: Bdat, reply: Reply) -> type[NEED_DATA]:
-        """Read and drop an out-of-order chunk, then answer ``reply``."""
-        self._begin_raw(event.size, event.last, reply)
-        return NEED_DATA  # next_event() continues in _next_chunk_event
-
-    def _begin_raw(self, size: int, last: bool, error: Reply | None) -> None:
-        self._chunk_left = self._chunk_size = size
-        self._chunk_last = last
+    def _begin_chunk(self, event: Bdat, error: Reply | None) -> None:
+        self._chunk_left = self._chunk_size = event.size
+        self._chunk_last = event.last
         self._chunk_error = error
-        self._raw = True
-        pending = self._lines.take()
-        if pending:
-            self._data_in.append(pending)
+        self._use(_read_chunk)
 
-    def _next_chunk_event(self) -> Event | type[NEED_DATA]:
-        limit = self.limits.max_message_size
-        while self._chunk_left and self._data_in:
-            piece = self._data_in.popleft()
-            if len(piece) > self._chunk_left:
-                self._data_in.appendleft(piece[self._chunk_left :])
-                piece = piece[: self._chunk_left]
-            self._chunk_left -= len(piece)
-            if self._chunk_error is not None:
-                continue
-            room = limit - self._bdat_total
-            self._bdat_total += len(piece)
-            if room > 0:
-                return MessageChunk(piece if len(piece) <= room else piece[:room])
-        if self._chunk_left:
-            return ConnectionClosed() if self._eof else NEED_DATA
-        # The chunk is complete; what follows it is command lines again.
-        self._raw = False
-        while self._data_in:
-            self._lines.feed(self._data_in.popleft())
-        if self._chunk_error is not None:
-            self._owed = _REFUSED
-            raise RemoteProtocolError("BDAT out of order", self._chunk_error)
-        refusal = MESSAGE_TOO_BIG if self._bdat_total > limit else None
-        event: Event
-        if self._chunk_last:
-            event = EndOfMessage(self._bdat_total, False, refusal)
-        else:
-            event = EndOfChunk(self._chunk_size, self._bdat_total, refusal)
-        self._owed = event
-        return event
-
-    def _end_of_message(self) -> EndOfMessage:
-        reader = self._data
+    def _end_of_message(self, reader: DataReader) -> EndOfMessage:
         bare = reader.bare_lf or reader.bare_cr
         refusal = None
         if reader.oversize:
@@ -480,173 +463,223 @@ class Session:
         """
         event = self._owed
         self._owed = None
-        if reply.code == 421:
-            self.state = CLOSED
+        code = reply.code
+        if code == 421:
+            self._close()
             return reply.encoded
         if event is None:
             raise RuntimeError(f"no command is waiting for a reply; cannot send {reply}")
-        if reply.code >= 400:
-            self.errors += 1
+        if event is _FATAL:
+            self.errors += code >= 400
+            self._close()
+            return reply.encoded
         kind = type(event)
+        if code < 400:
+            if kind is EndOfMessage:
+                self._end_transaction()
+            elif kind is EndOfChunk:
+                self._use(_read_command)  # the BDAT transaction stays open
+            elif event is _REFUSED:
+                # A refusal answered positively changes nothing, but a chunk
+                # read to be refused still hands over what follows it.
+                self._use(READERS[self.state])
+            else:
+                # The transition, as TRANSITIONS says; then what the command
+                # does, for the commands that do something.
+                target = TRANSITIONS[self.state][kind]
+                if kind in _EFFECTS:
+                    self._apply(event, kind)
+                if target is not None:
+                    self.state = target
+                    reader = READERS[target]
+                    if reader is not self._reader:
+                        self._use(reader)
+            return reply.encoded
+        self.errors += 1
+        # Any reply to the end of a message ends its transaction; a refused
+        # chunk ends it too (its data is gone).
         if kind is EndOfMessage or kind is EndOfChunk:
-            # The end of a message ends its transaction whatever the reply; a
-            # refused chunk ends it too (its data is gone).  An accepted
-            # chunk leaves the BDAT transaction open.
-            if kind is EndOfMessage or reply.code >= 400:
-                self.envelope = Envelope()
-                self.state = READY
-        elif event is _FATAL:
-            self.state = CLOSED
-        elif reply.code < 400 and event is not _REFUSED:
-            self._apply(event)
-        if self.errors >= self.limits.max_errors and self.state is not CLOSED:
-            self.state = CLOSED
+            self._end_transaction()
+        if self.errors >= self.limits.max_errors:
+            self._close()
             return reply.encoded + TOO_MANY_ERRORS.encoded
+        if self._reader is not _read_command:
+            self._use(READERS[self.state])  # after a chunk read to be refused
         return reply.encoded
 
-    def _apply(self, event: Event) -> None:
-        kind = type(event)
-        target = TRANSITIONS[self.state][kind]
+    def _end_transaction(self) -> None:
+        self.envelope = Envelope()
+        self.state = READY
+        self._use(_read_command)
+
+    def _close(self) -> None:
+        # Nothing is read after this, so nothing is kept either.
+        self.state = CLOSED
+        self._discard_input()
+        self._reader = _read_nothing
+
+    def _apply(self, event: Event, kind: type[Event]) -> None:
+        """A positive reply: what the command does, before its transition."""
+        state = self.state
         if kind is RcptTo:
             self.envelope.rcpt_to.append(event.address)  # type: ignore[attr-defined]
         elif kind is MailFrom:
             self._start_transaction(event)  # type: ignore[arg-type]
         elif kind is Data:
-            self._data.reset()
-            self._raw = True
-            pending = self._lines.take()
-            if pending:
-                # Content a client sent before our 354 is content all the
-                # same: the line reader hands over what it had buffered.
-                self._data_in.append(pending)
-        elif kind is StartTLS:
-            # RFC 3207 §4.2: forget everything, including what the client
-            # pipelined after STARTTLS in plaintext (CVE-2011-0411): none of
-            # it may be executed inside the TLS session.
-            self._lines.take()
-            self._data_in.clear()
-            self.tls = True
-            self.helo = None
-            self.esmtp = False
-            self.envelope = Envelope()
+            if self._data is None:
+                limits = self.limits
+                self._data = DataReader(limits.max_message_size, limits.bare_lf == "normalize")
+            else:
+                self._data.reset()
         elif kind is Helo or kind is Ehlo:
             self.helo = event.domain  # type: ignore[attr-defined]
             self.esmtp = kind is Ehlo
-            self.envelope = Envelope()
+            if state is not GREETED and state is not READY:
+                self.envelope = Envelope()  # RFC 5321 §4.1.4: a reset
         elif kind is Rset:
-            self.envelope = Envelope()
-        if target is not None:
-            self.state = target
+            if state is not GREETED and state is not READY:
+                self.envelope = Envelope()
+        elif kind is StartTLS:
+            # RFC 3207 §4.2: forget everything, including what the client
+            # pipelined after STARTTLS in plaintext (CVE-2011-0411): none of
+            # it may be executed inside the TLS session.  STARTTLS is only
+            # in order in READY, so the envelope is a fresh one already.
+            self._discard_input()
+            self.tls = True
+            self.helo = None
+            self.esmtp = False
 
     def _start_transaction(self, event: MailFrom) -> None:
-        env = Envelope()
+        # MAIL is only in order in READY, where the envelope is a fresh one.
+        env = self.envelope
         env.mail_from = event.address
-        env.mail_params = event.params
-        for key, value in event.params:
-            if key == b"SMTPUTF8":
-                env.smtputf8 = True
-            elif key == b"SIZE":
-                env.declared_size = int(value or 0)
-        self.envelope = env
-
-    # -- command parsers: each returns an event or raises LocalProtocolError --
-
-    def _parse_helo(self, verb: bytes, arg: bytes) -> Event:
-        domain = arg.strip(b" ")
-        if not domain or len(domain) > MAX_HELO:
-            raise LocalProtocolError("HELO/EHLO needs a domain", _EHLO_SYNTAX if verb == b"EHLO" else _HELO_SYNTAX)
-        return Ehlo(domain) if verb == b"EHLO" else Helo(domain)
-
-    def _parse_mail(self, verb: bytes, arg: bytes) -> Event:
-        if self.state is not READY:
-            # Order first: a nested MAIL is 503 whatever its syntax.
-            return MailFrom(None)
-        address, params = parse_mail_argument(arg)
-        smtputf8 = False
+        env.mail_params = params = event.params
         for key, value in params:
             if key == b"SIZE":
-                # RFC 1870 §3: SIZE=<digits>; over the limit is 552 now
-                # rather than after the data has been sent.
-                if value is None or not value.isdigit() or len(value) > 20:
-                    raise LocalProtocolError("bad SIZE", BAD_PARAMETER)
-                if int(value) > self.limits.max_message_size:
-                    raise LocalProtocolError("SIZE over the limit", MESSAGE_TOO_BIG)
-            elif key == b"BODY":
-                # RFC 6152: 7BIT or 8BITMIME; we store octets as received.
-                if value is None or value.upper() not in (b"7BIT", b"8BITMIME"):
-                    raise LocalProtocolError("bad BODY", BAD_PARAMETER)
+                env.declared_size = int(value or 0)
             elif key == b"SMTPUTF8":
-                if value is not None:
-                    raise LocalProtocolError("SMTPUTF8 takes no value", BAD_PARAMETER)
-                smtputf8 = True
-            else:
-                raise LocalProtocolError(f"unknown parameter {key!r}", UNKNOWN_PARAMETER)
-        if address is not None and address.utf8 and not smtputf8:
-            raise LocalProtocolError("non-ASCII sender without SMTPUTF8", NEED_SMTPUTF8)
-        return MailFrom(address, params)
-
-    def _parse_rcpt(self, verb: bytes, arg: bytes) -> Event:
-        if self.state is not MAIL and self.state is not RCPT:
-            return RcptTo(Address(b"", b"", b""))
-        if len(self.envelope.rcpt_to) >= self.limits.max_recipients:
-            # RFC 5321 §4.5.3.1.10: 452 lets the client send the rest later.
-            raise LocalProtocolError("too many recipients", TOO_MANY_RECIPIENTS)
-        address, params = parse_rcpt_argument(arg)
-        if params:
-            raise LocalProtocolError("RCPT takes no parameters here", UNKNOWN_PARAMETER)
-        if address.utf8 and not self.envelope.smtputf8:
-            raise LocalProtocolError("non-ASCII recipient without SMTPUTF8", NEED_SMTPUTF8)
-        return RcptTo(address, params)
-
-    def _parse_bare(self, verb: bytes, arg: bytes) -> Event:
-        if arg.strip(b" "):
-            raise LocalProtocolError(f"{verb!r} takes no argument", _NO_ARGUMENT[verb])
-        return _BARE_EVENTS[verb]
-
-    def _parse_bdat(self, verb: bytes, arg: bytes) -> Event:
-        parts = arg.split()
-        if (
-            not 1 <= len(parts) <= 2
-            or not parts[0].isdigit()
-            or len(parts[0]) > 18
-            or (len(parts) == 2 and parts[1].upper() != b"LAST")
-        ):
-            raise LocalProtocolError("unreadable BDAT size", BDAT_SYNTAX)
-        return Bdat(int(parts[0]), len(parts) == 2, self.state is not BDAT)
-
-    def _parse_starttls(self, verb: bytes, arg: bytes) -> Event:
-        if arg.strip(b" "):
-            raise LocalProtocolError("STARTTLS takes no argument", _NO_ARGUMENT[b"STARTTLS"])
-        if self.tls:
-            raise LocalProtocolError("STARTTLS inside TLS", TLS_ACTIVE)
-        if not self.limits.starttls:
-            raise LocalProtocolError("STARTTLS not configured", NOT_IMPLEMENTED)
-        return _STARTTLS
-
-    def _parse_noop(self, verb: bytes, arg: bytes) -> Event:
-        return _NOOP  # RFC 5321 §4.1.1.9: NOOP may carry a string; ignored.
-
-    def _parse_vrfy(self, verb: bytes, arg: bytes) -> Event:
-        return Vrfy(arg.strip(b" "))
-
-    def _parse_help(self, verb: bytes, arg: bytes) -> Event:
-        return Help(arg.strip(b" "))
+                env.smtputf8 = True
 
 
-_NOOP = Noop()
-_STARTTLS = StartTLS()
-_BARE_EVENTS: dict[bytes, Event] = {b"DATA": Data(), b"RSET": Rset(), b"QUIT": Quit()}
-_PARSERS = {
-    b"HELO": Session._parse_helo,
-    b"EHLO": Session._parse_helo,
-    b"MAIL": Session._parse_mail,
-    b"RCPT": Session._parse_rcpt,
-    b"DATA": Session._parse_bare,
-    b"RSET": Session._parse_bare,
-    b"QUIT": Session._parse_bare,
-    b"NOOP": Session._parse_noop,
-    b"VRFY": Session._parse_vrfy,
-    b"HELP": Session._parse_help,
-    b"BDAT": Session._parse_bdat,
-    b"STARTTLS": Session._parse_starttls,
+# -- readers: READERS[state] reads the input -----------------------------------
+# Plain functions of the session: it keeps the current one in _reader, calls
+# it from next_event() and compares it by identity.
+
+
+def _read_command(session: Session) -> Event | type[NEED_DATA] | type[PAUSED]:
+    lines = session._lines
+    try:
+        line = lines.readline()
+    except LineTooLong:
+        raise LocalProtocolError("command line too long", LINE_TOO_LONG) from None
+    if line is None:
+        return ConnectionClosed() if session._eof else NEED_DATA
+    if lines.bare:
+        # RFC 5321 §2.3.8: lines end with CRLF only.  Accepting a bare
+        # LF here would let a command hide inside another one.
+        raise LocalProtocolError("bare CR or LF in a command", BARE_NEWLINE)
+    space = line.find(b" ")
+    word = line if space < 0 else line[:space]
+    kind = VERBS.get(word)
+    if kind is None:  # RFC 5321 §2.4: verbs are case-insensitive
+        upper = word.upper()
+        kind = VERBS.get(upper)
+        if kind is None:
+            if upper in FORBIDDEN:
+                raise LocalProtocolError(f"not SMTP: {upper!r}", NOT_SMTP)
+            raise LocalProtocolError(f"unknown command {line[:16]!r}", UNKNOWN_COMMAND)
+    arg = b"" if space < 0 else line[space:]
+    # The transition table alone says whether the command is in order.
+    if kind not in TRANSITIONS[session.state]:
+        return session._out_of_order(kind, arg)
+    parse = PARSERS.get(kind)
+    if parse is not None:
+        event = parse(arg)
+    else:
+        event = session._parse(kind, arg)
+        if kind is Bdat:
+            return session._start_chunk(event)  # type: ignore[arg-type]
+    session._owed = event
+    return event
+
+
+def _read_content(session: Session) -> Event | type[NEED_DATA] | type[PAUSED]:
+    # After the 354: content up to <CRLF>.<CRLF>, one MessageChunk per
+    # network read, then EndOfMessage.
+    if session._eom is not None:
+        event, session._eom = session._eom, None
+        session._owed = event
+        return event
+    reader = session._data
+    assert reader is not None
+    pending = session._pending
+    while pending:
+        chunk = pending.popleft()
+        content, consumed = reader.feed(chunk)
+        if reader.done:
+            if consumed < len(chunk):
+                # What follows the terminator is the next commands; the
+                # reply to EndOfMessage hands them to the line reader.
+                pending.appendleft(chunk[consumed:] if consumed else chunk)
+            eom = session._end_of_message(reader)
+            if content:
+                session._eom = eom
+                return MessageChunk(content)
+            session._owed = eom
+            return eom
+        if content:
+            return MessageChunk(content)
+    return ConnectionClosed() if session._eof else NEED_DATA
+
+
+def _read_chunk(session: Session) -> Event | type[NEED_DATA] | type[PAUSED]:
+    # A BDAT chunk: exactly its size in octets, counted, never parsed.
+    limit = session.limits.max_message_size
+    pending = session._pending
+    while session._chunk_left and pending:
+        piece = pending.popleft()
+        if len(piece) > session._chunk_left:
+            pending.appendleft(piece[session._chunk_left :])
+            piece = piece[: session._chunk_left]
+        session._chunk_left -= len(piece)
+        if session._chunk_error is not None:
+            continue
+        room = limit - session._bdat_total
+        session._bdat_total += len(piece)
+        if room > 0:
+            return MessageChunk(piece if len(piece) <= room else piece[:room])
+    if session._chunk_left:
+        return ConnectionClosed() if session._eof else NEED_DATA
+    # The chunk is complete; the reply to it hands what follows to the
+    # line reader.
+    if session._chunk_error is not None:
+        raise LocalProtocolError("BDAT out of order", session._chunk_error)
+    refusal = MESSAGE_TOO_BIG if session._bdat_total > limit else None
+    event: Event
+    if session._chunk_last:
+        event = EndOfMessage(session._bdat_total, False, refusal)
+    else:
+        event = EndOfChunk(session._chunk_size, session._bdat_total, refusal)
+    session._owed = event
+    return event
+
+
+def _read_nothing(session: Session) -> type[PAUSED]:
+    return PAUSED  # CLOSED: nothing more is read
+
+
+#: Which reader takes the input in each state (h11's READERS).  DATA reads
+#: content up to its end; CLOSED reads nothing; every other state reads
+#: command lines.  A BDAT chunk's octets follow the command in any state (an
+#: out-of-order chunk is read and dropped), so the Bdat event picks the
+#: chunk reader; the reply to the chunk goes back to READERS[state].
+READERS: dict[type[State] | type[Event], Reader] = {
+    GREETED: _read_command,
+    READY: _read_command,
+    MAIL: _read_command,
+    RCPT: _read_command,
+    BDAT: _read_command,
+    DATA: _read_content,
+    CLOSED: _read_nothing,
+    Bdat: _read_chunk,
 }

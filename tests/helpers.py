@@ -125,9 +125,11 @@ def ehlo(c: Client, name: bytes = b"client.example") -> bytes:
     return c.reply()
 
 
-def transaction(c: Client, rcpts: list[bytes], content: bytes, sender: bytes = b"sender@example.net") -> bytes:
+def transaction(
+    c: Client, rcpts: list[bytes], content: bytes, sender: bytes = b"sender@example.net", helo: bytes = b"client.example"
+) -> bytes:
     """EHLO, MAIL, each RCPT (all must be accepted), DATA; return the reply to the end of data."""
-    assert ehlo(c).startswith(b"250-")
+    assert ehlo(c, helo).startswith(b"250-")
     c.send(b"MAIL FROM:<" + sender + b">\r\n")
     assert c.reply().startswith(b"250 ")
     for r in rcpts:

@@ -21,7 +21,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import Client, RunningServer
+from conftest import RunningServer
+from helpers import Client, greeted, transaction
 from fastsmtp.logs import EventLog, _field, event_log, reopen_logs, sanitize, set_role, setup_logging
 
 
@@ -36,19 +37,8 @@ def wait_lines(path: Path, word: str, count: int, timeout: float = 10.0) -> list
 
 
 def send(srv: RunningServer, helo: bytes, sender: bytes, rcpts: list[bytes], body: bytes) -> bytes:
-    c = Client(srv.connect())
-    assert c.reply().startswith(b"220 ")
-    c.send(b"EHLO " + helo + b"\r\n")
-    assert c.reply().startswith(b"250")
-    c.send(b"MAIL FROM:<" + sender + b">\r\n")
-    assert c.reply().startswith(b"250 ")
-    for r in rcpts:
-        c.send(b"RCPT TO:<" + r + b">\r\n")
-        assert c.reply().startswith(b"250 ")
-    c.send(b"DATA\r\n")
-    assert c.reply().startswith(b"354 ")
-    c.send(body + b".\r\n")
-    reply = c.reply()
+    c = greeted(srv)
+    reply = transaction(c, rcpts, body, sender, helo)
     c.send(b"QUIT\r\n")
     assert c.reply().startswith(b"221 ")
     c.close()

@@ -70,6 +70,8 @@ class SMTPProtocol(asyncio.Protocol):
         # and whether a STARTTLS handshake follows this round's write.
         self._held: list[bytes] = []
         self._upgrade = False
+        # Read once per connection, not once per round.
+        self._soft_limit = server.config.soft_error_limit
 
     # -- phases -----------------------------------------------------------------
 
@@ -220,18 +222,19 @@ class SMTPProtocol(asyncio.Protocol):
         if out is None:
             out = []
         handlers = self._handlers.table
-        soft_limit = self.server.config.soft_error_limit
+        soft_limit = self._soft_limit
+        next_event = session.next_event
         held: bytes | None = None
         while True:
             errors = session.errors
             try:
-                event = session.next_event()
+                event = next_event()
             except RemoteProtocolError as exc:
                 out.append(session.send(exc.reply))
             else:
                 if event is NEED_DATA or event is PAUSED:
                     break
-                kind = cast("type[Event]", type(event))
+                kind: type[Event] = type(event)  # type: ignore[assignment]
                 if kind is MessageChunk:
                     txn = self._handlers.txn
                     assert txn is not None and txn.spool is not None

@@ -1,8 +1,9 @@
 """The order of a commit on the real server, read from strace.
 
 DESIGN.md step 6 and maildir.py's rules: a message's data is flushed
-(fdatasync, or fsync with ``--fsync always``), then its tmp/ file is
-linked into new/, then new/ is fsync'ed, and only then is "250 2.0.0 Ok:
+(fdatasync, or fsync with ``--fsync always``), then its tmp/ file (named,
+or unnamed with O_TMPFILE and linked through /proc/self/fd) is linked into
+new/, then new/ is fsync'ed, and only then is "250 2.0.0 Ok:
 queued" written to the client.  A SIGKILL test cannot see a missing flush
 (the page cache survives the kill), and the fake-os tests of
 test_maildir.py see the calls, not the real server's order.  So this runs
@@ -142,15 +143,34 @@ def order_problems(calls: list[Call], tmp: str, new: str, queue_id: str) -> list
     """
     new_dir = os.path.dirname(new)
     links = [c for c in calls if c.name in ("link", "linkat") and c.ret == 0 and _strings(c)[:2] == [tmp, new]]
+    # An unnamed tmp/ file (O_TMPFILE) gets its name from its fd, through
+    # /proc/self/fd: linkat(PROC, "N", AT_FDCWD, new, AT_SYMLINK_FOLLOW).
+    unnamed = [
+        c for c in calls
+        if c.name == "linkat" and c.ret == 0 and (c.fd_path or "").startswith("/proc/")
+        and len(_strings(c)) == 2 and _strings(c)[0].isdigit() and _strings(c)[1] == new
+    ]
     replies = [
         c for c in calls
         if c.name in _WRITES and f"250 2.0.0 Ok: queued as {queue_id}" in c.args
     ]
-    if len(links) != 1 or len(replies) != 1:
-        return [f"expected one link and one 250 for {queue_id}, found {len(links)} and {len(replies)}"]
-    (link,), (reply,) = links, replies
+    if len(links) + len(unnamed) != 1 or len(replies) != 1:
+        return [f"expected one link and one 250 for {queue_id}, found {len(links + unnamed)} and {len(replies)}"]
+    (link,), (reply,) = links or unnamed, replies
     problems = []
-    flushes = [c for c in calls if c.name in ("fdatasync", "fsync") and c.fd_path == tmp and c.ret == 0]
+    if links:
+        flushes = [c for c in calls if c.name in ("fdatasync", "fsync") and c.fd_path == tmp and c.ret == 0]
+    else:
+        # The flush of that fd, since it was last opened (fd numbers come back).
+        fd = int(_strings(link)[0])
+        opened = max(
+            (c.end for c in calls if c.name == "openat" and c.ret == fd and c.end < link.start), default=-1
+        )
+        flushes = [
+            c for c in calls
+            if c.name in ("fdatasync", "fsync") and c.ret == 0 and c.start > opened
+            and c.args.split(",")[0].strip("( ") == str(fd) and c.fd_path == os.path.dirname(tmp)
+        ]
     if not any(c.end < link.start for c in flushes):
         problems.append("no data flush of the tmp/ file finished before its link into new/")
     dir_syncs = [c for c in calls if c.name == "fsync" and c.fd_path == new_dir and c.ret == 0 and c.start > link.end]
@@ -191,6 +211,29 @@ _GOOD = """\
 7 10:00:00.000010 close(15) = 0
 6 10:00:00.000011 sendto(14, "250 2.0.0 Ok: queued as Q1\\r\\n", 28, 0, NULL, 0) = 28
 """
+
+
+_GOOD_UNNAMED = """\
+7 10:00:00.000001 openat(AT_FDCWD, "/proc/self/fd", O_RDONLY|O_CLOEXEC|O_DIRECTORY) = 5
+7 10:00:00.000002 openat(AT_FDCWD, "/m/a/tmp", O_WRONLY|O_CLOEXEC|O_TMPFILE, 0600) = 15
+7 10:00:00.000003 write(15, "Return-Path: <>\\r\\n"..., 200) = 200
+8 10:00:00.000004 fdatasync(15) = 0
+7 10:00:00.000005 linkat(5, "15", AT_FDCWD, "/m/a/new/X,S=200", AT_SYMLINK_FOLLOW) = 0
+7 10:00:00.000006 close(15) = 0
+7 10:00:00.000007 openat(AT_FDCWD, "/m/a/new", O_RDONLY|O_CLOEXEC|O_DIRECTORY) = 15
+7 10:00:00.000008 fsync(15) = 0
+7 10:00:00.000009 close(15) = 0
+6 10:00:00.000010 sendto(14, "250 2.0.0 Ok: queued as Q1\\r\\n", 28, 0, NULL, 0) = 28
+"""
+
+
+def test_the_checker_follows_an_unnamed_file_by_its_fd() -> None:
+    assert _check(_GOOD_UNNAMED) == []
+    lines = _GOOD_UNNAMED.splitlines(keepends=True)
+    flush_after_link = "".join(lines[:3] + [lines[4], lines[3]] + lines[5:])
+    assert "no data flush of the tmp/ file finished before its link into new/" in _check(flush_after_link)
+    other_fd = _GOOD_UNNAMED.replace("fdatasync(15)", "fdatasync(16)")
+    assert "no data flush of the tmp/ file finished before its link into new/" in _check(other_fd)
 
 
 def _check(trace: str) -> list[str]:
@@ -268,7 +311,10 @@ def test_flush_link_fsync_then_250(tmp_path: Path, fsync: str, loop: str) -> Non
     calls, tmp, new, queue_id = _trace_one_message(tmp_path, fsync, loop)
     assert order_problems(calls, tmp, new, queue_id) == []
     flush = "fsync" if fsync == "always" else "fdatasync"
-    assert any(c.name == flush and c.fd_path == tmp for c in calls), f"no {flush} of {tmp}"
+    # The file is flushed by the call the mode names: the named tmp/ file,
+    # or the unnamed one opened in tmp/ (O_TMPFILE, the default).
+    flushed = {tmp, os.path.dirname(tmp)}
+    assert any(c.name == flush and c.fd_path in flushed for c in calls), f"no {flush} of {tmp}"
 
 
 @needs_strace

@@ -51,6 +51,11 @@ def fd_path(fd: int) -> str:
 def run(coro_fn: Callable[..., Any], *, loop: str = "asyncio", **writer_kw: Any) -> Any:
     """Run coro_fn(writer) on a fresh loop with a started writer; close it after."""
 
+    # The tests below follow files by their tmp/ names: named files, unless a
+    # test asks for the unnamed (O_TMPFILE) ones the server uses by default
+    # (their own tests are at the end of this module).
+    writer_kw.setdefault("anonymous_tmp", False)
+
     async def main() -> Any:
         writer = MaildirWriter(hostname=HOST, **writer_kw)
         writer.start(asyncio.get_running_loop())
@@ -782,3 +787,106 @@ def test_fsync_off_close_commits_what_the_loop_has_not(tmp_path: Path) -> None:
 
     stored = run(go, fsync="off")
     assert ls(md, "new") == [stored]
+
+
+# -- unnamed tmp/ files (O_TMPFILE), the default -------------------------------
+
+needs_tmpfile = pytest.mark.skipif(not hasattr(os, "O_TMPFILE"), reason="no O_TMPFILE here")
+
+
+@needs_tmpfile
+@pytest.mark.parametrize("mode", FSYNC_MODES)
+def test_unnamed_tmp_files_land_byte_exact_and_leave_tmp_empty(tmp_path: Path, mode: str) -> None:
+    mds = [make_maildir(tmp_path, u) for u in ("alice", "bob")]
+
+    async def go(w: MaildirWriter) -> list[str]:
+        return list(await asyncio.gather(*(submit(w, mds, MSG + bytes([65 + i]))[1] for i in range(5))))
+
+    stored = run(go, fsync=mode, anonymous_tmp=True)
+    for md in mds:
+        assert sorted(ls(md, "new")) == sorted(stored) and ls(md, "tmp") == []
+    for i, name in enumerate(stored):
+        a, b = (Path(md, "new", name) for md in mds)
+        assert a.read_bytes() == MSG + bytes([65 + i])
+        assert os.stat(a).st_ino == os.stat(b).st_ino and os.stat(a).st_mode & 0o777 == 0o600
+
+
+@needs_tmpfile
+def test_unnamed_tmp_files_are_flushed_before_their_first_link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    md = make_maildir(tmp_path)
+    events: list[tuple[str, int | str]] = []
+    real_fdatasync, real_link, real_fsync = os.fdatasync, os.link, os.fsync
+
+    def fdatasync(fd: int) -> None:
+        real_fdatasync(fd)
+        events.append(("fdatasync returned", fd))
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        events.append(("fsync returned", os.readlink(f"/proc/self/fd/{fd}")))
+
+    def link(src: Any, dst: Any, **kw: Any) -> None:
+        real_link(src, dst, **kw)
+        events.append(("link from", int(src) if kw.get("src_dir_fd") is not None else str(src)))
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+
+    async def go(w: MaildirWriter) -> list[str]:
+        with one_batch(w):
+            futs = [submit(w, [md], MSG + bytes([65 + i]))[1] for i in range(3)]
+        return list(await asyncio.gather(*futs))
+
+    run(go, anonymous_tmp=True)
+    links = [i for i, (call, _) in enumerate(events) if call == "link from"]
+    assert len(links) == 3 and all(isinstance(events[i][1], int) for i in links)  # through /proc/self/fd
+    for i in links:
+        fd = events[i][1]
+        assert ("fdatasync returned", fd) in events[:i]  # that very file, flushed before its name exists
+    dir_sync = events.index(("fsync returned", os.path.join(md, "new")))
+    assert dir_sync > max(links)
+
+
+@needs_tmpfile
+def test_a_failed_flush_of_an_unnamed_file_leaves_no_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    md = make_maildir(tmp_path)
+    real = os.fdatasync
+    victim: list[int] = []
+
+    def fdatasync(fd: int) -> None:
+        if not victim:
+            victim.append(fd)
+            raise OSError(errno.EIO, "injected")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+
+    async def go(w: MaildirWriter) -> list[Any]:
+        with one_batch(w):
+            futs = [submit(w, [md], MSG + bytes([65 + i]))[1] for i in range(3)]
+        return await settle(futs)
+
+    results = run(go, anonymous_tmp=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert len(failed) == 1 and cause_errno(failed[0]) == errno.EIO
+    assert sorted(ls(md, "new")) == sorted(r for r in results if isinstance(r, str))
+    assert ls(md, "tmp") == []
+
+
+def test_without_o_tmpfile_the_writer_names_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    md = make_maildir(tmp_path)
+    real = os.open
+
+    def open_(path: Any, flags: int, *a: Any, **k: Any) -> int:
+        if flags & getattr(os, "O_TMPFILE", 0) == getattr(os, "O_TMPFILE", -1):
+            raise OSError(errno.EOPNOTSUPP, "not on this file system")
+        return real(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", open_)
+
+    async def go(w: MaildirWriter) -> list[str]:
+        return [await submit(w, [md], MSG + bytes([65 + i]))[1] for i in range(2)]
+
+    stored = run(go, anonymous_tmp=True)
+    assert sorted(ls(md, "new")) == sorted(stored) and ls(md, "tmp") == []

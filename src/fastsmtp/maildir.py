@@ -15,9 +15,13 @@ Rules of this module:
   the loop, once per loop iteration for the messages of that iteration,
   because the hop to a thread costs more than they do.
 - Delivery follows the Maildir convention (D. J. Bernstein,
-  https://cr.yp.to/proto/maildir.html): create ``tmp/<unique>`` exclusively,
-  write and flush it, ``link()`` it into ``new/`` and unlink the tmp name, so a
-  reader never sees a partial file.  Further recipients get hard links of the
+  https://cr.yp.to/proto/maildir.html): the file is written and flushed in
+  ``tmp/``, then ``link()``-ed into ``new/``, so a reader never sees a partial
+  file.  Where the file system has O_TMPFILE (Linux), the file in tmp/ has no
+  name at all until that link (open(2)): nothing to unlink, nothing left
+  behind by a crash, and no tmp/ entry to create and remove per message,
+  which on a busy tmp/ costs more than the write.  Otherwise it is
+  ``tmp/<unique>``, created exclusively and unlinked after the link.  Further recipients get hard links of the
   same inode.  The stored name carries ``,S=<size>``, the size field Dovecot
   reads so that quota and size queries need not stat the file.
 - Once submitted, a spool belongs to the committer thread; the loop thread must
@@ -97,6 +101,9 @@ log = logging.getLogger("fastsmtp.maildir")
 FSYNC_MODES = ("batch", "always", "off")
 
 _OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
+# An unnamed file in tmp/ (Linux 3.11+; ext4, XFS, btrfs, tmpfs), linked
+# into new/ once written.
+_TMPFILE_FLAGS = getattr(os, "O_TMPFILE", 0) | os.O_WRONLY | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _FILE_MODE = 0o600
 
@@ -397,6 +404,7 @@ class MaildirWriter:
         max_batch: int = 512,
         max_batch_bytes: int = 64 * 1024 * 1024,
         metrics: memoryview | None = None,
+        anonymous_tmp: bool = True,
     ) -> None:
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {FSYNC_MODES}, not {fsync!r}")
@@ -418,6 +426,9 @@ class MaildirWriter:
         # writes (bench/RESULTS.md: 140 against 67 µs for a lone 1 KiB
         # message).  The thread then only finishes what close() finds.
         self._inline: list[_Job] = []
+        # /proc/self/fd, through which an unnamed tmp/ file gets its name.
+        self._anonymous = anonymous_tmp
+        self._proc_fd: int | None = None
         self._closing = False
         # This worker's row of the shared counters (metrics.py); this thread
         # is the only writer of the commit slots.
@@ -439,6 +450,12 @@ class MaildirWriter:
         if self._thread is not None or self._closing:
             raise RuntimeError("MaildirWriter.start() called twice or after close()")
         self._loop = loop
+        if _TMPFILE_FLAGS & getattr(os, "O_TMPFILE", 0) and self._anonymous:
+            try:
+                # /proc/self is this process's own: opened after the fork.
+                self._proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                self._proc_fd = None
         if self._mode == "batch":
             self._pool = ThreadPoolExecutor(max_workers=_SYNC_THREADS, thread_name_prefix="fastsmtp-fsync")
         self._thread = threading.Thread(target=self._run, name="fastsmtp-maildir", daemon=False)
@@ -500,6 +517,12 @@ class MaildirWriter:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+        self._close_proc()
+
+    def _close_proc(self) -> None:
+        fd, self._proc_fd = self._proc_fd, None
+        if fd is not None:
+            _close_quiet(fd)
 
     def _commit_inline(self) -> None:
         """On the loop ("off"): commit what was submitted in this iteration."""
@@ -556,10 +579,10 @@ class MaildirWriter:
             self._flush_files(live)
         for job in live:
             if job.error is None:
-                self._step(job, self._close_fd)
+                self._step(job, self._link)
         for job in live:
             if job.error is None:
-                self._step(job, self._link)
+                self._step(job, self._close_fd)
         if durable:
             self._sync_dirs([j for j in live if j.error is None])
         self._account(jobs)
@@ -579,9 +602,12 @@ class MaildirWriter:
             if job.prefix:
                 self._rewrite_with_prefix(job)
             return
-        tmp = os.path.join(spool.maildir, "tmp", spool.name)
-        job.fd = os.open(tmp, _OPEN_FLAGS, _FILE_MODE)
-        job.tmp = tmp
+        tmp_dir = os.path.join(spool.maildir, "tmp")
+        job.fd = self._anonymous_file(tmp_dir)
+        if job.fd is None:
+            tmp = os.path.join(tmp_dir, spool.name)
+            job.fd = os.open(tmp, _OPEN_FLAGS, _FILE_MODE)
+            job.tmp = tmp
         if job.prefix:
             _writev_all(job.fd, [*job.prefix, job.content])
         else:
@@ -619,14 +645,46 @@ class MaildirWriter:
         if fd is not None:
             os.close(fd)
 
+    def _anonymous_file(self, tmp_dir: str) -> int | None:
+        """An unnamed file in ``tmp_dir`` (O_TMPFILE), or None where there is none.
+
+        It has no name until it is linked into new/, so a reader can never
+        see it half written, a crash leaves nothing to clean, and tmp/ gets
+        no entry to create and remove: a tmp/ that has seen millions of
+        names come and go makes each new one slow to create (ext4 searches
+        its directory blocks), and that cost was most of a small message's
+        (bench/RESULTS.md).  A file system without O_TMPFILE falls back to
+        named files, once and for good.
+        """
+        if self._proc_fd is None:
+            return None
+        try:
+            return os.open(tmp_dir, _TMPFILE_FLAGS, _FILE_MODE)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            log.info("%s: no O_TMPFILE (%s); named files in tmp/ from now on", tmp_dir, exc.strerror)
+            self._close_proc()
+            return None
+
     def _link(self, job: _Job) -> None:
-        assert job.tmp is not None
+        assert job.fd is not None
+        first = True
         for md in job.maildirs:
             dst = os.path.join(md, "new", job.stored)
-            os.link(job.tmp, dst)
+            if job.tmp is not None:
+                os.link(job.tmp, dst)
+            elif first:
+                # linkat(2) through /proc/self/fd with AT_SYMLINK_FOLLOW
+                # gives the unnamed file its first name (open(2), O_TMPFILE).
+                os.link(str(job.fd), dst, src_dir_fd=self._proc_fd, follow_symlinks=True)
+            else:
+                os.link(job.links[0], dst)
+            first = False
             job.links.append(dst)
-        os.unlink(job.tmp)
-        job.tmp = None
+        if job.tmp is not None:
+            os.unlink(job.tmp)
+            job.tmp = None
 
     def _flush_files(self, jobs: list[_Job]) -> None:
         if self._mode == "always":

@@ -742,7 +742,7 @@ def test_a_submitted_spool_owns_nothing(tmp_path: Path) -> None:
 
 
 def test_queue_ids_are_crockford_base32_of_time_pid_and_counter() -> None:
-    from fastsmtp.maildir import _B32, _queue_id
+    from fastsmtp.spool import _B32, _queue_id
 
     def plain(secs: int, pid: int, n: int) -> str:  # the definition, five bits at a time
         v = (secs & 0xFFFFFFFF) << 48 | (pid & 0x3FFFFF) << 26 | (n & 0x3FFFFFF)

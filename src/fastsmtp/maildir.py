@@ -79,12 +79,8 @@ import asyncio
 import collections
 import concurrent.futures
 import errno
-import itertools
 import logging
 import os
-import re
-import socket
-import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -92,7 +88,20 @@ from typing import Any, Callable, Sequence
 
 from . import metrics as counters
 from .errors import StorageError
+from .spool import (
+    FILE_MODE,
+    OPEN_FLAGS,
+    Spool,
+    close_quiet,
+    copy_all,
+    encode_host,
+    new_name,
+    unlink_quiet,
+    write_all,
+    writev_all,
+)
 from .store import MessageSpool
+from .tmpclean import clean_tmp
 
 __all__ = ["FSYNC_MODES", "Spool", "MaildirWriter", "clean_tmp"]
 
@@ -100,12 +109,10 @@ log = logging.getLogger("fastsmtp.maildir")
 
 FSYNC_MODES = ("batch", "always", "off")
 
-_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
 # An unnamed file in tmp/ (Linux 3.11+; ext4, XFS, btrfs, tmpfs), linked
 # into new/ once written.
 _TMPFILE_FLAGS = getattr(os, "O_TMPFILE", 0) | os.O_WRONLY | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_FILE_MODE = 0o600
 
 # Threads that issue the parallel flushes of one batch.  They spend their time
 # blocked in the kernel, so more threads than cores is fine.  Measured with
@@ -122,117 +129,13 @@ def _fdatasync(fd: int) -> None:
         os.fsync(fd)
 
 
-# Q<n> of the Maildir name.  A process-wide counter: next() on
-# itertools.count is atomic under the GIL, and a forked worker keeps counting
-# but has another PID, so (PID, n) never repeats on a host.
-_seq = itertools.count()
-
-# Crockford's base 32: no I, L, O, U, so a queue id read aloud or retyped from
-# a log survives.
-_B32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-
-
-def encode_host(hostname: str) -> str:
-    """The host part of a Maildir name.
-
-    The Maildir convention replaces '/' with \\057 and ':' with \\072: '/'
-    cannot appear in a file name and ':' separates the info (flags) suffix.
-    """
-    return hostname.replace("/", "\\057").replace(":", "\\072")
-
-
-def _queue_id(secs: int, pid: int, n: int) -> str:
-    """16 characters of base 32 = 80 bits: 32 of seconds, 22 of PID, 26 of Q.
-
-    Unique on a host without coordination: the same PID in the same second is
-    the same process (PIDs are below 2**22, Linux's PID_MAX_LIMIT, and Linux
-    hands them out in turn, so one comes back only after pid_max others), and
-    one process cannot take 2**26 numbers in one second.  Ids sort by time,
-    like Postfix's long queue ids.
-    """
-    v = (secs & 0xFFFFFFFF) << 48 | (pid & 0x3FFFFF) << 26 | (n & 0x3FFFFFF)
-    # Two digits (10 bits) per table lookup, most significant first.
-    pairs = _B32_PAIRS
-    return "".join((pairs[v >> 70], pairs[v >> 60 & 1023], pairs[v >> 50 & 1023], pairs[v >> 40 & 1023],
-                    pairs[v >> 30 & 1023], pairs[v >> 20 & 1023], pairs[v >> 10 & 1023], pairs[v & 1023]))
-
-
-_B32_PAIRS = [a + b for a in _B32 for b in _B32]
-
-# This process's PID, read once (os.getpid() is a system call) and again in
-# a forked child.
-_pid = os.getpid()
-
-
-def _forked() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_forked)
-
-
-def _new_name(host: str) -> tuple[str, str]:
-    """Return (Maildir base name, queue id) for a new message."""
-    usecs = time.time_ns() // 1000
-    secs, usec = divmod(usecs, 1_000_000)
-    pid = _pid
-    n = next(_seq)
-    return f"{secs}.M{usec}P{pid}Q{n}.{host}", _queue_id(secs, pid, n)
-
-
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    """os.write until everything is written: a regular file may take less."""
-    n = os.write(fd, data)
-    if n == len(data):
-        return
-    view = memoryview(data)
-    while n < len(view):
-        k = os.write(fd, view[n:])
-        if k <= 0:  # never for a regular file; do not spin if it happens
-            raise OSError(errno.EIO, "write made no progress")
-        n += k
-
-
-def _writev_all(fd: int, parts: Sequence[bytes | bytearray]) -> None:
-    """os.writev until everything is written (one call in the usual case)."""
-    total = sum(len(p) for p in parts)
-    n = os.writev(fd, parts)
-    if n < total:
-        _write_all(fd, b"".join(parts)[n:])
-
-
-def _copy_all(src: int, dst: int, count: int) -> None:
-    """Copy ``count`` octets from the start of ``src`` to ``dst``'s position."""
-    offset = 0
-    while offset < count:
-        k = os.copy_file_range(src, dst, count - offset, offset)
-        if k <= 0:
-            raise OSError(errno.EIO, "copy made no progress")
-        offset += k
-
-
 def _discard_job(job: "_Job") -> None:
     """A job that never reached the committer: drop what its spool handed over."""
     if job.fd is not None:
-        _close_quiet(job.fd)
+        close_quiet(job.fd)
     if job.tmp is not None:
-        _unlink_quiet(job.tmp)
+        unlink_quiet(job.tmp)
     job.fd = job.tmp = None
-
-
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def _close_quiet(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def _fsync_dir(path: str) -> None:
@@ -241,118 +144,6 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class Spool:
-    """One message being received. Lives on the event loop thread.
-
-    Small messages stay in memory and are written by the committer; once a
-    message would exceed ``spill_threshold`` it goes to ``<maildir>/tmp/<name>``
-    chunk by chunk (page cache only), so memory stays bounded for any size.
-
-    The spool owns its buffer and its file; the committer takes both over
-    with ``detach()``, and nothing else reads them.
-    """
-
-    __slots__ = (
-        "queue_id", "name", "size", "failed", "_maildir", "_threshold", "_buf", "_fd", "_path", "_submitted",
-        "_prefix",
-    )
-
-    def __init__(self, maildir: str, name: str, queue_id: str, spill_threshold: int) -> None:
-        self.queue_id = queue_id
-        self.name = name
-        #: Octets of the stored message so far, prepended headers included.
-        self.size = 0
-        self.failed: OSError | None = None
-        self._maildir = maildir
-        self._threshold = spill_threshold
-        self._buf = bytearray()
-        self._fd: int | None = None
-        self._path: str | None = None
-        self._submitted = False
-        # Header blocks to store in front of everything written (stages'
-        # verdicts, decided after the content has arrived), top one first.
-        self._prefix: list[bytes] = []
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Append ``data``.  Never raises: an OSError is kept in ``failed``."""
-        if self.failed is not None or self._submitted:
-            return
-        n = len(data)
-        try:
-            if self._fd is None:
-                if len(self._buf) + n <= self._threshold:
-                    self._buf += data
-                    self.size += n
-                    return
-                self._spill()
-            assert self._fd is not None
-            _write_all(self._fd, data)
-        except OSError as exc:
-            self.failed = exc
-            self._release()
-            return
-        self.size += n
-
-    def prepend(self, headers: bytes) -> None:
-        """Store ``headers`` above everything so far (RFC 5321 §4.4: trace
-        fields are prepended); a later call goes above an earlier one."""
-        if self.failed is None and not self._submitted and headers:
-            self._prefix.insert(0, headers)
-            self.size += len(headers)
-
-    @property
-    def submitted(self) -> bool:
-        """Whether the committer owns the message now (``detach()`` was called)."""
-        return self._submitted
-
-    @property
-    def maildir(self) -> str:
-        """The Maildir whose tmp/ the message is written in."""
-        return self._maildir
-
-    def detach(self) -> tuple[int | None, str | None, list[bytes], bytearray]:
-        """Hand the message over to the committer: (fd, tmp path, prefix, buffer).
-
-        With a spilled message, fd and path are its tmp file (the content is
-        there, the buffer is empty); otherwise both are None and the buffer
-        holds the content.  The spool forgets all four and owns nothing
-        afterwards: ``discard()`` becomes a no-op.
-        """
-        taken = (self._fd, self._path, self._prefix, self._buf)
-        self._fd = self._path = None
-        self._prefix = []
-        self._buf = bytearray()
-        self._submitted = True
-        return taken
-
-    def _spill(self) -> None:
-        path = os.path.join(self._maildir, "tmp", self.name)
-        self._fd = os.open(path, _OPEN_FLAGS, _FILE_MODE)
-        self._path = path
-        _write_all(self._fd, self._buf)
-        self._buf = bytearray()  # a new object: give the memory back
-
-    def discard(self) -> None:
-        """Drop the message: close and unlink any tmp file.  Idempotent.
-
-        After ``submit()`` the committer owns the spool and this does nothing:
-        a submitted message is committed even if its client has gone (its 250
-        is lost and the client may send it again; RFC 1047).
-        """
-        if not self._submitted:
-            self._release()
-
-    def _release(self) -> None:
-        self._buf = bytearray()
-        self._prefix = []
-        if self._fd is not None:
-            _close_quiet(self._fd)
-            self._fd = None
-        if self._path is not None:
-            _unlink_quiet(self._path)
-            self._path = None
 
 
 class _Job:
@@ -463,7 +254,7 @@ class MaildirWriter:
 
     def open_spool(self, maildir: str) -> Spool:
         """A spool for a message whose first recipient's Maildir is ``maildir``."""
-        name, queue_id = _new_name(self._host)
+        name, queue_id = new_name(self._host)
         return Spool(maildir, name, queue_id, self._spill_threshold)
 
     def submit(self, spool: MessageSpool, maildirs: Sequence[str]) -> asyncio.Future[str]:
@@ -522,7 +313,7 @@ class MaildirWriter:
     def _close_proc(self) -> None:
         fd, self._proc_fd = self._proc_fd, None
         if fd is not None:
-            _close_quiet(fd)
+            close_quiet(fd)
 
     def _commit_inline(self) -> None:
         """On the loop ("off"): commit what was submitted in this iteration."""
@@ -606,12 +397,12 @@ class MaildirWriter:
         job.fd = self._anonymous_file(tmp_dir)
         if job.fd is None:
             tmp = os.path.join(tmp_dir, spool.name)
-            job.fd = os.open(tmp, _OPEN_FLAGS, _FILE_MODE)
+            job.fd = os.open(tmp, OPEN_FLAGS, FILE_MODE)
             job.tmp = tmp
         if job.prefix:
-            _writev_all(job.fd, [*job.prefix, job.content])
+            writev_all(job.fd, [*job.prefix, job.content])
         else:
-            _write_all(job.fd, job.content)
+            write_all(job.fd, job.content)
         job.prefix = []
         job.content = bytearray()
 
@@ -621,19 +412,19 @@ class MaildirWriter:
         assert job.fd is not None and job.tmp is not None
         old_fd, old_tmp = job.fd, job.tmp
         tmp = old_tmp + ".h"
-        job.fd = os.open(tmp, _OPEN_FLAGS, _FILE_MODE)
+        job.fd = os.open(tmp, OPEN_FLAGS, FILE_MODE)
         job.tmp = tmp
         try:
-            _writev_all(job.fd, job.prefix)
+            writev_all(job.fd, job.prefix)
             # The spill file was opened write-only: read it through a new fd.
             src = os.open(old_tmp, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                _copy_all(src, job.fd, os.fstat(src).st_size)
+                copy_all(src, job.fd, os.fstat(src).st_size)
             finally:
                 os.close(src)
         finally:
-            _close_quiet(old_fd)
-            _unlink_quiet(old_tmp)
+            close_quiet(old_fd)
+            unlink_quiet(old_tmp)
         job.prefix = []
 
     def _fsync_file(self, job: _Job) -> None:
@@ -659,7 +450,7 @@ class MaildirWriter:
         if self._proc_fd is None:
             return None
         try:
-            return os.open(tmp_dir, _TMPFILE_FLAGS, _FILE_MODE)
+            return os.open(tmp_dir, _TMPFILE_FLAGS, FILE_MODE)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
@@ -746,13 +537,13 @@ class MaildirWriter:
 
     def _cleanup(self, job: _Job) -> None:
         for link in job.links:
-            _unlink_quiet(link)
+            unlink_quiet(link)
         job.links = []
         if job.fd is not None:
-            _close_quiet(job.fd)
+            close_quiet(job.fd)
             job.fd = None
         if job.tmp is not None:
-            _unlink_quiet(job.tmp)
+            unlink_quiet(job.tmp)
             job.tmp = None
         job.prefix = []
         job.content = bytearray()
@@ -813,103 +604,3 @@ class MaildirWriter:
             self._post(jobs, on_loop)
         except Exception:
             log.exception("maildir committer: could not report a failed batch")
-
-
-# -- start-up cleaning -----------------------------------------------------
-
-_NAME_RE = re.compile(r"\d+\.M\d+P(\d+)(?:Q\d+)?\.(.+)")
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def _subdirs(dir_fd: int) -> list[str]:
-    with os.scandir(dir_fd) as it:
-        return [e.name for e in it if e.is_dir(follow_symlinks=False)]
-
-
-def _open_dir(name: str, dir_fd: int | None = None) -> int:
-    # O_NOFOLLOW: a symlink swapped in after scandir() still cannot lead out.
-    return os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=dir_fd)
-
-
-def clean_tmp(mail_root: str, max_age: float = 36 * 3600, *, hostname: str | None = None) -> int:
-    """Remove stale files from every ``MAIL_ROOT/<domain>/<user>/tmp/``.
-
-    Two kinds go, per the Maildir convention: files not touched for
-    ``max_age`` seconds (36 hours, as DJB's spec advises: a delivery never
-    takes that long), and files whose name says this host wrote them
-    ("...P<pid>Q<n>.<host>") from a process that is not alive now, which
-    nobody will ever finish.  ``hostname`` is the one the writer uses
-    (default: the system's).  Symbolic links are never followed, so nothing
-    outside ``mail_root`` is touched.  Returns the number of files removed.
-
-    The PID test assumes every writer sharing ``mail_root`` under this host
-    name runs in this PID namespace: give containers their own host names.
-    """
-    host = encode_host(hostname if hostname is not None else socket.gethostname())
-    now = time.time()
-    removed = 0
-    root_fd = os.open(mail_root, _DIR_FLAGS)
-    try:
-        for domain in _subdirs(root_fd):
-            try:
-                dom_fd = _open_dir(domain, root_fd)
-            except OSError:
-                continue
-            try:
-                for user in _subdirs(dom_fd):
-                    try:
-                        user_fd = _open_dir(user, dom_fd)
-                    except OSError:
-                        continue
-                    try:
-                        tmp_fd = _open_dir("tmp", user_fd)
-                    except OSError:
-                        continue
-                    finally:
-                        os.close(user_fd)
-                    try:
-                        removed += _clean_one_tmp(tmp_fd, now - max_age, host)
-                    finally:
-                        os.close(tmp_fd)
-            finally:
-                os.close(dom_fd)
-    finally:
-        os.close(root_fd)
-    return removed
-
-
-def _clean_one_tmp(tmp_fd: int, cutoff: float, host: str) -> int:
-    removed = 0
-    with os.scandir(tmp_fd) as it:
-        entries = list(it)
-    for entry in entries:
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            continue
-        # DJB: remove what "hasn't been accessed in the past 36 hours".  atime
-        # is lazy under relatime, so the later of atime and mtime counts.
-        stale = max(st.st_atime, st.st_mtime) < cutoff
-        if not stale:
-            m = _NAME_RE.fullmatch(entry.name)
-            stale = m is not None and m.group(2) == host and not _pid_alive(int(m.group(1)))
-        if stale:
-            try:
-                os.unlink(entry.name, dir_fd=tmp_fd)
-                removed += 1
-            except OSError:
-                pass
-    return removed

@@ -322,7 +322,7 @@ class MetricsHTTP:
         writing = [c for c, st in self._clients.items() if st[2] is not None]
         return reading, writing
 
-    def handle(self, readable: list[socket.socket], writable: list[socket.socket]) -> None:
+    def handle(self, readable: list[Any], writable: list[Any]) -> None:
         if self.sock in readable:
             self._accept()
         for client in list(self._clients):

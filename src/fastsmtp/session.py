@@ -389,7 +389,7 @@ class Session:
 
     # -- commands --------------------------------------------------------------
 
-    def _out_of_order(self, kind: type[Event], arg: bytes) -> Event | type[NEED_DATA]:
+    def _out_of_order(self, kind: type[Event], arg: bytes) -> Event | type[NEED_DATA] | type[PAUSED]:
         reply = ORDER_ERRORS.get((self.state, kind), _NEED_MAIL)
         if kind not in _ORDER_FIRST:
             parse = PARSERS.get(kind)
@@ -422,12 +422,12 @@ class Session:
                 # RFC 6531 §3.5: only in a transaction that gave SMTPUTF8.
                 raise LocalProtocolError("non-ASCII recipient without SMTPUTF8", NEED_SMTPUTF8)
             return event
-        event = parse_starttls(arg)
+        starttls = parse_starttls(arg)
         if self.tls:
             raise LocalProtocolError("STARTTLS inside TLS", TLS_ACTIVE)
         if not self.limits.starttls:
             raise LocalProtocolError("STARTTLS not configured", NOT_IMPLEMENTED)
-        return event
+        return starttls
 
     def _start_chunk(self, event: Bdat) -> Bdat:
         """Enter a BDAT chunk: its octets are content, whatever they contain."""

@@ -890,3 +890,37 @@ def test_without_o_tmpfile_the_writer_names_its_files(tmp_path: Path, monkeypatc
 
     stored = run(go, anonymous_tmp=True)
     assert sorted(ls(md, "new")) == sorted(stored) and ls(md, "tmp") == []
+
+
+@needs_tmpfile
+@pytest.mark.parametrize("mode", ["off", "batch"])
+def test_a_folder_without_o_tmpfile_leaves_the_others_unnamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # Two mailboxes in one batch, one on a file system without O_TMPFILE:
+    # the other's unnamed file must still get its own name, not a path
+    # relative to the working directory (where a decoy waits).
+    a, b = make_maildir(tmp_path, "a"), make_maildir(tmp_path, "b")
+    decoys = tmp_path / "cwd"
+    decoys.mkdir()
+    for i in range(3, 256):
+        (decoys / str(i)).write_bytes(b"NOT THIS MESSAGE\n")
+    monkeypatch.chdir(decoys)
+    real = os.open
+
+    def open_(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if str(path).startswith(b) and flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "not on this file system")
+        return real(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", open_)
+
+    async def go(w: MaildirWriter) -> list[str]:
+        with one_batch(w):
+            futs = [submit(w, [md], MSG + md[-1:].encode())[1] for md in (b, a)]
+        return list(await asyncio.gather(*futs))
+
+    stored_b, stored_a = run(go, fsync=mode, anonymous_tmp=True)
+    assert Path(a, "new", stored_a).read_bytes() == MSG + b"a"
+    assert Path(b, "new", stored_b).read_bytes() == MSG + b"b"
+    assert ls(a, "tmp") == [] and ls(b, "tmp") == []

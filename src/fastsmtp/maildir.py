@@ -220,6 +220,8 @@ class MaildirWriter:
         # /proc/self/fd, through which an unnamed tmp/ file gets its name.
         self._anonymous = anonymous_tmp
         self._proc_fd: int | None = None
+        # tmp/ folders on file systems without O_TMPFILE.
+        self._named_dirs: set[str] = set()
         self._closing = False
         # This worker's row of the shared counters (metrics.py); this thread
         # is the only writer of the commit slots.
@@ -308,7 +310,15 @@ class MaildirWriter:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
-        self._close_proc()
+        # With --fsync off the loop may still be linking through
+        # /proc/self/fd while this runs in another thread: close it there.
+        if self._mode == "off" and self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._close_proc)
+            except RuntimeError:  # the loop is closed: nothing links any more
+                self._close_proc()
+        else:
+            self._close_proc()
 
     def _close_proc(self) -> None:
         fd, self._proc_fd = self._proc_fd, None
@@ -444,18 +454,23 @@ class MaildirWriter:
         no entry to create and remove: a tmp/ that has seen millions of
         names come and go makes each new one slow to create (ext4 searches
         its directory blocks), and that cost was most of a small message's
-        (bench/RESULTS.md).  A file system without O_TMPFILE falls back to
-        named files, once and for good.
+        (bench/RESULTS.md).  A tmp/ whose file system has no O_TMPFILE gets
+        named files from then on; other folders keep the unnamed ones.
         """
-        if self._proc_fd is None:
+        if self._proc_fd is None or tmp_dir in self._named_dirs:
             return None
         try:
             return os.open(tmp_dir, _TMPFILE_FLAGS, FILE_MODE)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
-            log.info("%s: no O_TMPFILE (%s); named files in tmp/ from now on", tmp_dir, exc.strerror)
-            self._close_proc()
+            # This folder's file system has none; others may: remember the
+            # folder (bounded), and keep /proc/self/fd open for the rest of
+            # the batch and for them.
+            log.info("%s: no O_TMPFILE (%s); named files in this tmp/ from now on", tmp_dir, exc.strerror)
+            if len(self._named_dirs) >= 4096:
+                self._named_dirs.clear()
+            self._named_dirs.add(tmp_dir)
             return None
 
     def _link(self, job: _Job) -> None:
@@ -466,6 +481,7 @@ class MaildirWriter:
             if job.tmp is not None:
                 os.link(job.tmp, dst)
             elif first:
+                assert self._proc_fd is not None  # an unnamed file exists only with it
                 # linkat(2) through /proc/self/fd with AT_SYMLINK_FOLLOW
                 # gives the unnamed file its first name (open(2), O_TMPFILE).
                 os.link(str(job.fd), dst, src_dir_fd=self._proc_fd, follow_symlinks=True)

@@ -268,3 +268,45 @@ def test_a_second_connection_has_its_own_transport(tmp_path: Path, loop: str) ->
         conn.server.store.close()
 
     run(loop, test)
+
+
+# -- the opening ---------------------------------------------------------------------------
+
+
+class SlowConnect:
+    async def on_connect(self, peer: str) -> None:
+        await asyncio.sleep(0.05)
+
+
+def _with_connect_stage(tmp_path: Path, **settings: Any) -> Connection:
+    server = make_server(tmp_path / "mail", **settings)
+    server.stages = resolve([("slow", SlowConnect(), 1.0)])
+    return Connection(server)
+
+
+def test_reading_waits_while_on_connect_thinks(tmp_path: Path, loop: str) -> None:
+    async def test() -> None:
+        conn = _with_connect_stage(tmp_path)
+        assert conn.protocol.phase is Phase.CONNECT
+        assert conn.protocol.flow.held == {"stage"} and conn.transport.paused
+        conn.send(b"EHLO c.example\r\n")  # held, answered after the greeting
+        replies = await conn.replies(2)
+        assert replies[0].startswith(b"220 ") and replies[1] == b"250 CHUNKING"
+        assert conn.protocol.flow.held == set() and not conn.transport.paused
+        conn.server.store.close()
+
+    run(loop, test)
+
+
+def test_an_answer_after_the_client_left_greets_no_one(tmp_path: Path, loop: str) -> None:
+    async def test() -> None:
+        errors: list[object] = []
+        asyncio.get_running_loop().set_exception_handler(lambda lp, ctx: errors.append(ctx.get("exception")))
+        conn = _with_connect_stage(tmp_path)
+        conn.protocol.eof_received()  # the client is gone before on_connect answers
+        await asyncio.sleep(0.1)
+        assert errors == [] and conn.transport.writes == []
+        assert conn.protocol.phase is Phase.CLOSED
+        conn.server.store.close()
+
+    run(loop, test)

@@ -123,7 +123,10 @@ class Opening:
             self._step = StepRun(calls, (conn.peer,), conn.peer, self._connected)
             verdict = self._step.start()
             if verdict is None:
-                return  # the answer comes to _connected
+                # The answer comes to _connected; reading waits for it, as
+                # for any stage (what arrives meanwhile is held, bounded).
+                conn.flow.hold("stage")
+                return
             self._step = None
             if verdict.reply is not None:
                 conn.refuse(verdict.reply)
@@ -133,11 +136,15 @@ class Opening:
     def _connected(self, verdict: Verdict) -> None:
         """The on_connect stages' late answer: greet, or refuse instead of the greeting."""
         self._step = None
+        conn = self._conn
+        if not conn.is_open():
+            return  # closed meanwhile (the client's EOF, a shutdown)
+        conn.flow.release("stage")
         if verdict.reply is not None:
-            self._conn.refuse(verdict.reply)
+            conn.refuse(verdict.reply)
             return
         self._welcome()
-        self._conn.release_held()
+        conn.release_held()
 
     def _welcome(self) -> None:
         conn = self._conn

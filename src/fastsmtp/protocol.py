@@ -286,6 +286,7 @@ class SMTPProtocol(asyncio.Protocol):
 
     def _close(self) -> None:
         self._release_client()
+        self._opening.cancel()  # an on_connect answer has no one to greet now
         if self._phase is not Phase.CLOSED:
             self.enter(Phase.CLOSED)  # and the phase's timer goes with it
         if self._transport is not None:

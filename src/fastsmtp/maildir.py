@@ -165,6 +165,142 @@ class _Job:
         self.error: StorageError | None = None
         self.posted = False
 
+    def write_out(self, tmp_files: "_TmpFiles") -> None:
+        """Put the content in a file of tmp/ (a spilled message is there already)."""
+        spool = self.spool
+        if self.fd is not None:  # spilled: complete on disk already
+            if self.prefix:
+                self._rewrite_with_prefix()
+            return
+        tmp_dir = os.path.join(spool.maildir, "tmp")
+        self.fd = tmp_files.anonymous(tmp_dir)
+        if self.fd is None:
+            tmp = os.path.join(tmp_dir, spool.name)
+            self.fd = os.open(tmp, OPEN_FLAGS, FILE_MODE)
+            self.tmp = tmp
+        if self.prefix:
+            writev_all(self.fd, [*self.prefix, self.content])
+        else:
+            write_all(self.fd, self.content)
+        self.prefix = []
+        self.content = bytearray()
+
+    def _rewrite_with_prefix(self) -> None:
+        """A spilled message with headers to go above it: a new tmp file
+        with the headers, then the old file's octets copied in the kernel."""
+        assert self.fd is not None and self.tmp is not None
+        old_fd, old_tmp = self.fd, self.tmp
+        tmp = old_tmp + ".h"
+        self.fd = os.open(tmp, OPEN_FLAGS, FILE_MODE)
+        self.tmp = tmp
+        try:
+            writev_all(self.fd, self.prefix)
+            # The spill file was opened write-only: read it through a new fd.
+            src = os.open(old_tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                copy_all(src, self.fd, os.fstat(src).st_size)
+            finally:
+                os.close(src)
+        finally:
+            close_quiet(old_fd)
+            unlink_quiet(old_tmp)
+        self.prefix = []
+
+    def fsync(self) -> None:
+        assert self.fd is not None
+        os.fsync(self.fd)
+
+    def close_fd(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def link(self, proc_fd: int | None) -> None:
+        """Name the file in every recipient's new/ (the first name, then hard links)."""
+        assert self.fd is not None
+        first = True
+        for md in self.maildirs:
+            dst = os.path.join(md, "new", self.stored)
+            if self.tmp is not None:
+                os.link(self.tmp, dst)
+            elif first:
+                assert proc_fd is not None  # an unnamed file exists only with it
+                # linkat(2) through /proc/self/fd with AT_SYMLINK_FOLLOW
+                # gives the unnamed file its first name (open(2), O_TMPFILE).
+                os.link(str(self.fd), dst, src_dir_fd=proc_fd, follow_symlinks=True)
+            else:
+                os.link(self.links[0], dst)
+            first = False
+            self.links.append(dst)
+        if self.tmp is not None:
+            os.unlink(self.tmp)
+            self.tmp = None
+
+    def cleanup(self) -> None:
+        """Remove every name the message got and drop its file and content."""
+        for link in self.links:
+            unlink_quiet(link)
+        self.links = []
+        if self.fd is not None:
+            close_quiet(self.fd)
+            self.fd = None
+        if self.tmp is not None:
+            unlink_quiet(self.tmp)
+            self.tmp = None
+        self.prefix = []
+        self.content = bytearray()
+
+
+class _TmpFiles:
+    """Unnamed tmp/ files (O_TMPFILE) and /proc/self/fd, through which they get a name."""
+
+    __slots__ = ("_wanted", "proc_fd", "_named_dirs")
+
+    def __init__(self, wanted: bool) -> None:
+        self._wanted = wanted and bool(getattr(os, "O_TMPFILE", 0))
+        self.proc_fd: int | None = None
+        # tmp/ folders on file systems without O_TMPFILE.
+        self._named_dirs: set[str] = set()
+
+    def open(self) -> None:
+        if self._wanted and self.proc_fd is None:
+            try:
+                self.proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                self.proc_fd = None
+
+    def close(self) -> None:
+        fd, self.proc_fd = self.proc_fd, None
+        if fd is not None:
+            close_quiet(fd)
+
+    def anonymous(self, tmp_dir: str) -> int | None:
+        """An unnamed file in ``tmp_dir`` (O_TMPFILE), or None where there is none.
+
+        It has no name until it is linked into new/, so a reader can never
+        see it half written, a crash leaves nothing to clean, and tmp/ gets
+        no entry to create and remove: a tmp/ that has seen millions of
+        names come and go makes each new one slow to create (ext4 searches
+        its directory blocks), and that cost was most of a small message's
+        (bench/RESULTS.md).  A tmp/ whose file system has no O_TMPFILE gets
+        named files from then on; other folders keep the unnamed ones.
+        """
+        if self.proc_fd is None or tmp_dir in self._named_dirs:
+            return None
+        try:
+            return os.open(tmp_dir, _TMPFILE_FLAGS, FILE_MODE)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            # This folder's file system has none; others may: remember the
+            # folder (bounded), and keep /proc/self/fd open for the rest of
+            # the batch and for them.
+            log.info("%s: no O_TMPFILE (%s); named files in this tmp/ from now on", tmp_dir, exc.strerror)
+            if len(self._named_dirs) >= 4096:
+                self._named_dirs.clear()
+            self._named_dirs.add(tmp_dir)
+            return None
+
 
 _Result = tuple["asyncio.Future[str]", "str | BaseException"]
 
@@ -217,11 +353,7 @@ class MaildirWriter:
         # writes (bench/RESULTS.md: 140 against 67 µs for a lone 1 KiB
         # message).  The thread then only finishes what close() finds.
         self._inline: list[_Job] = []
-        # /proc/self/fd, through which an unnamed tmp/ file gets its name.
-        self._anonymous = anonymous_tmp
-        self._proc_fd: int | None = None
-        # tmp/ folders on file systems without O_TMPFILE.
-        self._named_dirs: set[str] = set()
+        self._tmp_files = _TmpFiles(anonymous_tmp)
         self._closing = False
         # This worker's row of the shared counters (metrics.py); this thread
         # is the only writer of the commit slots.
@@ -243,12 +375,7 @@ class MaildirWriter:
         if self._thread is not None or self._closing:
             raise RuntimeError("MaildirWriter.start() called twice or after close()")
         self._loop = loop
-        if _TMPFILE_FLAGS & getattr(os, "O_TMPFILE", 0) and self._anonymous:
-            try:
-                # /proc/self is this process's own: opened after the fork.
-                self._proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError:
-                self._proc_fd = None
+        self._tmp_files.open()  # /proc/self is this process's own: after the fork
         if self._mode == "batch":
             self._pool = ThreadPoolExecutor(max_workers=_SYNC_THREADS, thread_name_prefix="fastsmtp-fsync")
         self._thread = threading.Thread(target=self._run, name="fastsmtp-maildir", daemon=False)
@@ -314,16 +441,11 @@ class MaildirWriter:
         # /proc/self/fd while this runs in another thread: close it there.
         if self._mode == "off" and self._loop is not None:
             try:
-                self._loop.call_soon_threadsafe(self._close_proc)
+                self._loop.call_soon_threadsafe(self._tmp_files.close)
             except RuntimeError:  # the loop is closed: nothing links any more
-                self._close_proc()
+                self._tmp_files.close()
         else:
-            self._close_proc()
-
-    def _close_proc(self) -> None:
-        fd, self._proc_fd = self._proc_fd, None
-        if fd is not None:
-            close_quiet(fd)
+            self._tmp_files.close()
 
     def _commit_inline(self) -> None:
         """On the loop ("off"): commit what was submitted in this iteration."""
@@ -383,7 +505,7 @@ class MaildirWriter:
                 self._step(job, self._link)
         for job in live:
             if job.error is None:
-                self._step(job, self._close_fd)
+                self._step(job, _Job.close_fd)
         if durable:
             self._sync_dirs([j for j in live if j.error is None])
         self._account(jobs)
@@ -398,105 +520,15 @@ class MaildirWriter:
             self._fail(job, exc)
 
     def _write_out(self, job: _Job) -> None:
-        spool = job.spool
-        if job.fd is not None:  # spilled: complete on disk already
-            if job.prefix:
-                self._rewrite_with_prefix(job)
-            return
-        tmp_dir = os.path.join(spool.maildir, "tmp")
-        job.fd = self._anonymous_file(tmp_dir)
-        if job.fd is None:
-            tmp = os.path.join(tmp_dir, spool.name)
-            job.fd = os.open(tmp, OPEN_FLAGS, FILE_MODE)
-            job.tmp = tmp
-        if job.prefix:
-            writev_all(job.fd, [*job.prefix, job.content])
-        else:
-            write_all(job.fd, job.content)
-        job.prefix = []
-        job.content = bytearray()
-
-    def _rewrite_with_prefix(self, job: _Job) -> None:
-        """A spilled message with headers to go above it: a new tmp file
-        with the headers, then the old file's octets copied in the kernel."""
-        assert job.fd is not None and job.tmp is not None
-        old_fd, old_tmp = job.fd, job.tmp
-        tmp = old_tmp + ".h"
-        job.fd = os.open(tmp, OPEN_FLAGS, FILE_MODE)
-        job.tmp = tmp
-        try:
-            writev_all(job.fd, job.prefix)
-            # The spill file was opened write-only: read it through a new fd.
-            src = os.open(old_tmp, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                copy_all(src, job.fd, os.fstat(src).st_size)
-            finally:
-                os.close(src)
-        finally:
-            close_quiet(old_fd)
-            unlink_quiet(old_tmp)
-        job.prefix = []
-
-    def _fsync_file(self, job: _Job) -> None:
-        assert job.fd is not None
-        os.fsync(job.fd)
-
-    def _close_fd(self, job: _Job) -> None:
-        fd, job.fd = job.fd, None
-        if fd is not None:
-            os.close(fd)
-
-    def _anonymous_file(self, tmp_dir: str) -> int | None:
-        """An unnamed file in ``tmp_dir`` (O_TMPFILE), or None where there is none.
-
-        It has no name until it is linked into new/, so a reader can never
-        see it half written, a crash leaves nothing to clean, and tmp/ gets
-        no entry to create and remove: a tmp/ that has seen millions of
-        names come and go makes each new one slow to create (ext4 searches
-        its directory blocks), and that cost was most of a small message's
-        (bench/RESULTS.md).  A tmp/ whose file system has no O_TMPFILE gets
-        named files from then on; other folders keep the unnamed ones.
-        """
-        if self._proc_fd is None or tmp_dir in self._named_dirs:
-            return None
-        try:
-            return os.open(tmp_dir, _TMPFILE_FLAGS, FILE_MODE)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                raise
-            # This folder's file system has none; others may: remember the
-            # folder (bounded), and keep /proc/self/fd open for the rest of
-            # the batch and for them.
-            log.info("%s: no O_TMPFILE (%s); named files in this tmp/ from now on", tmp_dir, exc.strerror)
-            if len(self._named_dirs) >= 4096:
-                self._named_dirs.clear()
-            self._named_dirs.add(tmp_dir)
-            return None
+        job.write_out(self._tmp_files)
 
     def _link(self, job: _Job) -> None:
-        assert job.fd is not None
-        first = True
-        for md in job.maildirs:
-            dst = os.path.join(md, "new", job.stored)
-            if job.tmp is not None:
-                os.link(job.tmp, dst)
-            elif first:
-                assert self._proc_fd is not None  # an unnamed file exists only with it
-                # linkat(2) through /proc/self/fd with AT_SYMLINK_FOLLOW
-                # gives the unnamed file its first name (open(2), O_TMPFILE).
-                os.link(str(job.fd), dst, src_dir_fd=self._proc_fd, follow_symlinks=True)
-            else:
-                os.link(job.links[0], dst)
-            first = False
-            job.links.append(dst)
-        if job.tmp is not None:
-            os.unlink(job.tmp)
-            job.tmp = None
+        job.link(self._tmp_files.proc_fd)
 
     def _flush_files(self, jobs: list[_Job]) -> None:
         if self._mode == "always":
             for job in jobs:
-                self._step(job, self._fsync_file)
+                self._step(job, _Job.fsync)
             return
         errors = self._parallel(_fdatasync, [j.fd for j in jobs])
         for job, exc in zip(jobs, errors):
@@ -549,20 +581,7 @@ class MaildirWriter:
         job.error = self._error(job.spool, exc)
         if isinstance(exc, OSError):
             log.warning("%s: not stored: %s", job.spool.queue_id, exc)
-        self._cleanup(job)
-
-    def _cleanup(self, job: _Job) -> None:
-        for link in job.links:
-            unlink_quiet(link)
-        job.links = []
-        if job.fd is not None:
-            close_quiet(job.fd)
-            job.fd = None
-        if job.tmp is not None:
-            unlink_quiet(job.tmp)
-            job.tmp = None
-        job.prefix = []
-        job.content = bytearray()
+        job.cleanup()
 
     @staticmethod
     def _error(spool: Spool, exc: BaseException) -> StorageError:
@@ -612,7 +631,7 @@ class MaildirWriter:
                 continue
             try:
                 job.error = job.error or self._error(job.spool, exc)
-                self._cleanup(job)
+                job.cleanup()
             except Exception:
                 log.exception("maildir committer: cleanup of %s failed", job.spool.queue_id)
         try:

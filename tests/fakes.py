@@ -40,7 +40,8 @@ class FakeTransport:
     aborted: bool = False
 
     def write(self, data: bytes) -> None:
-        assert not self.closing or data, "write after close"
+        # A real transport drops what is written after close(); the tests
+        # count writes to see that nothing is.
         self.writes.append(bytes(data))
 
     def writelines(self, lines: list[bytes]) -> None:

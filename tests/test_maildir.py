@@ -783,6 +783,7 @@ def test_fsync_off_close_commits_what_the_loop_has_not(tmp_path: Path) -> None:
     async def go(w: MaildirWriter) -> str:
         _, fut = submit(w, [md])
         w.close()  # on the loop, before its next turn: the thread commits it
+        assert len(ls(md, "new")) == 1  # already, not at the loop's next turn
         return await fut
 
     stored = run(go, fsync="off")

@@ -41,9 +41,6 @@ class FlowControl:
         if not self.held:
             self._resume()
 
-    def holds(self, reason: str) -> bool:
-        return reason in self.held
-
     def retarget(self, transport: asyncio.Transport) -> None:
         """Follow a (new) transport: at connection_made, and after STARTTLS."""
         self._transport = transport

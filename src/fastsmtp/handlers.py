@@ -83,7 +83,7 @@ class Handlers:
     @property
     def busy(self) -> bool:
         """Whether a transaction has started its content, or work is awaited."""
-        return self.committing or self.step is not None or (self.txn is not None and self.txn.spool is not None)
+        return self.committing or self.step is not None or (self.txn is not None and self.txn.receiving)
 
     def begin_content(self) -> None:
         """DATA's 354, or the first BDAT chunk: the content goes to a spool now."""
@@ -195,7 +195,7 @@ class Handlers:
         txn = self.txn
         assert txn is not None
         calls = self._server.stages.on_message
-        if event.refusal is not None or txn.spool is None or not calls:
+        if event.refusal is not None or not txn.receiving or not calls:
             return self._end_message(txn, event, None)
         # The spool stays ours while the stages think: a client leaving
         # meanwhile has it discarded (lost()).
@@ -203,7 +203,7 @@ class Handlers:
 
     def _end_message(self, txn: Transaction, event: EndOfMessage, verdict: Verdict | None) -> Reply | None:
         refusal = event.refusal or (verdict.reply if verdict is not None else None)
-        if refusal is None and txn.spool is None:
+        if refusal is None and not txn.receiving:
             refusal = STORAGE_FAILED  # its content was dropped on the way (never expected)
         if refusal is not None:
             self.txn = None

@@ -129,15 +129,6 @@ def _fdatasync(fd: int) -> None:
         os.fsync(fd)
 
 
-def _discard_job(job: "_Job") -> None:
-    """A job that never reached the committer: drop what its spool handed over."""
-    if job.fd is not None:
-        close_quiet(job.fd)
-    if job.tmp is not None:
-        unlink_quiet(job.tmp)
-    job.fd = job.tmp = None
-
-
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, _DIR_FLAGS)
     try:
@@ -416,7 +407,7 @@ class MaildirWriter:
             return fut
         with self._cv:
             if self._closing:
-                _discard_job(job)
+                job.cleanup()  # it never reached the committer
                 fut.set_exception(StorageError(f"{spool.queue_id}: the maildir writer is closed"))
                 self.stats["refused"] += 1
                 return fut

@@ -158,8 +158,8 @@ class SMTPProtocol(asyncio.Protocol):
         phase = self._phase
         if phase is Phase.COMMANDS:
             txn = self._handlers.txn
-            if txn is not None and txn.spool is not None:
-                txn.octets += len(data)
+            if txn is not None:
+                txn.received(len(data))
             if self._opening.check_proxy and self._opening.refuses_proxy_header(data):
                 return
             self.session.receive_data(data)
@@ -237,8 +237,8 @@ class SMTPProtocol(asyncio.Protocol):
                 kind: type[Event] = type(event)  # type: ignore[assignment]
                 if kind is MessageChunk:
                     txn = self._handlers.txn
-                    assert txn is not None and txn.spool is not None
-                    txn.spool.write(event.data)  # type: ignore[union-attr]
+                    assert txn is not None
+                    txn.write(event.data)  # type: ignore[union-attr]
                     continue
                 if kind is Bdat:
                     if event.first:  # type: ignore[union-attr]

@@ -45,7 +45,7 @@ class Transaction:
 
     __slots__ = (
         "_server", "_loop", "_session", "_peer", "_too_slow", "mailboxes", "spool", "started",
-        "data_started", "data_ended", "octets", "size", "_rate_timer",
+        "data_started", "data_ended", "_octets", "size", "_rate_timer",
     )
 
     def __init__(
@@ -64,8 +64,8 @@ class Transaction:
         self.started = loop.time()
         self.data_started = 0.0
         self.data_ended = 0.0
-        #: Octets received from the network since the content began.
-        self.octets = 0
+        # Octets received from the network since the content began.
+        self._octets = 0
         #: Content octets of the finished message, as the session counted them.
         self.size = 0
         self._rate_timer: asyncio.TimerHandle | None = None
@@ -89,7 +89,7 @@ class Transaction:
     def open(self, tls: str | None) -> None:
         """The content begins (354 sent, or the first BDAT): a spool with the trace headers."""
         self.data_started = self._loop.time()
-        self.octets = 0
+        self._octets = 0
         if self._server.config.min_data_rate:
             self._rate_timer = self._loop.call_later(1.0, self._check_rate)
         spool = self._server.store.open_spool(self.mailboxes[0])
@@ -109,6 +109,21 @@ class Transaction:
         )
         self.spool = spool
 
+    @property
+    def receiving(self) -> bool:
+        """Whether the content has begun and not ended (a spool is open)."""
+        return self.spool is not None
+
+    def received(self, n: int) -> None:
+        """``n`` octets arrived from the network (the minimum-rate check counts them)."""
+        if self.spool is not None:
+            self._octets += n
+
+    def write(self, content: bytes) -> None:
+        """Unstuffed content for the spool."""
+        assert self.spool is not None
+        self.spool.write(content)
+
     def discard(self) -> None:
         """Drop the content (RSET between BDAT chunks, a refused chunk, a lost client)."""
         self._stop_clock()
@@ -121,10 +136,10 @@ class Transaction:
         a connection for hours within any idle timeout): Postfix's
         smtpd_min_data_rate."""
         elapsed = self._loop.time() - self.data_started
-        allowed = (self.octets + DATA_RATE_ALLOWANCE) / self._server.config.min_data_rate
+        allowed = (self._octets + DATA_RATE_ALLOWANCE) / self._server.config.min_data_rate
         if elapsed > allowed:
             self._rate_timer = None
-            log.info("%s: message data too slow (%d octets in %.0f s)", self._peer, self.octets, elapsed)
+            log.info("%s: message data too slow (%d octets in %.0f s)", self._peer, self._octets, elapsed)
             self.discard()
             self._too_slow()
             return

@@ -106,19 +106,8 @@ async def serve(
     server = Server(config, writer, clients, metrics)
     if sock is None:
         sock = bind_socket(config.host, config.port)
-    listeners = [await loop.create_server(server.protocol_factory, sock=sock)]
+    listeners = await _listen(config, server, sock, tls_sock)
     address = sock.getsockname()[:2]
-    if config.tls_listen:
-        # Implicit TLS (RFC 8314 §3.3): the handshake comes before the greeting.
-        if tls_sock is None:
-            tls_host, tls_port = parse_listen(config.tls_listen)
-            tls_sock = bind_socket(tls_host, tls_port)
-        listeners.append(
-            await loop.create_server(
-                server.implicit_tls_factory, sock=tls_sock, ssl=server.tls_context, ssl_handshake_timeout=30.0
-            )
-        )
-        log.info("implicit TLS on %s:%d", *tls_sock.getsockname()[:2])
     beat: asyncio.TimerHandle | None = None
     if heartbeat is not None:
         interval = heartbeat_interval(config)
@@ -138,27 +127,55 @@ async def serve(
     finally:
         for listener in listeners:
             listener.close()
-        if drain.is_set():
-            # A connection accepted just before the listener closed reaches
-            # connection_made a few loop turns later: wait a moment so that
-            # it is served like the others rather than told 421.
-            start = loop.time()
-            end = start + config.shutdown_timeout
-            while (server.connections or loop.time() < start + 0.1) and drain.is_set() and loop.time() < end:
-                await asyncio.sleep(0.05)
-        server.begin_shutdown()
-        deadline = loop.time() + config.shutdown_timeout
-        while server.connections and loop.time() < deadline and not quick.is_set():
-            await asyncio.sleep(0.05)
-        for conn in list(server.connections):
-            conn.abort()
-        # Commits still queued finish before the process ends: a message
-        # whose 250 was lost to the abort is still stored (RFC 1047).
-        await loop.run_in_executor(None, writer.close)
+        await _wind_down(config, server, writer, drain, quick)
         if beat is not None:
             beat.cancel()
         # Workers end with os._exit: the last lines must not wait in a buffer.
         event_log().flush()
+
+
+async def _listen(
+    config: Config, server: Server, sock: socket.socket, tls_sock: socket.socket | None
+) -> list[asyncio.AbstractServer]:
+    """The SMTP listener, and the implicit-TLS one when configured."""
+    loop = asyncio.get_running_loop()
+    listeners: list[asyncio.AbstractServer] = [await loop.create_server(server.protocol_factory, sock=sock)]
+    if config.tls_listen:
+        # Implicit TLS (RFC 8314 §3.3): the handshake comes before the greeting.
+        if tls_sock is None:
+            tls_host, tls_port = parse_listen(config.tls_listen)
+            tls_sock = bind_socket(tls_host, tls_port)
+        listeners.append(
+            await loop.create_server(
+                server.implicit_tls_factory, sock=tls_sock, ssl=server.tls_context, ssl_handshake_timeout=30.0
+            )
+        )
+        log.info("implicit TLS on %s:%d", *tls_sock.getsockname()[:2])
+    return listeners
+
+
+async def _wind_down(
+    config: Config, server: Server, writer: MaildirWriter, drain: asyncio.Event, quick: asyncio.Event
+) -> None:
+    """The listeners are closed: let the sessions finish (421 to idle ones), then commit what is queued."""
+    loop = asyncio.get_running_loop()
+    if drain.is_set():
+        # A connection accepted just before the listener closed reaches
+        # connection_made a few loop turns later: wait a moment so that
+        # it is served like the others rather than told 421.
+        start = loop.time()
+        end = start + config.shutdown_timeout
+        while (server.connections or loop.time() < start + 0.1) and drain.is_set() and loop.time() < end:
+            await asyncio.sleep(0.05)
+    server.begin_shutdown()
+    deadline = loop.time() + config.shutdown_timeout
+    while server.connections and loop.time() < deadline and not quick.is_set():
+        await asyncio.sleep(0.05)
+    for conn in list(server.connections):
+        conn.abort()
+    # Commits still queued finish before the process ends: a message
+    # whose 250 was lost to the abort is still stored (RFC 1047).
+    await loop.run_in_executor(None, writer.close)
 
 
 def heartbeat_interval(config: Config) -> float:

@@ -88,6 +88,8 @@ class Config:
     idle_timeout: float = 300.0
     recipient_delimiter: str = "+"
     fsync: str = "batch"
+    journal_dir: str = ""  # "" means MAIL_ROOT/.journal at validation time
+    min_free: int = 64 * 1024 * 1024
     bare_lf: str = "reject"
     spill_threshold: int = 256 * 1024
     shutdown_timeout: float = 30.0
@@ -146,7 +148,8 @@ def _checked_together(config: Config) -> Config:
     hostname = config.hostname or socket.getfqdn()
     if not hostname or any(c.isspace() or not c.isprintable() for c in hostname):
         raise ConfigError(f"hostname {hostname!r} is not a usable host name")
-    return replace(config, hostname=hostname)
+    journal_dir = config.journal_dir or os.path.join(config.mail_root, ".journal")
+    return replace(config, hostname=hostname, journal_dir=journal_dir)
 
 
 def field_values(setting: Setting, value: Any) -> dict[str, Any]:

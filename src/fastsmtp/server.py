@@ -23,6 +23,7 @@ from .logs import EventLog, event_log
 from .metrics import NO_METER, Meter
 from .policy import FolderRecipients
 from .session import Limits
+from .space import FreeSpace
 from .stages import NO_STAGES, Stages, resolve
 from .store import Store
 from .tls import server_context
@@ -47,6 +48,10 @@ class Server:
         # Connections per client address, summed over all workers (anvil.py).
         self.clients = clients if config.max_connections_per_ip else None
         self.recipients = FolderRecipients(config.mail_root, config.recipient_delimiter)
+        # MAIL is refused with 452 4.3.1 below the reserve (space.py): the
+        # journal's file system and the mail root's.
+        places = [config.mail_root] + ([config.journal_dir] if config.fsync == "batch" else [])
+        self.free_space = FreeSpace(places, config.min_free)
         # The checks every session and message pass, in order (stages.py):
         # today the operator's policy, one object per worker, its methods
         # looked up once here, not per connection.

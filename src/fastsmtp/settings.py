@@ -409,11 +409,32 @@ SETTINGS: tuple[Setting, ...] = (
         comment="user+tag@domain delivers to user; \"\" turns it off."),
     Setting(
         "fsync", Kind.TEXT, "batch", _CONTENT, choices=FSYNC_CHOICES,
-        help="batch: group commit (default); always: one flush per message; off: UNSAFE, benchmarks only",
-        doc="group commit; one flush per message; no flush (unsafe, for benchmarks)",
-        comment="\"batch\": group commit, one flush for all messages that arrived together; \"always\": one "
-                "flush per message; \"off\": no flush (UNSAFE: benchmarks only).  Either way 250 is sent only "
-                "after the message is written."),
+        help="batch: write-ahead journal, one flush per batch (default); always: one flush of file and "
+             "folder per message; off: UNSAFE, benchmarks only",
+        doc="write-ahead journal with group commit; one flush of file and `new/` per message; no flush "
+            "(unsafe, for benchmarks)",
+        comment="\"batch\": a write-ahead journal, one write and one fdatasync for all messages that arrived "
+                "together, delivered into new/ after the 250; \"always\": the file and its new/ flushed per "
+                "message before the 250; \"off\": no flush (UNSAFE: benchmarks only)."),
+    Setting(
+        # "" is filled in by validate(): MAIL_ROOT/.journal.
+        "journal-dir", Kind.PATH, "", _CONTENT, metavar="DIR", shown_default="`MAIL_ROOT/.journal`",
+        help="the write-ahead journal of --fsync batch (default: MAIL_ROOT/.journal)",
+        doc="the write-ahead journal of `--fsync batch`; another device is fine, it is flushed on its own",
+        comment="Folder of the write-ahead journal (--fsync batch), one subfolder per worker; \"\" means "
+                "MAIL_ROOT/.journal.  It may be on another device than the mail root."),
+    # Postfix's queue_minfree: refuse new mail while the disk is nearly full,
+    # rather than accept it and fail at the end of its data.
+    Setting(
+        "min-free", Kind.SIZE, 64 * 1024 * 1024, _CONTENT, metavar="BYTES",
+        check=at_least(0, "min-free must be 0 or more"),
+        help="free space kept in reserve on the journal's and the mail root's file systems; below it MAIL "
+             "gets 452 4.3.1 (default: %(default)s)",
+        doc="free space kept on the journal's and the mail root's file systems; below it, or with `SIZE=` "
+            "over what is left, MAIL gets `452 4.3.1`",
+        comment="Bytes of free space kept in reserve on the journal's and the mail root's file systems; "
+                "below it, or with a SIZE= over what is left above it, MAIL gets 452 4.3.1 (RFC 1870 §6.1; "
+                "Postfix's queue_minfree)."),
     Setting(
         "bare-lf", Kind.TEXT, "reject", _CONTENT, choices=BARE_LF_CHOICES,
         help="a message with a bare CR or LF: reject with 550 (default) or normalize to CRLF",

@@ -25,8 +25,8 @@ from fastsmtp.journalstore import JournalStore
 from fastsmtp.recovery import recover
 
 
-def record(queue_id: str, stored: str, targets: list[str], content: bytes) -> bytes:
-    head, _ = encode(queue_id, stored, targets, [content])
+def record(queue_id: str, stored: str, targets: list[str], content: bytes, seq: int = 1) -> bytes:
+    head, _ = encode(seq, queue_id, stored, targets, [content])
     return b"".join(head) + content
 
 
@@ -43,7 +43,7 @@ def make_maildir(root: Path, name: str) -> Path:
 def test_a_record_reads_back_exactly() -> None:
     content = b"Return-Path: <a@b>\r\n\r\nbody \x00\xff\r\n"
     data = record("Q1", "1.M2P3Q4.host,S=%d" % len(content), ["maildir:/m/a", "maildir:/m/ü"], content)
-    found = scan(data)
+    found = scan(data, 1)
     assert found.torn == 0 and found.damaged == []
     (rec,) = found.records
     assert (rec.queue_id, rec.targets, rec.content) == ("Q1", ("maildir:/m/a", "maildir:/m/ü"), content)
@@ -55,12 +55,12 @@ def test_a_record_with_its_content_in_a_file(tmp_path: Path) -> None:
     spilled.write_bytes(b"x" * 3_000_001)
     fd = os.open(spilled, os.O_RDONLY)
     try:
-        head, length = encode("Q", "n,S=3000005", ["maildir:/m"], [b"Hdr\n"], (fd, 3_000_001))
+        head, length = encode(1, "Q", "n,S=3000005", ["maildir:/m"], [b"Hdr\n"], (fd, 3_000_001))
     finally:
         os.close(fd)
     data = b"".join(head) + b"Hdr\n" + spilled.read_bytes()
     assert len(data) == length
-    (rec,) = scan(data).records
+    (rec,) = scan(data, 1).records
     assert rec.content == b"Hdr\n" + b"x" * 3_000_001
 
 
@@ -68,7 +68,7 @@ def test_every_torn_tail_is_dropped_and_the_records_before_it_kept() -> None:
     first = record("A", "a,S=3", ["maildir:/m"], b"one")
     last = record("B", "b,S=5", ["maildir:/m"], b"three")
     for cut in range(1, len(last)):
-        found = scan(first + last[:cut])
+        found = scan(first + last[:cut], 1)
         assert [r.queue_id for r in found.records] == ["A"], cut
         assert found.torn == cut and found.damaged == []
 
@@ -78,7 +78,7 @@ def test_damage_before_a_good_record_is_reported_never_dropped() -> None:
     for flip in range(len(recs[1])):
         middle = bytearray(recs[1])
         middle[flip] ^= 0x40
-        found = scan(recs[0] + bytes(middle) + recs[2])
+        found = scan(recs[0] + bytes(middle) + recs[2], 1)
         assert [r.queue_id for r in found.records] == ["A", "C"], flip
         (damage,) = found.damaged
         assert damage.offset == len(recs[0]) and damage.data == bytes(middle)
@@ -88,16 +88,32 @@ def test_damage_before_a_good_record_is_reported_never_dropped() -> None:
 def test_a_length_that_lies_is_caught_by_the_header_check() -> None:
     good = record("A", "a,S=4", ["maildir:/m"], b"body")
     bad = bytearray(record("B", "b,S=4", ["maildir:/m"], b"body"))
-    struct.pack_into("<I", bad, 8, 10**9)  # a huge length, its CRC left as it was
-    found = scan(good + bytes(bad) + good)
+    struct.pack_into("<I", bad, 16, 10**9)  # a huge length, its CRC left as it was
+    found = scan(good + bytes(bad) + good, 1)
     assert len(found.records) == 2 and len(found.damaged) == 1
 
 
-def test_zeros_at_the_end_are_a_torn_tail() -> None:
-    # What a crash after a size change but before the data leaves on some
-    # file systems: a run of zeros.
-    found = scan(record("A", "a,S=1", ["maildir:/m"], b"x") + bytes(4096))
-    assert len(found.records) == 1 and found.torn == 4096
+def test_zeros_at_the_end_are_unused_space() -> None:
+    # A segment made of zeros ahead of time, written up to its last record.
+    found = scan(record("A", "a,S=1", ["maildir:/m"], b"x") + bytes(1 << 20), 1)
+    assert len(found.records) == 1 and found.torn == 0 and found.damaged == []
+
+
+def test_a_reused_segment_ends_where_its_earlier_life_shows() -> None:
+    old = b"".join(record(f"O{i}", f"o{i},S=3", ["maildir:/m"], b"old", seq=3) for i in range(50))
+    new = record("N1", "n1,S=3", ["maildir:/m"], b"new", seq=7) + record("N2", "n2,S=3", ["maildir:/m"], b"new", seq=7)
+    data = new + old[len(new):]  # overwritten from the start
+    found = scan(data, 7)
+    assert [r.queue_id for r in found.records] == ["N1", "N2"]
+    assert found.torn == 0 and found.damaged == []
+    # A new record torn in the middle of an old one: a torn tail, up to the
+    # first whole old record.
+    torn = record("N3", "n3,S=5000", ["maildir:/m"], b"t" * 5000, seq=7)[:100]
+    data = new + torn + old[len(new) + 100:]
+    found = scan(data, 7)
+    assert [r.queue_id for r in found.records] == ["N1", "N2"] and found.damaged == [] and found.torn > 0
+    # The old records are never taken for new ones.
+    assert scan(old, 7).records == []
 
 
 # -- recovery -----------------------------------------------------------------
@@ -210,13 +226,12 @@ def run_store(tmp_path: Path, messages: list[tuple[list[Path], list[bytes]]], **
             for chunk in chunks:
                 spool.write(chunk)
             futures.append(store.submit(spool, [str(m) for m in maildirs]))
-        return list(await asyncio.gather(*futures, return_exceptions=True))
+        results = list(await asyncio.gather(*futures, return_exceptions=True))
+        # As the worker does: close off the loop, while the loop runs.
+        await asyncio.get_running_loop().run_in_executor(None, store.close)
+        return results
 
-    try:
-        results = asyncio.run(main())
-    finally:
-        store.close()
-    return results, store
+    return asyncio.run(main()), store
 
 
 def test_the_store_delivers_everything_and_leaves_no_journal(tmp_path: Path) -> None:
@@ -238,6 +253,20 @@ def test_a_segment_is_retired_once_delivered_and_synced(tmp_path: Path) -> None:
     results, store = run_store(tmp_path, msgs, segment_size=64 * 1024, max_batch=10)
     assert len(os.listdir(box / "new")) == 200
     assert store.stats["retired"] >= 2 and store.stats["checkpoints"] >= 1
+
+
+def test_retired_segments_are_reused_and_every_message_still_lands(tmp_path: Path) -> None:
+    box = make_maildir(tmp_path, "box")
+    msgs = [([box], [b"%06d " % i * 200]) for i in range(600)]
+
+    results, store = run_store(tmp_path, msgs, segment_size=32 * 1024, max_batch=8)
+    assert all(isinstance(r, str) for r in results)
+    names = sorted(os.listdir(box / "new"))
+    assert len(names) == 600
+    assert store.stats["reused"] >= 1, store.stats
+    bodies = {(box / "new" / n).read_bytes() for n in names}
+    assert bodies == {b"%06d " % i * 200 for i in range(600)}
+    assert os.listdir(tmp_path / "journal") == []
 
 
 def test_a_failed_journal_write_is_451_and_nothing_of_it_stays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -282,8 +311,8 @@ def test_a_failed_delivery_is_retried_from_the_journal(tmp_path: Path, monkeypat
 
 
 def test_checksums_cover_the_content(tmp_path: Path) -> None:
-    head, length = encode("Q", "n,S=5", ["maildir:/m"], [b"hello"])
+    head, length = encode(1, "Q", "n,S=5", ["maildir:/m"], [b"hello"])
     body = head[1] + b"hello"
-    assert struct.unpack_from("<I", head[0], 12)[0] == zlib.crc32(body)
+    assert struct.unpack_from("<I", head[0], 20)[0] == zlib.crc32(body)
     assert length == len(head[0]) + len(body)
     assert segments(str(tmp_path)) == []

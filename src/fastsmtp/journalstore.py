@@ -14,12 +14,13 @@ Rules of this module:
   to one file is the disk's fastest durable write (bench/RESULTS.md: one
   append and fdatasync of 1 KiB takes 0.26 ms here, a file and its folder
   0.7 ms), and the cost is paid per batch, not per message.
-- Delivery is off the path to the reply.  After a flush the batch goes to
-  the deliverer thread, which writes each message into its Maildir exactly
+- Delivery is off the path to the reply.  Once a batch is flushed, the
+  loop writes its 250s, then writes each message into its Maildir exactly
   as ``MaildirWriter`` does (an unnamed file in ``tmp/``, linked into each
   ``new/``; maildir.py) but flushes nothing: the journal holds the message
   meanwhile.  A file is visible in ``new/`` within a few milliseconds of
-  the 250 (``fastsmtp_delivery_lag_seconds``).
+  its 250 (``fastsmtp_delivery_lag_seconds``).  Why on the loop and not in
+  a thread: ``_flushed``.
 - Retirement.  A segment is closed when it reaches ``segment_size`` (or
   has been idle a second); once every message in a closed segment is in
   ``new/``, one ``syncfs(2)`` per file system makes those files durable
@@ -35,9 +36,10 @@ Rules of this module:
   (the content is not kept in memory).  Its segment stays until it
   succeeds.  The journal is sized by the ``--min-free`` reserve, not by
   memory.
-- Threads: the loop thread only queues; the flusher owns the active
-  segment; the deliverer owns ``tmp/`` and ``new/``.  The segment list
-  and the counts on it are shared under one lock.
+- Threads: the loop queues, answers and delivers; the flusher owns the
+  active segment; the retirer makes delivered files durable, retires
+  segments and retries failed deliveries.  The segment list and the counts
+  on it are shared under one lock.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import collections
 import ctypes
 import ctypes.util
 import errno
+import itertools
 import logging
 import os
 import threading
@@ -58,7 +61,7 @@ from .errors import StorageError
 from .journal import MAILDIR, OwnFolder, encode, read_segment, scan
 from .maildir import Delivery, TmpFiles, fdatasync
 from .recovery import deliver_to_maildir, set_aside
-from .spool import Spool, close_quiet, encode_host, new_name
+from .spool import Spool, close_quiet, encode_host, new_name, unlink_quiet
 from .store import MessageSpool
 
 __all__ = ["JournalStore"]
@@ -100,9 +103,10 @@ def syncfs(path: str) -> None:
 class _Segment:
     """One segment file and what in it is not yet delivered."""
 
-    __slots__ = ("path", "fd", "size", "pending", "closed", "touched")
+    __slots__ = ("seq", "path", "fd", "size", "pending", "closed", "touched")
 
-    def __init__(self, fd: int, path: str) -> None:
+    def __init__(self, seq: int, fd: int, path: str) -> None:
+        self.seq = seq
         self.path = path
         self.fd: int | None = fd
         self.size = 0
@@ -164,13 +168,15 @@ class JournalStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._folder: OwnFolder | None = None
         self._tmp_files = TmpFiles(anonymous_tmp)
-        # The loop queues for the flusher; the flusher for the deliverer.
+        # The loop queues for the flusher; the flusher hands flushed batches
+        # back to the loop; the loop hands failed deliveries to the retirer.
         self._cv = threading.Condition()
         self._queue: collections.deque[_Entry] = collections.deque()
-        self._dcv = threading.Condition()
-        self._to_deliver: list[_Entry] = []
+        self._rcv = threading.Condition()
         self._retries: list[_Entry] = []
-        self._flusher_done = False
+        self._retirer_stop = False
+        # Batches flushed and not yet delivered by the loop (close() waits for 0).
+        self._undelivered = 0
         self._closing = False
         self._threads: list[threading.Thread] = []
         # Under _lock: every unretired segment, the active one last.
@@ -183,10 +189,15 @@ class JournalStore:
         self._devices: dict[str, int] = {}
         # After a failed checkpoint, none before this (monotonic) time.
         self._checkpoint_after = 0.0
+        # Under _lock: files ready to be the next segment (retired ones, or
+        # written with zeros by the retirer), and a count for their names.
+        self._spares: list[str] = []
+        self._spare_wanted = False
+        self._spare_names = itertools.count()
         self.stats: dict[str, Any] = {
             "batches": 0, "messages": 0, "failed": 0, "refused": 0, "max_batch": 0,
             "batch_sizes": collections.Counter(), "delivered": 0, "delivery_failures": 0, "retired": 0,
-            "checkpoints": 0,
+            "checkpoints": 0, "reused": 0,
         }
 
     # -- loop side ---------------------------------------------------------
@@ -197,7 +208,7 @@ class JournalStore:
         self._loop = loop
         self._folder = OwnFolder(self._root)
         self._tmp_files.open()
-        for name, target in (("fastsmtp-journal", self._flush_loop), ("fastsmtp-deliver", self._deliver_loop)):
+        for name, target in (("fastsmtp-journal", self._flush_loop), ("fastsmtp-retire", self._retire_loop)):
             thread = threading.Thread(target=target, name=name, daemon=False)
             thread.start()
             self._threads.append(thread)
@@ -239,24 +250,43 @@ class JournalStore:
         return fut
 
     def close(self) -> None:
-        """Flush and deliver everything submitted, retire the journal, stop (blocking)."""
+        """Flush and deliver everything submitted, retire the journal, stop (blocking: off the loop)."""
         with self._cv:
             self._closing = True
             self._cv.notify()
-        for thread in self._threads:
-            thread.join()
+        flusher, retirer = self._threads or (None, None)
+        if flusher is not None:
+            flusher.join()
+        with self._rcv:
+            # The loop delivers what the flusher handed it; then the retirer
+            # makes it durable and retires the segments.
+            deadline = time.monotonic() + 30.0
+            while self._undelivered and time.monotonic() < deadline:
+                self._rcv.wait(0.05)
+            self._retirer_stop = True
+            self._rcv.notify()
+        if retirer is not None:
+            retirer.join()
         self._threads = []
-        self._tmp_files.close()
+        self._close_tmp_files()
         if self._folder is not None:
             with self._lock:
                 left = [s for s in self._segments if s.pending or not s.closed]
             if left:
-                # Undelivered messages (a Maildir that kept failing): the
-                # folder stays for recovery at the next start.
+                # Undelivered messages (a Maildir that kept failing, a loop
+                # that stopped): the folder stays for recovery at the next start.
                 log.error("journal %s kept: %d segment(s) hold undelivered messages", self._folder.path, len(left))
                 self._folder.release()
             else:
                 self._folder.remove()
+
+    def _close_tmp_files(self) -> None:
+        # The loop may still be linking through /proc/self/fd: close it there.
+        try:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._tmp_files.close)
+        except (RuntimeError, AssertionError):  # the loop is closed: nothing links any more
+            self._tmp_files.close()
 
     # -- the flusher thread ------------------------------------------------
 
@@ -274,10 +304,7 @@ class JournalStore:
             except Exception as exc:  # a bug: fail the batch, keep the thread
                 log.exception("journal flusher: unexpected error, failing %d message(s)", len(batch))
                 self._fail_batch(batch, exc)
-        self._roll()  # the last segment is closed: the deliverer may retire it
-        with self._dcv:
-            self._flusher_done = True
-            self._dcv.notify()
+        self._roll()  # the last segment is closed: the retirer may retire it
 
     def _take(self) -> list[_Entry]:
         batch = [self._queue.popleft()]
@@ -294,9 +321,15 @@ class JournalStore:
         started = time.perf_counter()
         segment = self._active
         if segment is None or segment.size >= self._segment_size:
+            # A full segment says the load is steady: have a spare ready for
+            # the next one.  (One closed for idleness does not: a quiet
+            # server never writes segments of zeros.)
+            full = segment is not None
             self._roll()
             assert self._folder is not None
-            segment = _Segment(*self._folder.new_segment())
+            spare = self._take_spare(want_next=full)
+            segment = _Segment(*self._folder.new_segment(spare))
+            self.stats["reused"] += spare is not None
             with self._lock:
                 self._segments.append(segment)
                 self._active = segment
@@ -317,17 +350,18 @@ class JournalStore:
         with self._lock:
             segment.pending += len(batch)
             segment.touched = flushed
-        results: list[tuple[asyncio.Future[str], str | BaseException]] = []
         for entry in batch:
             entry.segment = segment
             entry.flushed = flushed
             entry.posted = True
-            results.append((entry.future, entry.stored))
-        self._post(results)
-        self._account(batch, time.perf_counter() - started, segment)
-        with self._dcv:
-            self._to_deliver.extend(batch)
-            self._dcv.notify()
+        self._account(batch, time.perf_counter() - started)
+        with self._rcv:
+            self._undelivered += 1
+        try:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._flushed, batch)
+        except RuntimeError:  # the loop is closed: nobody waits for a 250; deliver here
+            self._deliver(batch)
 
     def _append(self, segment: _Segment, batch: list[_Entry]) -> None:
         """Write the batch's records at the end of ``segment``: one pwritev, unless a spilled file interrupts it."""
@@ -340,7 +374,8 @@ class JournalStore:
             targets = [MAILDIR + md for md in entry.maildirs]
             entry.offset = end
             if entry.fd is None:
-                head, length = encode(entry.spool.queue_id, entry.stored, targets, [*entry.prefix, entry.content])
+                head, length = encode(segment.seq, entry.spool.queue_id, entry.stored, targets,
+                                      [*entry.prefix, entry.content])
                 iov += head
                 iov += entry.prefix
                 iov.append(entry.content)
@@ -351,7 +386,8 @@ class JournalStore:
             src = os.open(entry.tmp, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 size = os.fstat(src).st_size
-                head, length = encode(entry.spool.queue_id, entry.stored, targets, entry.prefix, (src, size))
+                head, length = encode(segment.seq, entry.spool.queue_id, entry.stored, targets, entry.prefix,
+                                      (src, size))
                 iov += head
                 iov += entry.prefix
                 _pwritev_all(fd, iov, offset)
@@ -370,6 +406,14 @@ class JournalStore:
         if iov:
             _pwritev_all(fd, iov, offset)
         segment.size = end
+
+    def _take_spare(self, want_next: bool) -> str | None:
+        with self._lock:
+            spare = self._spares.pop() if self._spares else None
+            self._spare_wanted = want_next
+        if want_next:
+            self._wake_retirer()  # it makes the next one, unless a retired segment becomes it
+        return spare
 
     def _cut(self, segment: _Segment, good: int) -> None:
         """After a failed write: truncate what was not acknowledged, close the segment."""
@@ -399,8 +443,7 @@ class JournalStore:
                 os.unlink(segment.path)
             except OSError:
                 pass
-        with self._dcv:
-            self._dcv.notify()  # something may be retirable now
+        self._wake_retirer()  # something may be retirable now
 
     def _close_idle(self) -> None:
         segment = self._active
@@ -430,7 +473,7 @@ class JournalStore:
         except RuntimeError:  # the loop is closed: nobody waits for these
             pass
 
-    def _account(self, batch: list[_Entry], seconds: float, segment: _Segment) -> None:
+    def _account(self, batch: list[_Entry], seconds: float) -> None:
         st = self.stats
         st["batches"] += 1
         st["messages"] += len(batch)
@@ -441,59 +484,75 @@ class JournalStore:
             row[counters.COMMIT_BATCHES] += 1
             counters.observe(row, counters.BATCH_SIZE, len(batch))
             counters.observe(row, counters.COMMIT_SECONDS, seconds)
+        self._gauges()
+
+    def _gauges(self) -> None:
+        """The journal's gauges: plain stores of what is held now, so two
+        threads (flusher, retirer) may both write them; counters have one writer."""
+        row = self._metrics
+        if row is not None:
             with self._lock:
                 row[counters.JOURNAL_BYTES] = sum(s.size for s in self._segments)
                 row[counters.JOURNAL_SEGMENTS] = len(self._segments)
                 row[counters.DELIVERY_PENDING] = sum(s.pending for s in self._segments)
 
-    # -- the deliverer thread ----------------------------------------------
+    # -- delivery, on the loop -----------------------------------------------
 
-    def _deliver_loop(self) -> None:
-        while True:
-            with self._dcv:
-                while not self._to_deliver and not self._retirable() and not self._flusher_done:
-                    self._dcv.wait(self._next_retry())
-                    if self._due_retries():
-                        break
-                work, self._to_deliver = self._to_deliver, []
-                last = self._flusher_done and not work
-            for entry in work:
-                self._deliver(entry)
-            self._retry_due()
-            if self._retirable():
-                self._checkpoint()
-            if last and not self._to_deliver:
-                self._finish_retries()
-                if self._retirable():
-                    self._checkpoint()
-                return
+    def _flushed(self, batch: list[_Entry]) -> None:
+        """On the loop: the batch is in the journal.  Its 250s first, then its files.
 
-    def _deliver(self, entry: _Entry) -> None:
-        try:
-            entry.write_out(self._tmp_files)
-            entry.link(self._tmp_files.proc_fd)
-            entry.close_fd()
-        except OSError as exc:
-            entry.cleanup()
-            self._delivery_failed(entry, exc)
-            return
-        self._delivered(entry)
+        Delivery runs on the loop thread, after the replies: a thread of its
+        own would make several system calls per message, and each one gives
+        up the GIL and waits for the busy loop thread to hand it back (up to
+        ``sys.getswitchinterval()``, 5 ms, each): measured here, such a
+        thread fell seconds behind at 2,000 messages/s (bench/RESULTS.md).
+        On the loop the same work is what ``--fsync off`` does, and it paces
+        acceptance, so the backlog cannot grow without bound.
+        """
+        for entry in batch:
+            if not entry.future.done():  # cancelled: the session has gone
+                entry.future.set_result(entry.stored)
+        assert self._loop is not None
+        # After the futures' callbacks, which write the 250s.
+        self._loop.call_soon(self._deliver, batch)
 
-    def _delivered(self, entry: _Entry) -> None:
-        lag = time.monotonic() - entry.flushed
-        for md in entry.maildirs:
-            self._mark_dirty(md)
-        segment = entry.segment
-        assert segment is not None
+    def _deliver(self, batch: list[_Entry]) -> None:
+        failed = []
+        lags = []
+        proc_fd = self._tmp_files.proc_fd
+        for entry in batch:
+            try:
+                entry.write_out(self._tmp_files)
+                entry.link(proc_fd)
+                entry.close_fd()
+            except OSError as exc:
+                entry.cleanup()
+                failed.append((entry, exc))
+                continue
+            lags.append(time.monotonic() - entry.flushed)
         with self._lock:
-            segment.pending -= 1
-        self.stats["delivered"] += 1
+            for entry in batch:
+                for md in entry.maildirs:
+                    self._mark_dirty(md)
+            done = [e for e in batch if e not in {f[0] for f in failed}] if failed else batch
+            for entry in done:
+                assert entry.segment is not None
+                entry.segment.pending -= 1
+        self.stats["delivered"] += len(done)
         row = self._metrics
         if row is not None:
-            row[counters.DELIVERED] += 1
-            counters.observe(row, counters.DELIVERY_LAG, lag)
+            row[counters.DELIVERED] += len(done)
+            for lag in lags:
+                counters.observe(row, counters.DELIVERY_LAG, lag)
+            row[counters.DELIVERY_FAILURES] += len(failed)
+        with self._rcv:
+            self._undelivered -= 1
+            for entry, exc in failed:
+                self._schedule_retry(entry, exc)
+            self._rcv.notify()
 
     def _mark_dirty(self, maildir: str) -> None:
+        """Under _lock: remember the file system of a Maildir delivered to (for its syncfs)."""
         dev = self._devices.get(maildir)
         if dev is None:
             try:
@@ -505,7 +564,10 @@ class JournalStore:
             self._devices[maildir] = dev
         self._dirty.setdefault(dev, maildir)
 
-    def _delivery_failed(self, entry: _Entry, exc: OSError) -> None:
+    # -- the retirer thread: checkpoints and retries --------------------------
+
+    def _schedule_retry(self, entry: _Entry, exc: BaseException) -> None:
+        """Under _rcv: try ``entry`` again later, with backoff."""
         entry.attempts += 1
         delay = min(300.0, 0.5 * 2 ** min(entry.attempts, 10))
         entry.retry_at = time.monotonic() + delay
@@ -513,8 +575,32 @@ class JournalStore:
                     entry.spool.queue_id, entry.attempts, delay, exc)
         self._retries.append(entry)
         self.stats["delivery_failures"] += 1
-        if self._metrics is not None:
-            self._metrics[counters.DELIVERY_FAILURES] += 1
+
+    def _wake_retirer(self) -> None:
+        with self._rcv:
+            self._rcv.notify()
+
+    def _retire_loop(self) -> None:
+        while True:
+            with self._rcv:
+                while (not self._retirer_stop and not self._retirable() and not self._due_retries()
+                       and not self._needs_spare()):
+                    self._rcv.wait(self._next_retry())
+                stop = self._retirer_stop
+                due = [e for e in self._retries if stop or e.retry_at <= time.monotonic()]
+                self._retries = [e for e in self._retries if e not in due]
+            for entry in due:
+                self._redeliver(entry)
+            try:
+                if self._retirable():
+                    self._checkpoint()
+                if not stop and self._needs_spare():
+                    self._make_spare()
+            except Exception:  # a bug: log it, try again in a second
+                log.exception("journal: checkpoint failed unexpectedly")
+                self._checkpoint_after = time.monotonic() + 1.0
+            if stop:
+                return
 
     def _next_retry(self) -> float | None:
         if not self._retries:
@@ -525,35 +611,63 @@ class JournalStore:
         now = time.monotonic()
         return any(e.retry_at <= now for e in self._retries)
 
-    def _retry_due(self, everything: bool = False) -> None:
-        """Deliver again, from the record in the journal, what failed before."""
-        now = time.monotonic()
-        due = [e for e in self._retries if everything or e.retry_at <= now]
-        if not due:
-            return
-        self._retries = [e for e in self._retries if e not in due]
-        for entry in due:
-            self._redeliver(entry)
-
     def _redeliver(self, entry: _Entry) -> None:
+        """Deliver again, from the record in the journal, what failed before."""
         segment = entry.segment
         assert segment is not None
         try:
-            record = next(r for r in scan(read_segment(segment.path)).records if r.offset == entry.offset)
+            found = scan(read_segment(segment.path), segment.seq)
+            record = next(r for r in found.records if r.offset == entry.offset)
             outcomes = [deliver_to_maildir(record.content, md, record.stored) for md in entry.maildirs]
+            if "missing" in outcomes:
+                # The Maildir was removed after the message was accepted for
+                # it: keep the message for the operator, not retry forever.
+                where = set_aside(self._root, record.stored, record.content)
+                log.error("%s: a recipient's Maildir is gone; message set aside in %s", entry.spool.queue_id, where)
         except (OSError, StopIteration) as exc:
-            self._delivery_failed(entry, exc if isinstance(exc, OSError) else OSError(errno.EIO, "record not found"))
+            with self._rcv:
+                self._schedule_retry(entry, exc if isinstance(exc, OSError) else OSError(errno.EIO, "no record"))
             return
-        if "missing" in outcomes:
-            # The Maildir was removed after the message was accepted for it:
-            # keep the message for the operator rather than retry forever.
-            where = set_aside(self._root, record.stored, record.content)
-            log.error("%s: a recipient's Maildir is gone; message set aside in %s", entry.spool.queue_id, where)
-        self._delivered(entry)
+        with self._lock:
+            segment.pending -= 1  # deliver_to_maildir made it durable itself
 
-    def _finish_retries(self) -> None:
-        """At close: one last try of everything that failed; what still fails stays in the journal."""
-        self._retry_due(everything=True)
+    def _recycle(self, path: str) -> None:
+        """A retired segment's file: the next spare if none is waiting (and it is full size), else deleted."""
+        with self._lock:
+            keep = not self._spares and not self._closing
+        if keep and os.stat(path).st_size >= self._segment_size:
+            assert self._folder is not None
+            spare = os.path.join(self._folder.path, f"{next(self._spare_names)}.spare")
+            os.rename(path, spare)
+            with self._lock:
+                self._spares.append(spare)
+            return
+        os.unlink(path)
+
+    def _make_spare(self) -> None:
+        """A file of ``segment_size`` zeros, flushed: the next segment's blocks, allocated and written."""
+        assert self._folder is not None
+        spare = os.path.join(self._folder.path, f"{next(self._spare_names)}.spare")
+        fd = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            zeros = bytes(1 << 20)
+            for offset in range(0, self._segment_size, len(zeros)):
+                os.pwrite(fd, zeros[: self._segment_size - offset], offset)
+            fdatasync(fd)
+        except OSError as exc:
+            os.close(fd)
+            unlink_quiet(spare)
+            log.warning("journal: could not prepare a segment (%s); appending to new ones meanwhile", exc)
+            self._checkpoint_after = time.monotonic() + 1.0
+            return
+        os.close(fd)
+        with self._lock:
+            self._spares.append(spare)
+
+    def _needs_spare(self) -> bool:
+        with self._lock:
+            return (self._spare_wanted and not self._spares and not self._closing
+                    and time.monotonic() >= self._checkpoint_after)
 
     def _retirable(self) -> bool:
         if time.monotonic() < self._checkpoint_after:
@@ -565,32 +679,30 @@ class JournalStore:
         """syncfs where files were delivered, then delete the segments all delivered before it."""
         with self._lock:
             done = [s for s in self._segments if s.closed and not s.pending]
-        dirty, self._dirty = self._dirty, {}
+            dirty, self._dirty = self._dirty, {}
         try:
             for path in dirty.values():
                 syncfs(path)
         except OSError as exc:
             log.error("journal: syncfs failed, segments kept until the next checkpoint: %s", exc)
-            self._dirty.update(dirty)
+            with self._lock:
+                for dev, path in dirty.items():
+                    self._dirty.setdefault(dev, path)
             self._checkpoint_after = time.monotonic() + 1.0
             return
         for segment in done:
             try:
-                os.unlink(segment.path)
+                self._recycle(segment.path)
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                log.error("journal: could not remove %s: %s", segment.path, exc)
+                log.error("journal: could not retire %s: %s", segment.path, exc)
                 continue
             with self._lock:
                 self._segments.remove(segment)
         self.stats["checkpoints"] += 1
         self.stats["retired"] += len(done)
-        if self._metrics is not None:
-            with self._lock:
-                self._metrics[counters.JOURNAL_BYTES] = sum(s.size for s in self._segments)
-                self._metrics[counters.JOURNAL_SEGMENTS] = len(self._segments)
-                self._metrics[counters.DELIVERY_PENDING] = sum(s.pending for s in self._segments)
+        self._gauges()
 
 
 def _pwritev_all(fd: int, parts: list[bytes | bytearray], offset: int) -> None:

@@ -87,7 +87,8 @@ TLS_OK = _take()
 TLS_FAILED = _take()
 WORKER_RESTARTS = _take()  # the supervisor's base only
 COMMIT_BATCHES = _take()
-# The journal (journalstore.py): its deliverer thread writes these.
+# The journal (journalstore.py): the loop writes the delivery counters,
+# the worker at start the recovery ones.
 DELIVERED = _take()
 DELIVERY_FAILURES = _take()
 RECOVERED = _take()  # records replayed into new/ at start (recovery.py)
@@ -204,9 +205,8 @@ class Metrics:
         """Keep a reaped worker's counts in the base, then zero its row for the next one."""
         row = self.row(slot)
         for i, value in enumerate(row.tolist()):
-            self.base[i] += value
-        for i in GAUGE_SLOTS:
-            self.base[i] -= row[i]
+            if i not in GAUGE_SLOTS:
+                self.base[i] += value
         self._mm[slot * SLOTS * 8 : (slot + 1) * SLOTS * 8] = bytes(SLOTS * 8)
 
     def totals(self) -> list[int]:

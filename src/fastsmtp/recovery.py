@@ -29,7 +29,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from .journal import MAILDIR, Record, fsync_dir, orphans, read_segment, scan, segments
+from .journal import MAILDIR, Record, fsync_dir, orphans, read_segment, scan, segment_seq, segments
 from .spool import FILE_MODE, OPEN_FLAGS, unlink_quiet, write_all
 
 __all__ = ["Recovered", "recover", "deliver_to_maildir", "set_aside"]
@@ -81,7 +81,7 @@ def _recover_folder(root: str, folder: str, done: Recovered) -> None:
     cur_index: dict[str, dict[str, str]] = {}
     for name in names:
         path = os.path.join(folder, name)
-        found = scan(read_segment(path))
+        found = scan(read_segment(path), segment_seq(name))
         done.segments += 1
         for damage in found.damaged:
             where = set_aside(root, f"{os.path.basename(folder)}-{name}-{damage.offset}.damaged", damage.data)

@@ -62,16 +62,16 @@ def detach(device: str) -> None:
     sh("losetup", "-d", device)
 
 
-def make_image(path: Path, size: int, fs: str) -> None:
+def make_image(path: Path, size: int, fs: str, options: Sequence[str] = ()) -> None:
     """A sparse image file of ``size`` bytes with a fresh ``fs`` ("xfs" or "ext4") on it."""
     with open(path, "wb") as f:
         f.truncate(size)
     if fs == "xfs":
         # reflink: so that ``cp --reflink=always`` can clone a file on it.
-        sh("mkfs.xfs", "-q", "-m", "reflink=1", str(path))
+        sh("mkfs.xfs", "-q", "-m", "reflink=1", *options, str(path))
     elif fs == "ext4":
-        # Default options: ext4 with its journal, as a mail server runs on.
-        sh("mkfs.ext4", "-q", "-F", str(path))
+        # Default options unless told: ext4 with its journal, as a mail server runs on.
+        sh("mkfs.ext4", "-q", "-F", *options, str(path))
     else:
         raise ValueError(f"no mkfs for {fs!r}")
 

@@ -75,7 +75,6 @@ import benchlib
 import loopfs
 
 HOST = benchlib.HOST
-DOMAIN = "example.com"
 RECIPIENTS = ("alice@example.com", "bob@example.com")
 OUTER_SIZE = 4 << 30  # sparse; holds one inner image and its clone at a time
 INNER_SIZE = 1 << 30  # sparse; ext4 on it; room for seconds of --fsync off load
@@ -83,6 +82,7 @@ SIZES = (200, 100 * 1024)  # message sizes, log-uniform between these
 TWO_RECIPIENTS = 0.25
 REPLY_TIMEOUT = 20.0
 START_TIMEOUT = 60.0  # recovery of a large journal runs before the port opens
+EXAMPLES = 3  # lost and partial messages named per moment
 
 
 # -- the load ------------------------------------------------------------------------
@@ -280,7 +280,7 @@ class Moment:
     fsck: int = 0
     restart_exit: int | None = None
     errors: list[str] = field(default_factory=list)
-    examples: list[str] = field(default_factory=list)  # a few lost/partial names, for the reader
+    examples: list[str] = field(default_factory=list)  # the first lost and partial ones, for the reader
 
     def line(self) -> str:
         refused = ",".join(f"{v}x{k!r}" for k, v in sorted(self.refused.items())) or "-"
@@ -336,7 +336,8 @@ def check(root: Path, sent: dict[str, Sent], t0: float, moment: Moment) -> None:
             s = sent.get(token)
             if s is None or address not in s.rcpts or hashlib.sha256(content or b"").digest() != s.digest:
                 moment.partial += 1
-                moment.examples.append(f"partial {address} {path.name} ({path.stat().st_size} octets, {token!r})")
+                if moment.partial <= EXAMPLES:
+                    moment.examples.append(f"partial {address} {path.name} ({path.stat().st_size} octets, {token!r})")
             else:
                 copies[address, token] += 1
         moment.tmp_left += len(list((mailbox(root, address) / "tmp").iterdir()))
@@ -347,11 +348,11 @@ def check(root: Path, sent: dict[str, Sent], t0: float, moment: Moment) -> None:
             missing = [a for a in s.rcpts if copies[a, token] == 0]
             if missing:
                 moment.lost += 1
-                moment.examples.append(f"lost {token} for {','.join(missing)}")
+                if moment.lost <= EXAMPLES:
+                    moment.examples.append(f"lost {token} for {','.join(missing)}")
         else:
             moment.acked_after += s.acked_at is not None
             moment.unacked += any(copies[a, token] for a in s.rcpts)
-    del moment.examples[5:]
 
 
 def run_moment(work: Path, outer: Path, moment: Moment, args: argparse.Namespace) -> None:

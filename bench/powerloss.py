@@ -24,8 +24,8 @@ prescribes; a plain copy of a busy image is not one:
   whose 250 was read before T0 had been acknowledged before the clone, so it
   must survive.  The server is then killed; what it does after T0 does not
   matter.
-- The clone is checked with ``e2fsck -fy`` (exit 0 or 1 is fine), mounted,
-  and the server started on it: it recovers (the journal of ``--fsync
+- The clone is checked with ``e2fsck -fy`` (exit 0 or 1 is fine), mounted
+  where the inner file system was, and the server started on it: it recovers (the journal of ``--fsync
   batch``) before its port opens.  Once it listens it is stopped, and the
   mailboxes are compared with what was sent.
 
@@ -281,6 +281,7 @@ class Moment:
     restart_exit: int | None = None
     errors: list[str] = field(default_factory=list)
     examples: list[str] = field(default_factory=list)  # the first lost and partial ones, for the reader
+    log_tail: list[str] = field(default_factory=list)  # the restarted server's last words, when it went wrong
 
     def line(self) -> str:
         refused = ",".join(f"{v}x{k!r}" for k, v in sorted(self.refused.items())) or "-"
@@ -292,6 +293,8 @@ class Moment:
             text += "  ERRORS: " + "; ".join(self.errors)
         if self.examples:
             text += "\n    e.g. " + "\n    e.g. ".join(self.examples)
+        if self.log_tail:
+            text += "\n    log: " + "\n    log: ".join(self.log_tail)
         return text
 
 
@@ -357,11 +360,13 @@ def check(root: Path, sent: dict[str, Sent], t0: float, moment: Moment) -> None:
 
 def run_moment(work: Path, outer: Path, moment: Moment, args: argparse.Namespace) -> None:
     inner_img, clone_img = outer / "inner.img", outer / f"clone-{moment.index}.img"
-    inner_mnt, clone_mnt = work / "inner", work / "clone"
+    # The disk comes back where it was: the clone is mounted on the same
+    # point (the journal may name the Maildirs by their absolute paths).
+    mnt = work / "mail-fs"
     try:
         loopfs.make_image(inner_img, INNER_SIZE, "ext4")
-        with loopfs.mounted(inner_img, inner_mnt):
-            root = inner_mnt / "mail"
+        with loopfs.mounted(inner_img, mnt):
+            root = mnt / "mail"
             make_mailboxes(root)
             os.sync()  # the mailboxes are on the device before the server starts
             server = Server(root, work / f"server-{moment.index}.log", args.fsync, moment.workers)
@@ -387,9 +392,9 @@ def run_moment(work: Path, outer: Path, moment: Moment, args: argparse.Namespace
         moment.fsck = loopfs.sh("e2fsck", "-fy", str(clone_img), ok=range(256)).returncode
         if moment.fsck not in (0, 1):
             moment.errors.append(f"e2fsck exit {moment.fsck}")
-        with loopfs.mounted(clone_img, clone_mnt):
-            root = clone_mnt / "mail"
-            server = Server(root, work / f"server-{moment.index}-restart.log", args.fsync, moment.workers)
+        with loopfs.mounted(clone_img, mnt):
+            restart_log = work / f"server-{moment.index}-restart.log"
+            server = Server(root, restart_log, args.fsync, moment.workers)
             try:
                 server.wait_listening()  # recovery has run before the port opens
             except RuntimeError as exc:
@@ -399,6 +404,9 @@ def run_moment(work: Path, outer: Path, moment: Moment, args: argparse.Namespace
             if moment.restart_exit not in (0, None) and not moment.errors:
                 moment.errors.append(f"restarted server exited {moment.restart_exit}")
             check(root, sent, t0, moment)
+        if moment.lost or moment.dup or moment.partial or moment.errors:
+            # What the recovery said about it, for the reader.
+            moment.log_tail = restart_log.read_text(errors="replace").splitlines()[-EXAMPLES:]
     finally:
         for image in (inner_img, clone_img):
             if image.exists():

@@ -1,11 +1,12 @@
-"""Side by side: fastsmtp, aiosmtpd and Postfix's smtp-sink, under two load generators.
+"""Side by side: fastsmtp, aiosmtpd, Postfix and its smtp-sink, under two load generators.
 
 Run:  /tmp/venv/bin/python bench/compare.py [--quick]      (or: bash bench/compare.sh)
 
 Servers, each started fresh for every run on its own loopback port:
 
 - ``fastsmtp serve --workers 1 --greeting-delay 0 --max-connections-per-ip 0
-  --log-level info`` with ``--fsync off`` and with ``--fsync batch``;
+  --log-level info`` with ``--fsync off`` and with ``--fsync batch``, and
+  (only when named in ``--servers``) ``fastsmtp-always``: ``--fsync always``;
 - with ``--baseline TREE``, also ``fastsmtp-base-off``: the same ``--fsync off``
   command, same interpreter and flags, with PYTHONPATH=TREE/src (an older
   checkout or unpacked tree with its extension built in place);
@@ -13,7 +14,30 @@ Servers, each started fresh for every run on its own loopback port:
   handler (``handle_DATA`` returns "250 OK") and with the Maildir handler a
   Python user would write (``mailbox.Maildir(...).add(envelope.content)`` in
   ``handle_DATA``: no fsync, run on the event loop);
-- Postfix's ``smtp-sink``, a C event loop that throws mail away: the speed limit.
+- Postfix's ``smtp-sink``, a C event loop that throws mail away: the speed limit;
+- ``postfix-maildir`` (only when named in ``--servers``; needs root): Postfix
+  itself, durable, as a mail server ships: smtpd → cleanup (fsync of the
+  queue file before the 250) → qmgr → virtual(8) into the same Maildir
+  (fsync of every file before its link into new/).  A private instance,
+  not the system's: for every run the benchmark writes ETC/main.cf and
+  ETC/master.cf into the run's folder (its own ``queue_directory`` and
+  ``data_directory`` there too), runs ``postfix -c ETC check`` (which makes
+  the queue's folders) and starts ``master -c ETC -s`` as its own child
+  (it stays in the foreground, in a process group of its own; ``-s`` keeps
+  its stdout, where ``maillog_file = /dev/stdout`` sends the log).  smtpd
+  listens on one free loopback port and nothing else does;
+  ``mydestination`` is empty and the test domain is a
+  ``virtual_mailbox_domains`` entry, delivered by virtual(8) as ``nobody``
+  (who owns the mail root) through a ``texthash:`` map to ``DOMAIN/bench/``.
+  Turned off, as not durability but in a local benchmark's way: DNS and
+  peer-name lookups, connection count and rate limits, alias and local
+  recipient lookups, chroot.  How cleanup and virtual write and fsync is
+  left as shipped, and so is ``in_flow_delay`` (cleanup waits up to 1 s per
+  message when delivery falls behind).  Its log goes through postlogd, a
+  child of the master, so its CPU is counted, as fastsmtp's own log lines
+  (``--log-level info``) are.  Stopped by SIGTERM to the master's PID (the
+  master then signals its process group); a child still there after 5 s
+  gets SIGKILL by its PID.
 
 Load generators: Postfix's ``smtp-source`` (no pipelining) and bench/loadgen.py
 (in this process; it pipelines where the server offers PIPELINING), at 1 and
@@ -24,8 +48,25 @@ it), and the server's CPU seconds per 1,000 messages (utime + stime from
 /proc/PID/stat, summed over the server process and its children, read before
 and after the load).
 
+Postfix goes on delivering after the load: smtpd's 250 means the message is
+in the queue, and virtual(8) puts it into new/ afterwards.  So for every
+Maildir server each CPU reading (the one before the load too, after the
+warm-up) waits, bounded in time, until every acknowledged message is in new/
+and, for Postfix, its queue (incoming/, active/, deferred/) is empty; the
+time that takes after the load is reported as "Delivery" with the messages/s
+counted to that point.  Messages/s in every other table is acceptance, as the
+load generator sees it, for every server alike.  Postfix's children (smtpd,
+cleanup, qmgr, trivial-rewrite, virtual) come and go, and an exited child's
+CPU shows only in the master's cutime/cstime, once reaped: its reading is the
+master's utime + stime + cutime + cstime plus every live child's utime +
+stime, a total that only grows.  Postfix deletes every queue file once it is
+delivered; that is how it works, and it is the one deletion while measuring
+(see the rules below): the servers' order rotates over scenarios and rounds,
+and the file-creation probe before and after the runs shows the state met.
+
 Rules of this benchmark (DESIGN.md, "Measuring on these machines"):
-- Every run has a fresh mail root, and nothing is deleted while measuring:
+- Every run has a fresh mail root (and Postfix a fresh queue), and nothing
+  is deleted while measuring but Postfix's own queue files:
   every root lives under one base folder that is removed at the very end
   (``--keep`` leaves it), because creating files on this ext4 is up to ~20x
   slower for minutes after many deletions.
@@ -40,8 +81,8 @@ Rules of this benchmark (DESIGN.md, "Measuring on these machines"):
 
 Missing tools are installed first (``--no-install`` skips that): aiosmtpd
 with pip into the running interpreter's environment, and Postfix (which
-brings smtp-source and smtp-sink) with apt-get, preseeded so that it
-configures no mail system.
+brings smtp-source, smtp-sink and the Postfix peer) with apt-get, preseeded
+so that it configures no mail system.
 
 The report is printed and written into bench/RESULTS.md as the section
 "## Side by side: fastsmtp, aiosmtpd, smtp-sink" (``--no-write`` skips that).
@@ -65,6 +106,17 @@ figure": per scenario, every server's messages/s, messages per server
 CPU-second and µs of server CPU per message, with fastsmtp off's ratio to
 each (goals: ≥ 3× the baseline and ≥ 4× aiosmtpd Maildir per CPU-second).
 
+The journal issue's goals (fastsmtp ``--fsync batch`` as a write-ahead
+journal) are reported whenever their scenarios and servers ran: smtp-source,
+20 sessions, many messages per connection, in messages/s: (a) fastsmtp batch
+≥ 0.8× fastsmtp off at 1 KiB and 100 KiB, (b) ≥ 5× Postfix durable Maildir at
+1 KiB, (c) ≥ smtp-sink at 100 KiB::
+
+    PYTHONPATH=$PWD/src python bench/compare.py \\
+        --scenarios smtp-source:20:1k:many,smtp-source:20:100k:many \\
+        --servers fastsmtp-off,fastsmtp-batch,fastsmtp-always,postfix-maildir,smtp-sink \\
+        --rounds 3 --duration 3
+
 The scenarios, the measurements and the report's tables are in
 bench/comparelib.py; this file starts the servers and drives the load.
 
@@ -76,9 +128,11 @@ sink|maildir --mail-root DIR`` listens on a free loopback port, prints
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import itertools
 import os
+import pwd
 import re
 import resource
 import shlex
@@ -88,11 +142,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchlib import (  # bench/ is on sys.path: the script's own folder
+    CLK_TCK,
     HERE,
     HOST,
     RESULTS,
@@ -101,6 +156,7 @@ from benchlib import (  # bench/ is on sys.path: the script's own folder
     fastsmtp_command,
     free_port,
     launch,
+    process_tree,
     stop_server,
     tree_cpu,
     wait_listening,
@@ -110,12 +166,15 @@ from comparelib import (
     BASE_HEADING,
     BASE_SERVER,
     CLIENT_NAME,
+    DEFAULT_SERVERS,
     DOMAIN,
     DRIVERS,
     FASTSMTP_ARGS,
     KiB,
     MAIL_FROM,
     PER_CONNECTION,
+    POSTFIX_MAILBOXES,
+    POSTFIX_SERVER,
     RCPT,
     REPLY_TIMEOUT,
     SECTION,
@@ -127,6 +186,8 @@ from comparelib import (
     RunInfo,
     Scenario,
     parse_scenarios,
+    postfix_main_cf,
+    postfix_master_cf,
     report,
     sink_user,
     smtp_source_header_len,
@@ -186,14 +247,14 @@ def sbin_which(tool: str) -> str | None:
 
 
 def ensure_tools(install: bool) -> list[str]:
-    """aiosmtpd (pip) and smtp-source/smtp-sink (apt: postfix); returns what was installed."""
+    """aiosmtpd (pip) and smtp-source/smtp-sink/postfix (apt: postfix); returns what was installed."""
     done: list[str] = []
     if importlib.util.find_spec("aiosmtpd") is None:
         if not install:
             raise SystemExit("aiosmtpd is missing (pip install aiosmtpd), and --no-install was given")
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "aiosmtpd>=1.4"], check=True, timeout=600)
         done.append("aiosmtpd (pip)")
-    if not (sbin_which("smtp-source") and sbin_which("smtp-sink")):
+    if not (sbin_which("smtp-source") and sbin_which("smtp-sink") and sbin_which("postfix")):
         if not install:
             raise SystemExit("smtp-source/smtp-sink are missing (apt-get install postfix), and --no-install was given")
         if os.geteuid() != 0 or not shutil.which("apt-get"):
@@ -211,6 +272,64 @@ def ensure_tools(install: bool) -> list[str]:
 # -- processes and CPU ---------------------------------------------------------------
 
 
+def reaping_tree_cpu(root: int) -> dict[int, tuple[float, float]]:
+    """The CPU of a process tree whose children come and go (Postfix's), as one total keyed by ``root``.
+
+    utime + stime of ``root`` and of every live descendant, plus ``root``'s
+    cutime + cstime: an exited child's CPU shows there once it is reaped,
+    and only there (it is gone from /proc then).  A total that only grows,
+    so ``cpu_delta`` of two readings is what the tree used in between,
+    children that came and went included.  (Postfix's children fork
+    nothing of their own here; a grandchild's CPU would show in its
+    parent's cutime, which is not read.)
+    """
+    user = system = 0
+    for pid in process_tree(root):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+            fields = stat[stat.rindex(b")") + 2:].split()  # after comm, which may hold spaces and ")"
+            user += int(fields[11]) + (int(fields[13]) if pid == root else 0)  # utime (14), cutime (16)
+            system += int(fields[12]) + (int(fields[14]) if pid == root else 0)  # stime (15), cstime (17)
+        except (OSError, ValueError, IndexError):
+            pass  # it ended meanwhile (its CPU is in the master's cutime once reaped)
+    return {root: (user / CLK_TCK, system / CLK_TCK)}
+
+
+def count_files(folder: Path) -> int:
+    """Files under ``folder``, subfolders included (deferred/ is hashed into subfolders)."""
+    return sum(len(files) for _, _, files in os.walk(folder))
+
+
+def stop_children(group: int, pids: list[int], timeout: float = 5.0) -> list[int]:
+    """Wait for ``pids`` (children of a master that was stopped) to end; SIGKILL, by PID, those left after ``timeout``.
+
+    A PID counts as still there while /proc has it, not as a zombie, in the
+    process group ``group`` (the master's own): a reused PID is not touched.
+    Returns the PIDs that had to be killed.
+    """
+    def there(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+            fields = stat[stat.rindex(b")") + 2:].split()
+            return fields[0] != b"Z" and int(fields[2]) == group  # state (3), pgrp (5)
+        except (OSError, ValueError, IndexError):
+            return False
+
+    deadline = time.monotonic() + timeout
+    left = [p for p in pids if there(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in left if there(p)]
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
 @dataclass
 class Server:
     name: str
@@ -219,6 +338,8 @@ class Server:
     log: Path
     cmd: list[str]
     new_dir: Path | None  # where stored messages appear (None: a sink)
+    queue_dir: Path | None = None  # Postfix's queue (None: not Postfix)
+    notes: list[str] = field(default_factory=list)  # from its start (postfix check's warnings)
 
     def stored(self) -> int | None:
         if self.new_dir is None:
@@ -227,6 +348,27 @@ class Server:
             return len(os.listdir(self.new_dir))
         except OSError:
             return 0
+
+    def queued(self) -> tuple[int, int]:
+        """(messages waiting in Postfix's incoming/ and active/, messages in deferred/); (0, 0) for the others."""
+        if self.queue_dir is None:
+            return 0, 0
+        q = self.queue_dir
+        return count_files(q / "incoming") + count_files(q / "active"), count_files(q / "deferred")
+
+    def cpu(self) -> dict[int, tuple[float, float]]:
+        """A reading for ``cpu_delta``: by PID over the tree, or Postfix's one total (``reaping_tree_cpu``)."""
+        return reaping_tree_cpu(self.proc.pid) if self.queue_dir is not None else tree_cpu(self.proc.pid)
+
+    def stop(self) -> tuple[int | None, list[int]]:
+        """SIGTERM by PID: (exit code, PIDs of Postfix children that needed SIGKILL).
+
+        Postfix's master, on SIGTERM, signals its process group and exits at
+        once, without waiting for its children: they are waited for here.
+        """
+        kids = process_tree(self.proc.pid)[1:] if self.queue_dir is not None else []
+        _, code = stop_server(self.proc)
+        return code, stop_children(self.proc.pid, kids) if kids else []
 
 
 # -- which fastsmtp runs ---------------------------------------------------------------
@@ -287,14 +429,72 @@ def check_origins(servers: list[str], baseline: Baseline | None) -> dict[str, st
     return {k: f"`{folder}` (parser: {impl})" for k, (folder, impl) in origins.items()}
 
 
-def start_server(name: str, run_dir: Path, baseline: Baseline | None = None) -> Server:
-    """Start ``name`` on a free loopback port with a fresh mail root under ``run_dir``."""
+# -- the private Postfix instance ------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def postconf_default(name: str) -> str:
+    """A parameter's built-in default (``postconf -d -h``): where this Postfix keeps its daemons, its version."""
+    out = subprocess.run([sbin_which("postconf") or "postconf", "-d", "-h", name], capture_output=True, text=True,
+                         timeout=60)
+    if out.returncode != 0 or not out.stdout.strip():
+        raise RuntimeError(f"postconf -d -h {name}: {out.stderr.strip()[-300:]}")
+    return out.stdout.strip()
+
+
+def postfix_compatibility_level() -> str:
+    """The installed version's compatibility level: "MAJOR.MINOR" from Postfix 3.6 on, else "2"."""
+    major, minor = (int(x) for x in postconf_default("mail_version").split(".")[:2])
+    return f"{major}.{minor}" if (major, minor) >= (3, 6) else "2"
+
+
+def prepare_postfix(run_dir: Path, root: Path, sessions: int) -> tuple[list[str], int, Path, list[str]]:
+    """Write a private instance's configuration under ``run_dir`` and make its queue.
+
+    Returns (the master's command, smtpd's port, the queue folder, warnings
+    of ``postfix check``).  The mail root is given to the user virtual(8)
+    delivers as (``sink_user``: nobody), with the Maildir folder made in it.
+    """
+    user = pwd.getpwnam(sink_user())
+    if user.pw_uid == 0:
+        raise RuntimeError("postfix-maildir: no unprivileged user for virtual(8) to deliver as (nobody)")
+    etc, queue, data = run_dir / "postfix-etc", run_dir / "postfix-queue", run_dir / "postfix-data"
+    box = root / DOMAIN / RCPT.split("@")[0]
+    for sub in ("cur", "new", "tmp"):
+        (box / sub).mkdir(parents=True)
+    for folder in (root, root / DOMAIN, box, box / "cur", box / "new", box / "tmp"):
+        os.chown(folder, user.pw_uid, user.pw_gid)
+    etc.mkdir()
+    queue.mkdir(mode=0o755)  # root's, as Postfix wants it; postfix check makes the folders in it
+    port = free_port()
+    (etc / "main.cf").write_text(postfix_main_cf(
+        compat=postfix_compatibility_level(), queue=queue, data=data, config=etc, mail_root=root,
+        uid=user.pw_uid, gid=user.pw_gid, sessions=sessions))
+    (etc / "master.cf").write_text(postfix_master_cf(HOST, port))
+    (etc / "vmailbox").write_text(POSTFIX_MAILBOXES)
+    check = subprocess.run([sbin_which("postfix") or "postfix", "-c", str(etc), "check"], capture_output=True,
+                           text=True, timeout=120, cwd=run_dir)
+    said = [" ".join(line.split()) for line in (check.stdout + check.stderr).splitlines() if line.strip()]
+    if check.returncode != 0:
+        raise RuntimeError(f"postfix -c {etc} check: exit {check.returncode}: {' | '.join(said)[-500:]}")
+    master = Path(postconf_default("daemon_directory")) / "master"
+    # -s: in the foreground (our child; it makes its own process group) with its stdout kept for the log.
+    return [str(master), "-c", str(etc), "-s"], port, queue, [f"postfix check: {x}"[:200] for x in said]
+
+
+def start_server(name: str, run_dir: Path, baseline: Baseline | None = None, sessions: int = 50) -> Server:
+    """Start ``name`` on a free loopback port with a fresh mail root under ``run_dir``.
+
+    ``sessions``: the scenario's, for Postfix's process limit.
+    """
     run_dir.mkdir(parents=True)
     log = run_dir / "server.log"
     root = run_dir / "mail"
     new_dir: Path | None = None
     port: int | None = None
     env: dict[str, str] | None = None
+    queue: Path | None = None
+    notes: list[str] = []
     if name.startswith("fastsmtp-"):
         from fastsmtp.policy import add_mailbox  # a Maildir folder (cur/, new/, tmp/): the same in every tree
 
@@ -317,13 +517,45 @@ def start_server(name: str, run_dir: Path, baseline: Baseline | None = None) -> 
         port = free_port()
         # -u: it refuses to run as root without it.  Backlog 1000: the listen queue.
         cmd = [sbin_which("smtp-sink") or "smtp-sink", "-u", sink_user(), f"{HOST}:{port}", "1000"]
+    elif name == POSTFIX_SERVER:
+        root.mkdir()
+        cmd, port, queue, notes = prepare_postfix(run_dir, root, sessions)
+        new_dir = root / DOMAIN / "bench" / "new"
     else:
         raise ValueError(name)
     proc = launch(cmd, log, env=env, cwd=run_dir)
-    return Server(name, proc, wait_listening(proc, log, name, port), log, cmd, new_dir)
+    return Server(name, proc, wait_listening(proc, log, name, port), log, cmd, new_dir, queue, notes)
+
+
+def wait_delivered(server: Server, acked: int, slack: int, timeout: float) -> tuple[float | None, str | None]:
+    """Seconds until every acknowledged message is in new/ and Postfix's queue is empty; (None, why) if not.
+
+    ``slack``: how many of ``acked`` may never have been acknowledged (a run
+    stopped by the clock).  Polled every 20 ms, the queue first (small
+    folders), new/ once the queue is empty; gives up after ``timeout``
+    seconds, or at once when what is left in the queue is deferred (its
+    retry is minutes away).  (None, None) for a sink.
+    """
+    if server.new_dir is None:
+        return None, None
+    start = time.perf_counter()
+    while True:
+        waiting, deferred = server.queued()
+        stored = server.stored() if waiting == 0 else None
+        if waiting == 0 and deferred:
+            return None, f"{deferred} message(s) deferred in Postfix's queue (see its log)"
+        if stored is not None and stored >= acked - slack:
+            return time.perf_counter() - start, None
+        if time.perf_counter() - start > timeout:
+            return None, (f"not delivered {timeout:g} s after the load: {waiting} in Postfix's queue, "
+                          f"{server.stored()} in new/ for {acked} acknowledged")
+        time.sleep(0.02)
 
 
 # -- load ------------------------------------------------------------------------------
+
+# A line of Postfix's log that is not routine.
+POSTFIX_PROBLEM = r"postfix/[\w/.-]+\[\d+\]: (?:fatal|panic|error|warning):"
 
 
 def smtp_source_cmd(sc: Scenario, port: int, count: int) -> list[str]:
@@ -396,7 +628,9 @@ def one_run(loadgen: Any, base: Path, rnd: int, sc: Scenario, server_name: str, 
     m = Measurement(sc, server_name, rnd)
     run_dir = base / f"r{rnd}" / f"{sc.driver}-s{sc.sessions}-{sc.size}-{sc.per_conn}" / server_name
     count = args.count_1k if sc.size <= KiB else args.count_100k
-    server = start_server(server_name, run_dir, args.baseline_tree)
+    server = start_server(server_name, run_dir, args.baseline_tree, sc.sessions)
+    m.notes += server.notes
+    drain_timeout = 2 * args.duration + 10  # Postfix may deliver slower than it accepts
     warm_accepted, slack = 0, 0
     try:
         # Warm-up (imports, first connections, the first files of a fresh root) with the
@@ -421,7 +655,12 @@ def one_run(loadgen: Any, base: Path, rnd: int, sc: Scenario, server_name: str, 
             warm_accepted = warm.accepted
             if warm.failures:
                 m.notes.append(f"warm-up failures: {warm.failures} {warm.errors}")
-        before = tree_cpu(server.proc.pid)
+        # Postfix delivers after its 250: let the warm-up's messages land first, so that
+        # neither their delivery's CPU nor their files fall into the measured run.
+        _, why = wait_delivered(server, warm_accepted, slack, drain_timeout)
+        if why:
+            m.notes.append(f"warm-up: {why}")
+        before = server.cpu()
         if sc.driver == "smtp-source":
             src = run_smtp_source(sc, server.port, count, 2 * args.duration + 2, run_dir / "smtp-source.out")
             m.accepted, m.elapsed, m.client_cpu, m.clock_stopped = src.count, src.elapsed, src.cpu, src.stopped
@@ -440,21 +679,28 @@ def one_run(loadgen: Any, base: Path, rnd: int, sc: Scenario, server_name: str, 
             if res.failures:
                 m.notes.append(f"loadgen failures: 4xx {res.temp_failures}, 5xx {res.perm_failures}, "
                                f"connection errors {res.connection_errors} {res.errors}")
-        after = tree_cpu(server.proc.pid)
+        # The CPU of delivering what was accepted belongs to the run (Postfix's virtual(8)).
+        m.drain, why = wait_delivered(server, warm_accepted + m.accepted, slack, drain_timeout)
+        if why:
+            m.notes.append(why)
+        after = server.cpu()
         m.server_user, system = cpu_delta(before, after)
         m.server_cpu = m.server_user + system
     finally:
-        _, code = stop_server(server.proc)
+        code, killed = server.stop()
     if code not in (0, -signal.SIGTERM):
         m.notes.append(f"server exit code {code} after SIGTERM")
+    if killed:
+        m.notes.append(f"{len(killed)} Postfix process(es) still there 5 s after the master's exit: SIGKILL")
     stored = server.stored()
     if stored is not None:
         acked = warm_accepted + m.accepted
         # A stop by the clock may count up to one unacknowledged message per session.
         if not acked - slack <= stored <= acked:
             m.notes.append(f"stored {stored} files for {acked} acknowledged messages")
+    problem = POSTFIX_PROBLEM if server.queue_dir is not None else r"ERROR|CRITICAL|Traceback"
     for line in server.log.read_text(errors="replace").splitlines():
-        if re.search(r"ERROR|CRITICAL|Traceback", line):
+        if re.search(problem, line):
             m.notes.append(f"server log: {line.strip()[:160]}")
             break
     return m
@@ -480,7 +726,7 @@ def select(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         args.baseline_tree = Baseline(tree / "src", args.baseline_label or tree_label(tree))
     elif args.baseline_label:
         ap.error("--baseline-label needs --baseline")
-    default = [*SERVERS, BASE_SERVER] if args.baseline_tree else list(SERVERS)
+    default = [*DEFAULT_SERVERS, BASE_SERVER] if args.baseline_tree else list(DEFAULT_SERVERS)
     args.server_list = [s for s in (args.servers or ",".join(default)).split(",") if s]
     args.driver_list = [d for d in args.drivers.split(",") if d]
     unknown = [s for s in args.server_list if s not in [*SERVERS, BASE_SERVER]]
@@ -489,6 +735,8 @@ def select(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         ap.error(f"unknown: {', '.join(unknown)}")
     if BASE_SERVER in args.server_list and args.baseline_tree is None:
         ap.error(f"{BASE_SERVER} needs --baseline TREE")
+    if POSTFIX_SERVER in args.server_list and os.geteuid() != 0:
+        ap.error(f"{POSTFIX_SERVER} needs root: Postfix's master starts as root and drops privileges")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -504,7 +752,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="seconds for the whole benchmark; runs that would not fit are skipped (default 1140; --quick 240)")
     ap.add_argument("--servers", default=None,
                     help=f"comma-separated subset of {','.join(SERVERS)},{BASE_SERVER} "
-                    f"(default: all; {BASE_SERVER} only with --baseline)")
+                    f"(default: {','.join(DEFAULT_SERVERS)}, and {BASE_SERVER} with --baseline; "
+                    f"{POSTFIX_SERVER} needs root)")
     ap.add_argument("--drivers", default=",".join(DRIVERS))
     ap.add_argument("--scenarios", default=None, metavar="LIST",
                     help="DRIVER:SESSIONS:SIZE:PER,... in place of the default set, e.g. smtp-source:20:1k:many "
@@ -555,9 +804,10 @@ def run_rounds(args: argparse.Namespace, loadgen: Any, base: Path, info: RunInfo
                     m = Measurement(sc, name, rnd, notes=[f"run failed: {exc}"[:300]])
                 runs.append(m)
                 lat = f"  p50 {m.p50:6.2f} ms  p99 {m.p99:6.2f} ms" if m.p50 is not None else ""
-                print(f"r{rnd} {sc.label:<38} {info.headings[name]:<21} {m.rate:9,.0f} msg/s "
+                drain = f"  in new/ +{m.drain:.2f} s" if m.drain is not None else ""
+                print(f"r{rnd} {sc.label:<38} {info.headings[name]:<23} {m.rate:9,.0f} msg/s "
                       f"({m.accepted} in {m.elapsed:.2f} s)  "
-                      f"server {m.cpu_per_1k:.3f} s/1k  client {m.client_per_1k:.3f} s/1k{lat}"
+                      f"server {m.cpu_per_1k:.3f} s/1k  client {m.client_per_1k:.3f} s/1k{lat}{drain}"
                       + ("  | " + "; ".join(m.notes) if m.notes else ""), flush=True)
     return runs
 
@@ -584,6 +834,8 @@ def main(argv: list[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))
 
     base = Path(tempfile.mkdtemp(prefix="fastsmtp-compare-", dir=args.dir))
+    if POSTFIX_SERVER in args.server_list:
+        base.chmod(0o755)  # virtual(8) delivers as nobody, who must reach the mail roots below (mkdtemp: 0700)
     try:
         probe_before = create_probe(base / "probe-before")
         runs = run_rounds(args, loadgen, base, info, started)

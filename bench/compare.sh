@@ -7,6 +7,10 @@
 #       --servers fastsmtp-off,fastsmtp-base-off,aiosmtpd-maildir,smtp-sink \
 #       --baseline OLD_TREE --baseline-label COMMIT --duration 5
 #                                      # the key figure against an older tree (~2 minutes)
+#   bash bench/compare.sh --scenarios smtp-source:20:1k:many,smtp-source:20:100k:many \
+#       --servers fastsmtp-off,fastsmtp-batch,fastsmtp-always,postfix-maildir,smtp-sink --duration 3
+#                                      # the journal issue's goals, Postfix's own durable Maildir
+#                                      # among the servers (needs root; ~3 minutes)
 # PYTHON=/path/to/python overrides the interpreter (it must import fastsmtp).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -3,15 +3,18 @@
 compare.py starts the servers, drives the load and reads the CPU; this
 module holds what does not touch a process, so that both stay short:
 
-- the load's constants and the server names (``SERVERS``, ``BASE_SERVER``);
+- the load's constants and the server names (``SERVERS``, ``DEFAULT_SERVERS``,
+  ``BASE_SERVER``), and the private Postfix instance's configuration
+  (``postfix_main_cf``, ``postfix_master_cf``, ``POSTFIX_MAILBOXES``);
 - ``Scenario`` and ``parse_scenarios`` (``--scenarios``), ``Measurement``
   (one server under one scenario in one round) and ``Baseline``
   (``--baseline``: an older tree run as ``fastsmtp-base-off``);
 - the report: ``medians`` over the rounds, the method text, and the tables.
   The tables take ``cell[(scenario label, server name)]``: the medians
   ("rate": messages/s, "cpu": server CPU seconds per 1,000 messages, "user",
-  "client", "p50", "p99"; "cpu_lo"/"cpu_hi": the best and worst round's
-  "cpu") and ``headings[server name]``.
+  "client", "p50", "p99", "drain": seconds from the end of the load until
+  every acknowledged message was in new/; "cpu_lo"/"cpu_hi": the best and
+  worst round's "cpu") and ``headings[server name]``.
 
 Messages per server CPU-second are ``1000 / cpu``: the number the goals are
 set in, because on a shared 2-core machine messages/s depends on what else
@@ -53,10 +56,17 @@ FASTSMTP_ARGS = ("--hostname", "mx.bench.example", "--workers", "1", "--max-conn
 SERVERS: dict[str, tuple[str, str]] = {
     "fastsmtp-off": ("fastsmtp off", "fastsmtp serve --workers 1 --fsync off"),
     "fastsmtp-batch": ("fastsmtp batch", "fastsmtp serve --workers 1 --fsync batch"),
+    "fastsmtp-always": ("fastsmtp always", "fastsmtp serve --workers 1 --fsync always"),
     "aiosmtpd-sink": ("aiosmtpd sink", "aiosmtpd, handle_DATA returns 250 OK"),
     "aiosmtpd-maildir": ("aiosmtpd Maildir", "aiosmtpd, handle_DATA does mailbox.Maildir.add (no fsync)"),
+    "postfix-maildir": ("Postfix durable Maildir",
+                        "Postfix smtpd → cleanup (fsync) → qmgr → virtual(8) into Maildir"),
     "smtp-sink": ("smtp-sink", "Postfix smtp-sink (C, discards)"),
 }
+# Without --servers.  fastsmtp-always and postfix-maildir only when named: they
+# add run time to the full set, and the Postfix instance needs root.
+DEFAULT_SERVERS = ("fastsmtp-off", "fastsmtp-batch", "aiosmtpd-sink", "aiosmtpd-maildir", "smtp-sink")
+POSTFIX_SERVER = "postfix-maildir"
 # Only with --baseline TREE; its heading gets the tree's commit (see Baseline).
 BASE_SERVER = "fastsmtp-base-off"
 BASE_HEADING = "fastsmtp off @{label}"
@@ -164,11 +174,21 @@ class Measurement:
     clock_stopped: bool = False  # smtp-source hit the time cap (its count may be high by up to one per session)
     p50: float | None = None
     p99: float | None = None
+    # Seconds from the end of the load until every acknowledged message was in new/
+    # (Postfix: and its queue empty); None for a sink or when it did not get there.
+    drain: float | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
         return self.accepted / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def delivered_rate(self) -> float:
+        """Messages per second from the start of the load until the last one was in new/."""
+        if self.drain is None or self.elapsed + self.drain <= 0:
+            return float("nan")
+        return self.accepted / (self.elapsed + self.drain)
 
     @property
     def cpu_per_1k(self) -> float:
@@ -181,6 +201,86 @@ class Measurement:
     @property
     def client_per_1k(self) -> float:
         return 1000 * self.client_cpu / self.accepted if self.accepted else float("nan")
+
+
+# -- the private Postfix instance (postfix-maildir) -------------------------------------
+
+# virtual_mailbox_maps: recipient -> Maildir under virtual_mailbox_base (the trailing
+# slash makes it a Maildir), the same folder every other Maildir server writes.
+POSTFIX_MAILBOXES = f"{RCPT} {DOMAIN}/{RCPT.split('@')[0]}/\n"
+
+# Only what a private loopback instance needs, and what would slow a local
+# benchmark without being durability (DNS, peer name lookups, connection limits,
+# alias and local lookups).  Nothing here touches how cleanup(8) and virtual(8)
+# write and fsync: that is Postfix as shipped.
+_POSTFIX_MAIN_CF = """\
+# A private instance started by bench/compare.py; nothing of the system's Postfix.
+compatibility_level = {compat}
+queue_directory = {queue}
+data_directory = {data}
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = postfix.bench.example
+mydestination =
+relay_domains =
+local_recipient_maps =
+alias_maps =
+alias_database =
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = reject_unauth_destination
+smtpd_recipient_restrictions = permit_mynetworks, reject
+virtual_mailbox_domains = {domain}
+virtual_mailbox_base = {mail_root}
+virtual_mailbox_maps = texthash:{config}/vmailbox
+virtual_uid_maps = static:{uid}
+virtual_gid_maps = static:{gid}
+# Bounces and anything else off this host go nowhere.
+default_transport = error:5.3.0 this benchmark delivers nothing off this host
+relay_transport = $default_transport
+disable_dns_lookups = yes
+smtp_host_lookup = native
+lmtp_host_lookup = native
+smtpd_peername_lookup = no
+smtpd_client_connection_rate_limit = 0
+smtpd_client_connection_count_limit = 0
+default_process_limit = {process_limit}
+# master -s keeps its stdout: the log goes to the benchmark's server.log.
+maillog_file = /dev/stdout
+"""
+
+# The smtpd listener on loopback and the internal services it needs, nothing
+# chrooted (the stock master.cf's other services are not used here).
+_POSTFIX_MASTER_CF = """\
+{host}:{port} inet n - n - - smtpd
+cleanup   unix  n - n - 0 cleanup
+qmgr      unix  n - n 300 1 qmgr
+rewrite   unix  - - n - - trivial-rewrite
+bounce    unix  - - n - 0 bounce
+defer     unix  - - n - 0 bounce
+trace     unix  - - n - 0 bounce
+verify    unix  - - n - 1 verify
+flush     unix  n - n 1000? 0 flush
+proxymap  unix  - - n - - proxymap
+showq     unix  n - n - - showq
+error     unix  - - n - - error
+retry     unix  - - n - - error
+discard   unix  - - n - - discard
+anvil     unix  - - n - 1 anvil
+scache    unix  - - n - 1 scache
+virtual   unix  - n n - - virtual
+postlog   unix-dgram n - n - 1 postlogd
+"""
+
+
+def postfix_main_cf(*, compat: str, queue: Path, data: Path, config: Path, mail_root: Path, uid: int, gid: int,
+                    sessions: int) -> str:
+    """main.cf of the private instance; its process limit leaves room for ``sessions`` smtpd processes."""
+    return _POSTFIX_MAIN_CF.format(compat=compat, queue=queue, data=data, config=config, mail_root=mail_root,
+                                   domain=DOMAIN, uid=uid, gid=gid, process_limit=max(100, 2 * sessions))
+
+
+def postfix_master_cf(host: str, port: int) -> str:
+    return _POSTFIX_MASTER_CF.format(host=host, port=port)
 
 
 def smtp_source_header_len() -> int:
@@ -225,6 +325,8 @@ def medians(runs: list[Measurement], scenarios: list[Scenario], servers: list[st
                 "client": med([r.client_per_1k for r in rs]),
                 "p50": med([r.p50 for r in rs if r.p50 is not None]),
                 "p99": med([r.p99 for r in rs if r.p99 is not None]),
+                "drain": med([r.drain for r in rs if r.drain is not None]),
+                "delivered": med([r.delivered_rate for r in rs if r.drain is not None]),
             }
     return cell
 
@@ -235,8 +337,8 @@ def method(args: argparse.Namespace, info: RunInfo) -> list[str]:
     probes, loads = info.probes, info.loads
     lines = [
         f"- fastsmtp: `python -m fastsmtp serve --listen 127.0.0.1:0 --mail-root ROOT "
-        f"{' '.join(FASTSMTP_BENCH_FLAGS + FASTSMTP_ARGS)} --fsync off|batch` (uvloop; a supervisor and one worker; "
-        "no greeting delay, else one-message-per-connection runs would measure it)"
+        f"{' '.join(FASTSMTP_BENCH_FLAGS + FASTSMTP_ARGS)} --fsync off|batch|always` (uvloop; a supervisor and "
+        "one worker; no greeting delay, else one-message-per-connection runs would measure it)"
         + (f"; it imported {info.origins['fastsmtp']}." if "fastsmtp" in info.origins else "."),
     ]
     if args.baseline_tree is not None and BASE_SERVER in info.origins:
@@ -248,6 +350,25 @@ def method(args: argparse.Namespace, info: RunInfo) -> list[str]:
         "`\"250 OK\"`, the Maildir one calls `mailbox.Maildir(ROOT/...).add(envelope.content)` "
         "(no fsync, on the event loop). aiosmtpd does not offer PIPELINING, so loadgen waits for every reply there.",
         f"- smtp-sink: `smtp-sink -u {sink_user()} 127.0.0.1:PORT 1000`.",
+    ]
+    if POSTFIX_SERVER in args.server_list:
+        lines.append(
+            "- Postfix durable Maildir: a private instance, fresh for every run: `postfix -c ETC check` "
+            "(makes its queue folders), then `master -c ETC -s` as the benchmark's child, stopped by SIGTERM to "
+            "that PID. ETC/main.cf: its own `queue_directory` and `data_directory` in the run's folder, "
+            "`inet_interfaces = 127.0.0.1`, `mydestination =`, `virtual_mailbox_domains = "
+            f"{DOMAIN}`, `virtual_mailbox_base = ROOT`, `virtual_mailbox_maps = texthash:ETC/vmailbox` "
+            f"(`{POSTFIX_MAILBOXES.strip()}`: Maildir), `virtual_uid_maps`/`virtual_gid_maps = static:` "
+            f"{sink_user()}'s ids (the owner of ROOT), `mynetworks = 127.0.0.0/8`, `smtpd_recipient_restrictions = "
+            "permit_mynetworks, reject`, no DNS or peer-name lookups, no connection limits, `default_process_limit` "
+            "≥ 100, no alias or local lookups, `maillog_file = /dev/stdout`; ETC/master.cf: smtpd on "
+            "`127.0.0.1:PORT` only, the internal services, nothing chrooted. Durability as shipped: cleanup(8) "
+            "fsyncs every queue file before smtpd's 250, virtual(8) fsyncs every Maildir file before linking it "
+            "into new/ (neither fsyncs the folder), and `in_flow_delay` (1 s) slows acceptance when delivery "
+            "falls behind. Delivery goes on after the load: the final CPU reading waits until the queue is "
+            "empty and new/ holds every acknowledged message (its time is in \"Delivery\" below); "
+            "messages/s is acceptance, as for every server.")
+    lines += [
         f"- smtp-source: `smtp-source -c -s SESSIONS -l LEN -m COUNT [-d] -f {MAIL_FROM} -t {RCPT} "
         f"-M {CLIENT_NAME} 127.0.0.1:PORT`; LEN is the size minus its {smtp_source_header_len()} header bytes; "
         "it sends HELO, so no pipelining; `-d` (many per connection) keeps each session on one connection for "
@@ -262,7 +383,11 @@ def method(args: argparse.Namespace, info: RunInfo) -> list[str]:
         f"- COUNT: at most {count_text}; loadgen also stops claiming messages after {args.duration:g} s "
         f"(and finishes those in flight). Its warm-up: {args.warmup} unmeasured messages over up to 5 sessions.",
         "- Server CPU: utime+stime from /proc/PID/stat over the server process and its children "
-        "(fastsmtp's supervisor plus worker), read before and after the measured load.",
+        "(fastsmtp's supervisor plus worker), read before and after the measured load. Postfix's children "
+        "(smtpd, cleanup, qmgr, trivial-rewrite, virtual) come and go: its figure is the master's "
+        "utime+stime+cutime+cstime (the children it has reaped) plus every live child's utime+stime; each "
+        "reading waits until every acknowledged message is in new/ (for Postfix: and its queue is empty), "
+        "so the CPU of delivery is in it.",
         "- The machine is shared (2 cores; other test runs were going on): trust only differences "
         "over ~20%. Client and server share the two cores, so the client's CPU slows the server too.",
         f"- Load average (1, 5, 15 min) before: {loads[0]}; after: {loads[1]}. Creating a 1 KiB file in a new "
@@ -301,6 +426,7 @@ def report(runs: list[Measurement], scenarios: list[Scenario], servers: list[str
     lines += tables(cell, labels, [sc.label for sc in scenarios if sc.driver == "loadgen"],
                                    servers, info.headings)
     lines += goals(cell, labels, servers)
+    lines += journal_goals(cell, info.headings)
     notes = [f"round {r.round}, {r.scenario.label}, {info.headings[r.server]}: {n}" for r in runs for n in r.notes]
     lines += ["", "Anomalies: " + ("none (no failures, stored = acknowledged, no server errors)." if not notes else "")]
     lines += [f"- {n}" for n in notes]
@@ -358,6 +484,14 @@ def tables(cell: Cell, scenarios: Sequence[str], latency_scenarios: Sequence[str
                       rows(lat, latency_scenarios))
     out += _table("### Load generator CPU seconds per 1,000 messages", heads,
                   rows(lambda c: fmt_num(c["client"]), scenarios))
+    stores = [s for s in servers if any(t == s and c["drain"] == c["drain"] for (_, t), c in cell.items())]
+    if stores:  # the Maildir servers; Postfix goes on delivering after the load
+        out += _table("### Delivery: seconds from the end of the load until every acknowledged message was in new/ "
+                      "(Postfix: and its queue empty), and messages/s counted to that point",
+                      [headings[s] for s in stores],
+                      [(sc, [f"{cell[sc, s]['drain']:.2f} s, {fmt_rate(cell[sc, s]['delivered'])}/s"
+                             if (sc, s) in cell and cell[sc, s]["drain"] == cell[sc, s]["drain"] else "–"
+                             for s in stores]) for sc in scenarios])
     return out
 
 
@@ -399,6 +533,46 @@ def goals(cell: Cell, scenarios: Sequence[str], servers: Sequence[str]) -> list[
     lines += ["", "✗ marks a scenario where the goal is not met. Met in: "
               + ", ".join(f"{k} {v[0]} of {v[1]}" for k, v in tally.items()) + "."]
     return lines
+
+
+# The journal issue's goals (fastsmtp --fsync batch as a write-ahead journal), in
+# messages/s, with smtp-source, 20 sessions, one worker, many messages per connection:
+# (goal, size, server, against, factor).
+JOURNAL_GOALS: tuple[tuple[str, int, str, str, float], ...] = (
+    ("a", 1 * KiB, "fastsmtp-batch", "fastsmtp-off", 0.8),
+    ("a", 100 * KiB, "fastsmtp-batch", "fastsmtp-off", 0.8),
+    ("b", 1 * KiB, "fastsmtp-batch", POSTFIX_SERVER, 5.0),
+    ("c", 100 * KiB, "fastsmtp-batch", "smtp-sink", 1.0),
+)
+
+
+def journal_goals(cell: Cell, headings: dict[str, str]) -> list[str]:
+    """The journal issue's goals, one row per goal and size whose scenario and both servers were run."""
+    rows: list[str] = []
+    tally: dict[str, list[int]] = {}
+    for key, size, num, den, goal in JOURNAL_GOALS:
+        label = Scenario("smtp-source", 20, size, "many").label
+        if (label, num) not in cell or (label, den) not in cell:
+            continue
+        a, b = cell[label, num]["rate"], cell[label, den]["rate"]
+        r = _times(a, b)
+        ok = r == r and r >= goal
+        met = tally.setdefault(key, [0, 0])
+        met[0] += ok
+        met[1] += 1
+        rows.append(f"| {key} | {label} | {headings[num]} {fmt_rate(a)} | {headings[den]} {fmt_rate(b)} | "
+                    f"{fmt_num(r, 2)}× | ≥ {goal:g}× | {'✓ met' if ok else '✗ missed'} |")
+    if not rows:
+        return []
+    return ["", "### Against the journal issue's goals", "",
+            "smtp-source, 20 sessions, one worker, many messages per connection; messages/s (medians), acceptance "
+            "as smtp-source sees it. Goals: (a) fastsmtp batch ≥ 0.8× fastsmtp off, at 1 KiB and 100 KiB; "
+            "(b) fastsmtp batch ≥ 5× Postfix durable Maildir at 1 KiB; (c) fastsmtp batch ≥ smtp-sink at 100 KiB.",
+            "",
+            "| goal | scenario | msgs/s | against, msgs/s | ratio | needed | result |",
+            "|---|---|---:|---:|---:|---:|---|",
+            *rows,
+            "", "Met: " + ", ".join(f"{k} {v[0]} of {v[1]}" for k, v in tally.items()) + "."]
 
 
 def _times(num: float, den: float) -> float:

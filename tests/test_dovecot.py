@@ -312,7 +312,7 @@ def test_imap_and_pop3_read_what_fastsmtp_stored(dovecot: Dovecot, smtp_server: 
     for user in USERS:
         cur = sorted((smtp_server.maildir(user) / "cur").iterdir())
         assert len(cur) == 1 and cur[0].read_bytes() == stored[user]
-        assert smtp_server.messages(user) == []
+        assert smtp_server.messages(user, count=0) == []
 
     log = dovecot.log_text()
     problems = [line for line in log.splitlines() if any(w in line for w in ("Error:", "Panic:", "Fatal:"))]

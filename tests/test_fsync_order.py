@@ -49,12 +49,14 @@ def _strace_works() -> bool:
 
 
 needs_strace = pytest.mark.skipif(not _strace_works(), reason="strace is missing or may not trace here (CI installs it)")
-TRACED = "openat,close,fdatasync,fsync,link,linkat,rename,renameat,renameat2,write,writev,sendto,sendmsg"
+TRACED = ("openat,close,fdatasync,fsync,link,linkat,rename,renameat,renameat2,write,writev,pwritev,pwritev2,pwrite64,"
+          "copy_file_range,sendto,sendmsg")
 
 _LINE = re.compile(r"^(\d+)\s+\d\d:\d\d:\d\d\.\d+\s+(.*)$")
 _CALL = re.compile(r"^(\w+)\((.*)\)\s+=\s+(-?\d+|\?)")
 _STRING = re.compile(r'"((?:[^"\\]|\\.)*)"')
 _WRITES = ("write", "writev", "sendto", "sendmsg")
+_APPENDS = ("pwritev", "pwritev2", "pwrite64", "write", "writev", "copy_file_range")
 
 
 @dataclass
@@ -195,7 +197,64 @@ def order_problems(calls: list[Call], tmp: str, new: str, queue_id: str) -> list
     return problems
 
 
+def journal_problems(calls: list[Call], new: str, queue_id: str) -> list[str]:
+    """What is out of order in the journaled commit (``--fsync batch``) of the message stored as ``new``.
+
+    Empty when its record was written into a journal segment, that segment
+    was fdatasync'ed (and its folder fsync'ed, once, when the segment was
+    made) before the 250 was written, and the file was linked into new/
+    only after the flush: delivery never shows what the journal does not hold.
+    """
+    appends = [c for c in calls if c.name in _APPENDS and (c.fd_path or "").endswith(".seg") and queue_id in c.args]
+    replies = [c for c in calls if c.name in _WRITES and f"250 2.0.0 Ok: queued as {queue_id}" in c.args]
+    links = [c for c in calls if c.name in ("link", "linkat") and c.ret == 0 and _strings(c)[-1:] == [new]]
+    if len(appends) != 1 or len(replies) != 1 or len(links) != 1:
+        return [f"expected one append, one 250 and one link for {queue_id}, "
+                f"found {len(appends)}, {len(replies)} and {len(links)}"]
+    (append,), (reply,), (link,) = appends, replies, links
+    segment = append.fd_path
+    assert segment is not None
+    problems = []
+    flushes = [c for c in calls if c.name == "fdatasync" and c.ret == 0 and c.fd_path == segment
+               and c.start > append.end]
+    if not flushes:
+        problems.append("no fdatasync of the segment after the record was written")
+    elif flushes[0].end > reply.start:
+        problems.append("the 250 was written before the fdatasync of the journal finished")
+    folder = os.path.dirname(segment)
+    made = [c for c in calls if c.name == "openat" and c.ret >= 0 and segment in _strings(c)]
+    folder_syncs = [c for c in calls if c.name == "fsync" and c.ret == 0 and c.fd_path == folder
+                    and made and c.start > made[0].end]
+    if not folder_syncs or folder_syncs[0].end > reply.start:
+        problems.append("the segment's name was not made durable (fsync of its folder) before the 250")
+    if flushes and link.start < flushes[0].end:
+        problems.append("the file was linked into new/ before the journal was flushed")
+    return problems
+
+
 # -- the checker on made-up traces (it must fail when it should) ----------------------
+
+
+_GOOD_JOURNAL = """7 10:00:00.000001 openat(AT_FDCWD, "/m/.journal/w-1-0/0000000000000001.seg", O_WRONLY|O_CREAT|O_EXCL, 0600) = 9
+7 10:00:00.000002 openat(AT_FDCWD, "/m/.journal/w-1-0", O_RDONLY|O_CLOEXEC|O_DIRECTORY) = 10
+7 10:00:00.000003 fsync(10) = 0
+7 10:00:00.000004 close(10) = 0
+7 10:00:00.000005 pwritev(9, [{iov_base="FSJ1", iov_len=20}, {iov_base="Q1", iov_len=40}], 2, 0) = 60
+7 10:00:00.000006 fdatasync(9) = 0
+6 10:00:00.000007 sendto(14, "250 2.0.0 Ok: queued as Q1\\r\\n", 28, 0, NULL, 0) = 28
+8 10:00:00.000008 linkat(5, "15", AT_FDCWD, "/m/a/new/X,S=200", AT_SYMLINK_FOLLOW) = 0
+"""
+
+
+def test_the_journal_checker_accepts_the_right_order_and_sees_each_wrong_one() -> None:
+    def check(trace: str) -> list[str]:
+        return journal_problems(parse(trace), "/m/a/new/X,S=200", "Q1")
+
+    assert check(_GOOD_JOURNAL) == []
+    assert "the 250 was written before the fdatasync of the journal finished" in check(_swap(_GOOD_JOURNAL, 5, 6))
+    assert "the file was linked into new/ before the journal was flushed" in check(_swap(_GOOD_JOURNAL, 5, 7))
+    assert any("folder" in p for p in check(_GOOD_JOURNAL.replace("fsync(10)", "fsync(11)")))
+
 
 
 _GOOD = """\
@@ -309,6 +368,9 @@ def _trace_one_message(tmp_path: Path, fsync: str, loop: str = "uvloop") -> tupl
 @pytest.mark.parametrize("fsync,loop", [("batch", "uvloop"), ("always", "uvloop"), ("batch", "asyncio")])
 def test_flush_link_fsync_then_250(tmp_path: Path, fsync: str, loop: str) -> None:
     calls, tmp, new, queue_id = _trace_one_message(tmp_path, fsync, loop)
+    if fsync == "batch":
+        assert journal_problems(calls, new, queue_id) == []
+        return
     assert order_problems(calls, tmp, new, queue_id) == []
     flush = "fsync" if fsync == "always" else "fdatasync"
     # The file is flushed by the call the mode names: the named tmp/ file,

@@ -101,13 +101,13 @@ def test_sync_hooks_refuse_sender_recipient_helo_and_message(server_factory) -> 
     assert replies[3].startswith(b"550 5.1.1")
     assert replies[-1].startswith(b"250 2.0.0 Ok: queued as ")
     assert len(srv.wait_messages("alice@example.com", 1)) == 1
-    assert srv.messages("bob@example.com") == []
+    assert srv.messages("bob@example.com", count=0) == []
     # on_message refuses: nothing is stored.
     replies = message(c, b"ex2@example.net", [b"bob@example.com"], b"Subject: big\r\n\r\n" + b"x" * 3000 + b"\r\n")
     assert replies[-1] == b"554 5.7.1 Too long for this policy\r\n"
     # A message is linked into new/ before its reply is written, so a wrong
     # store would show at once; 0.3 s more covers a late one.
-    never(lambda: srv.messages("bob@example.com") or list((srv.maildir("bob@example.com") / "tmp").iterdir()),
+    never(lambda: srv.messages("bob@example.com", count=0) or list((srv.maildir("bob@example.com") / "tmp").iterdir()),
           what="a refused message stored")
     c.send(b"QUIT\r\n")
     assert c.reply().startswith(b"221 ")

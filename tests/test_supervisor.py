@@ -268,7 +268,7 @@ def test_second_sigint_stops_at_once(tmp_path: Path) -> None:
     assert srv.proc.wait(10) == 0
     assert time.monotonic() - started < 10
     c.close()
-    assert srv.messages("alice@example.com") == []
+    assert srv.messages("alice@example.com", count=0) == []
 
 
 # -- reload and resize --------------------------------------------------------------

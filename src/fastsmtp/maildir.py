@@ -103,7 +103,7 @@ from .spool import (
 from .store import MessageSpool
 from .tmpclean import clean_tmp
 
-__all__ = ["FSYNC_MODES", "Spool", "MaildirWriter", "clean_tmp"]
+__all__ = ["FSYNC_MODES", "Spool", "MaildirWriter", "Delivery", "TmpFiles", "clean_tmp", "fdatasync"]
 
 log = logging.getLogger("fastsmtp.maildir")
 
@@ -121,7 +121,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _SYNC_THREADS = 8
 
 
-def _fdatasync(fd: int) -> None:
+def fdatasync(fd: int) -> None:
     """The data flush.  fdatasync is not everywhere (macOS); fsync then."""
     if hasattr(os, "fdatasync"):
         os.fdatasync(fd)
@@ -137,7 +137,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-class _Job:
+class Delivery:
     """A submitted message on its way through the committer."""
 
     __slots__ = (
@@ -156,7 +156,7 @@ class _Job:
         self.error: StorageError | None = None
         self.posted = False
 
-    def write_out(self, tmp_files: "_TmpFiles") -> None:
+    def write_out(self, tmp_files: "TmpFiles") -> None:
         """Put the content in a file of tmp/ (a spilled message is there already)."""
         spool = self.spool
         if self.fd is not None:  # spilled: complete on disk already
@@ -242,7 +242,7 @@ class _Job:
         self.content = bytearray()
 
 
-class _TmpFiles:
+class TmpFiles:
     """Unnamed tmp/ files (O_TMPFILE) and /proc/self/fd, through which they get a name."""
 
     __slots__ = ("_wanted", "proc_fd", "_named_dirs")
@@ -337,14 +337,14 @@ class MaildirWriter:
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._cv = threading.Condition()
-        self._queue: collections.deque[_Job] = collections.deque()
+        self._queue: collections.deque[Delivery] = collections.deque()
         # "off": nothing waits for the disk, so the page-cache writes are
         # made on the loop, once per loop iteration for what was submitted
         # in it; a hop to the committer thread would cost more CPU than the
         # writes (bench/RESULTS.md: 140 against 67 µs for a lone 1 KiB
         # message).  The thread then only finishes what close() finds.
-        self._inline: list[_Job] = []
-        self._tmp_files = _TmpFiles(anonymous_tmp)
+        self._inline: list[Delivery] = []
+        self._tmp_files = TmpFiles(anonymous_tmp)
         self._closing = False
         # This worker's row of the shared counters (metrics.py); this thread
         # is the only writer of the commit slots.
@@ -399,7 +399,7 @@ class MaildirWriter:
             self.stats["refused"] += 1
             return fut
         # A recipient named twice must not make the second link fail with EEXIST.
-        job = _Job(spool, list(dict.fromkeys(maildirs)), fut)
+        job = Delivery(spool, list(dict.fromkeys(maildirs)), fut)
         if self._mode == "off" and not self._closing:
             self._inline.append(job)
             if len(self._inline) == 1:
@@ -470,7 +470,7 @@ class MaildirWriter:
                 log.exception("maildir committer: unexpected error, failing %d message(s)", len(batch))
                 self._abandon(batch, exc)
 
-    def _take(self) -> list[_Job]:
+    def _take(self) -> list[Delivery]:
         """Everything queued, up to max_batch messages and max_batch_bytes."""
         batch = [self._queue.popleft()]
         nbytes = batch[0].spool.size
@@ -482,7 +482,7 @@ class MaildirWriter:
             nbytes += size
         return batch
 
-    def _commit(self, jobs: list[_Job], on_loop: bool = False) -> None:
+    def _commit(self, jobs: list[Delivery], on_loop: bool = False) -> None:
         """Write, flush, link, fsync new/, then resolve: DESIGN.md step 6."""
         started = time.perf_counter()
         durable = self._mode != "off"
@@ -496,7 +496,7 @@ class MaildirWriter:
                 self._step(job, self._link)
         for job in live:
             if job.error is None:
-                self._step(job, _Job.close_fd)
+                self._step(job, Delivery.close_fd)
         if durable:
             self._sync_dirs([j for j in live if j.error is None])
         self._account(jobs)
@@ -504,31 +504,31 @@ class MaildirWriter:
             self._count(jobs, time.perf_counter() - started)
         self._post(jobs, on_loop)
 
-    def _step(self, job: _Job, fn: Callable[[_Job], None]) -> None:
+    def _step(self, job: Delivery, fn: Callable[[Delivery], None]) -> None:
         try:
             fn(job)
         except OSError as exc:
             self._fail(job, exc)
 
-    def _write_out(self, job: _Job) -> None:
+    def _write_out(self, job: Delivery) -> None:
         job.write_out(self._tmp_files)
 
-    def _link(self, job: _Job) -> None:
+    def _link(self, job: Delivery) -> None:
         job.link(self._tmp_files.proc_fd)
 
-    def _flush_files(self, jobs: list[_Job]) -> None:
+    def _flush_files(self, jobs: list[Delivery]) -> None:
         if self._mode == "always":
             for job in jobs:
-                self._step(job, _Job.fsync)
+                self._step(job, Delivery.fsync)
             return
-        errors = self._parallel(_fdatasync, [j.fd for j in jobs])
+        errors = self._parallel(fdatasync, [j.fd for j in jobs])
         for job, exc in zip(jobs, errors):
             if exc is not None:
                 self._fail(job, exc)
 
-    def _sync_dirs(self, jobs: list[_Job]) -> None:
+    def _sync_dirs(self, jobs: list[Delivery]) -> None:
         """fsync each distinct new/ once; a failure fails all linked there."""
-        by_dir: dict[str, list[_Job]] = {}
+        by_dir: dict[str, list[Delivery]] = {}
         for job in jobs:
             for link in job.links:
                 by_dir.setdefault(os.path.dirname(link), []).append(job)
@@ -565,7 +565,7 @@ class MaildirWriter:
             concurrent.futures.wait(futs)
         return [first] + [f.result() for f in futs]
 
-    def _fail(self, job: _Job, exc: BaseException) -> None:
+    def _fail(self, job: Delivery, exc: BaseException) -> None:
         """Answer 451 for this message and remove every name it got."""
         if job.error is not None:
             return
@@ -580,7 +580,7 @@ class MaildirWriter:
         err.__cause__ = exc
         return err
 
-    def _account(self, jobs: list[_Job]) -> None:
+    def _account(self, jobs: list[Delivery]) -> None:
         ok = sum(1 for j in jobs if j.error is None)
         st = self.stats
         st["batches"] += 1
@@ -589,14 +589,14 @@ class MaildirWriter:
         st["max_batch"] = max(st["max_batch"], len(jobs))
         st["batch_sizes"][len(jobs)] += 1
 
-    def _count(self, jobs: list[_Job], seconds: float) -> None:
+    def _count(self, jobs: list[Delivery], seconds: float) -> None:
         row = self._metrics
         assert row is not None
         row[counters.COMMIT_BATCHES] += 1
         counters.observe(row, counters.BATCH_SIZE, len(jobs))
         counters.observe(row, counters.COMMIT_SECONDS, seconds)
 
-    def _post(self, jobs: list[_Job], on_loop: bool = False) -> None:
+    def _post(self, jobs: list[Delivery], on_loop: bool = False) -> None:
         """Hand the results to the loop: one call_soon_threadsafe per batch
         (or at once, when this already is the loop's thread)."""
         results: list[_Result] = []
@@ -615,7 +615,7 @@ class MaildirWriter:
         except RuntimeError:  # the loop is closed: nobody waits for these any more
             pass
 
-    def _abandon(self, jobs: list[_Job], exc: BaseException, on_loop: bool = False) -> None:
+    def _abandon(self, jobs: list[Delivery], exc: BaseException, on_loop: bool = False) -> None:
         """After an unexpected error: fail and clean up what was not answered."""
         for job in jobs:
             if job.posted:

@@ -87,11 +87,24 @@ TLS_OK = _take()
 TLS_FAILED = _take()
 WORKER_RESTARTS = _take()  # the supervisor's base only
 COMMIT_BATCHES = _take()
+# The journal (journalstore.py): its deliverer thread writes these.
+DELIVERED = _take()
+DELIVERY_FAILURES = _take()
+RECOVERED = _take()  # records replayed into new/ at start (recovery.py)
+SET_ASIDE = _take()  # damaged records and undeliverable messages put aside at start
+# Gauges: what is held now, not counts.  A reaped worker's values are not
+# kept in the base: its journal is recovered by the next worker.
+JOURNAL_BYTES = _take()
+JOURNAL_SEGMENTS = _take()
+DELIVERY_PENDING = _take()
+GAUGE_SLOTS = (JOURNAL_BYTES, JOURNAL_SEGMENTS, DELIVERY_PENDING)
 
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_SIZE = Histogram((1, 2, 4, 8, 16, 32, 64, 128, 256, 512), 1)
 COMMIT_SECONDS = Histogram(_SECONDS, 1_000_000_000)
 TIME_TO_250 = Histogram(_SECONDS, 1_000_000_000)
+DELIVERY_LAG = Histogram((0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+                         1_000_000_000)
 
 #: int64 slots in one row.
 SLOTS = _size
@@ -192,6 +205,8 @@ class Metrics:
         row = self.row(slot)
         for i, value in enumerate(row.tolist()):
             self.base[i] += value
+        for i in GAUGE_SLOTS:
+            self.base[i] -= row[i]
         self._mm[slot * SLOTS * 8 : (slot + 1) * SLOTS * 8] = bytes(SLOTS * 8)
 
     def totals(self) -> list[int]:
@@ -224,12 +239,27 @@ _COUNTERS: list[tuple[str, str, int, list[str] | None]] = [
     ("fastsmtp_tls_handshakes_total", "TLS handshakes by result (a failed implicit-TLS handshake never reaches the server: not counted).",
      TLS_OK, ['result="ok"', 'result="failed"']),
     ("fastsmtp_worker_restarts_total", "Workers that died and were replaced.", WORKER_RESTARTS, None),
-    ("fastsmtp_commit_batches_total", "Group commits (flushes) of the Maildir writer.", COMMIT_BATCHES, None),
+    ("fastsmtp_commit_batches_total", "Group commits: journal flushes (--fsync batch), or Maildir commits.",
+     COMMIT_BATCHES, None),
+    ("fastsmtp_delivered_total", "Messages delivered from the journal into new/ (one per message).", DELIVERED,
+     None),
+    ("fastsmtp_delivery_failures_total", "Deliveries from the journal that failed and will be retried.",
+     DELIVERY_FAILURES, None),
+    ("fastsmtp_recovered_total", "Journal records replayed into new/ by recovery at start.", RECOVERED, None),
+    ("fastsmtp_set_aside_total", "Damaged journal records and undeliverable messages set aside by recovery.",
+     SET_ASIDE, None),
+]
+_GAUGES: list[tuple[str, str, int]] = [
+    ("fastsmtp_journal_bytes", "Octets in journal segments not yet retired.", JOURNAL_BYTES),
+    ("fastsmtp_journal_segments", "Journal segments not yet retired.", JOURNAL_SEGMENTS),
+    ("fastsmtp_delivery_pending", "Acknowledged messages not yet in every recipient's new/.", DELIVERY_PENDING),
 ]
 _HISTOGRAMS: list[tuple[str, str, Histogram]] = [
     ("fastsmtp_commit_batch_size", "Messages per group commit.", BATCH_SIZE),
     ("fastsmtp_commit_latency_seconds", "Time one group commit takes (write, flush, link).", COMMIT_SECONDS),
     ("fastsmtp_time_to_250_seconds", "From the end of a message's data to its 250 reply.", TIME_TO_250),
+    ("fastsmtp_delivery_lag_seconds", "From a message's journal flush (its 250) to its file in new/.",
+     DELIVERY_LAG),
 ]
 
 
@@ -246,6 +276,8 @@ def render(totals: list[int]) -> bytes:
             out.append(f"{name} {totals[slot]}\n")
         else:
             out.extend(f"{name}{{{label}}} {totals[slot + i]}\n" for i, label in enumerate(labels))
+    for name, help_text, slot in _GAUGES:
+        out.append(f"# HELP {name} {help_text}\n# TYPE {name} gauge\n{name} {totals[slot]}\n")
     for name, help_text, h in _HISTOGRAMS:
         out.append(f"# HELP {name} {help_text}\n# TYPE {name} histogram\n")
         cumulative = 0

@@ -35,8 +35,12 @@ from typing import TYPE_CHECKING, Callable
 
 from .config import Config, ConfigError, parse_listen
 from .logs import event_log, reopen_logs, set_role
+from .journalstore import JournalStore
 from .maildir import MaildirWriter, clean_tmp
+from .metrics import RECOVERED, SET_ASIDE
+from .recovery import recover
 from .server import Server
+from .store import Store
 
 if TYPE_CHECKING:
     from .anvil import AnvilRow
@@ -95,9 +99,7 @@ async def serve(
         loop.add_signal_handler(signal.SIGUSR2, reopen_logs)
     if clean == "before":
         _clean_tmp(config)
-    writer = MaildirWriter(
-        hostname=config.hostname, fsync=config.fsync, spill_threshold=config.spill_threshold, metrics=metrics
-    )
+    writer = open_store(config, metrics)
     writer.start(loop)
     if clients is None and config.max_connections_per_ip:
         from .anvil import Anvil
@@ -155,7 +157,7 @@ async def _listen(
 
 
 async def _wind_down(
-    config: Config, server: Server, writer: MaildirWriter, drain: asyncio.Event, quick: asyncio.Event
+    config: Config, server: Server, writer: Store, drain: asyncio.Event, quick: asyncio.Event
 ) -> None:
     """The listeners are closed: let the sessions finish (421 to idle ones), then commit what is queued."""
     loop = asyncio.get_running_loop()
@@ -211,6 +213,26 @@ def _install_stop_signals(
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGINT, on_int)
     loop.add_signal_handler(signal.SIGQUIT, on_quit)
+
+
+def open_store(config: Config, metrics: memoryview | None = None) -> Store:
+    """The store of ``--fsync``; for the journal, after recovering what dead workers left in it.
+
+    Recovery runs here, before the port opens (DESIGN.md, principle 1): every
+    message a dead worker acknowledged is in new/ before this one serves.
+    """
+    if config.fsync != "batch":
+        return MaildirWriter(
+            hostname=config.hostname, fsync=config.fsync, spill_threshold=config.spill_threshold, metrics=metrics
+        )
+    done = recover(config.journal_dir)
+    if metrics is not None:
+        metrics[RECOVERED] += done.replayed
+        metrics[SET_ASIDE] += done.set_aside
+    return JournalStore(
+        hostname=config.hostname, journal_dir=config.journal_dir, spill_threshold=config.spill_threshold,
+        metrics=metrics,
+    )
 
 
 def _clean_tmp(config: Config) -> None:

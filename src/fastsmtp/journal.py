@@ -1,0 +1,289 @@
+"""The write-ahead journal on disk: records, segments, and the folder of one worker.
+
+Rules of this module:
+- A journal is a folder of append-only segment files, ``<seq>.seg`` (16 hex
+  digits, in the order written).  A record is only ever appended; a segment
+  is only ever deleted whole, once every message in it is durable where it
+  goes (journalstore.py says when).  Nothing rewrites a byte in place.
+- A record is self-describing and checked twice: a 20-octet header with
+  its own CRC (so a torn or damaged length is never trusted), then the body
+  with its CRC.  The body holds the queue id, the stored name, the targets
+  and the exact octets to store, trace headers included, so that recovery
+  needs nothing but the record.
+- Targets are ``scheme:rest`` strings.  Today ``maildir:<path>``: the
+  message goes to ``<path>/new/<stored name>``.  Other schemes (LMTP) are
+  further targets in the same record, with the same retirement rule.
+- Reading tells three outcomes apart (``scan``): records, a torn tail (a
+  crash in the middle of an append: never acknowledged, since a 250 follows
+  the flush of its whole batch, so it is dropped), and damage before the
+  last good record, which a crash cannot make: it is returned to be set
+  aside for the operator, never silently dropped.
+- Each worker process owns one folder, ``w-<pid>-<n>``, held by an
+  exclusive ``flock`` on the folder for the life of the process.  The
+  kernel drops the lock when the process dies, SIGKILL included, so a
+  folder whose lock can be taken is an orphan, to be recovered
+  (recovery.py).  A folder is made under a dot-name, locked, then renamed,
+  so that no other process can take the lock of a new folder first.
+
+CRC-32 (zlib's, which releases the GIL above a few KiB) is a check against
+torn and damaged writes, not against an adversary: the journal folder is
+the server's own.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+__all__ = [
+    "MAGIC", "HEADER", "Record", "Damage", "Scan", "encode", "scan", "read_segment", "segment_name",
+    "segments", "OwnFolder", "try_lock", "fsync_dir", "MAILDIR",
+]
+
+MAGIC = b"FSJ1"
+KIND_MESSAGE = 1
+MAILDIR = "maildir:"
+
+# magic, kind, 3 pad, body length, body CRC, header CRC (of the first 16 octets).
+HEADER = struct.Struct("<4sB3xIII")
+_HEAD16 = struct.Struct("<4sB3xII")
+# queue id, stored name, targets: lengths; then each target's length.
+_META = struct.Struct("<HHH")
+_LEN = struct.Struct("<H")
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_SEG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One message as the journal holds it."""
+
+    queue_id: str
+    stored: str  # the file name in new/, "<name>,S=<size>"
+    targets: tuple[str, ...]
+    content: bytes  # the exact octets to store
+    offset: int  # where its header starts in the segment
+    length: int  # header and body
+
+
+@dataclass(frozen=True, slots=True)
+class Damage:
+    """Octets of a segment that are no record, followed by good records."""
+
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    records: list[Record]
+    damaged: list[Damage]
+    torn: int  # octets dropped at the end (0: the segment ends cleanly)
+
+
+def encode(queue_id: str, stored: str, targets: Sequence[str], parts: Sequence[bytes | bytearray],
+           spilled: tuple[int, int] | None = None) -> tuple[list[bytes], int]:
+    """The header and meta of a record: (buffers to write first, record length).
+
+    The content follows them as it is, with no copy: ``parts`` (memory),
+    then, for a message that spilled to a file, ``spilled`` = (fd open for
+    reading, length): its octets are checksummed here in one pass of
+    ``pread`` and copied by the caller in the kernel.
+    """
+    name = stored.encode()
+    meta = [_META.pack(len(queue_id), len(name), len(targets)), queue_id.encode(), name]
+    for target in targets:
+        raw = os.fsencode(target)
+        meta.append(_LEN.pack(len(raw)))
+        meta.append(raw)
+    head = b"".join(meta)
+    crc = zlib.crc32(head)
+    size = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+        size += len(part)
+    if spilled is not None:
+        fd, length = spilled
+        done = 0
+        while done < length:
+            chunk = os.pread(fd, min(_CHUNK, length - done), done)
+            if not chunk:
+                raise OSError(errno.EIO, "spilled message shorter than its size")
+            crc = zlib.crc32(chunk, crc)
+            done += len(chunk)
+        size += length
+    body_len = len(head) + size
+    start = _HEAD16.pack(MAGIC, KIND_MESSAGE, body_len, crc)
+    header = start + struct.pack("<I", zlib.crc32(start))
+    return [header, head], HEADER.size + body_len
+
+
+_CHUNK = 1 << 20
+
+
+def _parse(data: bytes | memoryview, offset: int) -> Record | None:
+    """The record at ``offset`` if both its checks pass, else None."""
+    end = offset + HEADER.size
+    if end > len(data):
+        return None
+    magic, kind, body_len, body_crc, head_crc = HEADER.unpack_from(data, offset)
+    if magic != MAGIC or zlib.crc32(data[offset:offset + 16]) != head_crc or kind != KIND_MESSAGE:
+        return None
+    body_end = end + body_len
+    if body_end > len(data) or zlib.crc32(data[end:body_end]) != body_crc:
+        return None
+    try:
+        qlen, slen, count = _META.unpack_from(data, end)
+        pos = end + _META.size
+        queue_id = bytes(data[pos:pos + qlen]).decode()
+        pos += qlen
+        stored = bytes(data[pos:pos + slen]).decode()
+        pos += slen
+        targets = []
+        for _ in range(count):
+            (tlen,) = _LEN.unpack_from(data, pos)
+            pos += _LEN.size
+            targets.append(os.fsdecode(bytes(data[pos:pos + tlen])))
+            pos += tlen
+    except (struct.error, UnicodeDecodeError):
+        return None  # a body that passed its CRC but is not ours: damage
+    if pos > body_end:
+        return None
+    return Record(queue_id, stored, tuple(targets), bytes(data[pos:body_end]), offset, body_end - offset)
+
+
+def scan(data: bytes) -> Scan:
+    """Every record of a segment's octets, the damage between them, the torn tail."""
+    records: list[Record] = []
+    damaged: list[Damage] = []
+    offset = 0
+    while offset < len(data):
+        record = _parse(data, offset)
+        if record is not None:
+            records.append(record)
+            offset += record.length
+            continue
+        # Not a record here: the next place one parses, if any, ends the damage.
+        nxt = data.find(MAGIC, offset + 1)
+        while nxt != -1 and _parse(data, nxt) is None:
+            nxt = data.find(MAGIC, nxt + 1)
+        if nxt == -1:
+            return Scan(records, damaged, len(data) - offset)
+        damaged.append(Damage(offset, data[offset:nxt]))
+        offset = nxt
+    return Scan(records, damaged, 0)
+
+
+def read_segment(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def segment_name(seq: int) -> str:
+    return f"{seq:016x}.seg"
+
+
+def segments(folder: str) -> list[str]:
+    """The segment files of a folder, oldest first."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n.endswith(".seg") and len(n) == 20)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def try_lock(path: str) -> int | None:
+    """An fd holding the exclusive lock of folder ``path``, or None if a live process holds it."""
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        raise
+    return fd
+
+
+_folder_seq = itertools.count()
+
+
+class OwnFolder:
+    """This process's journal folder: locked for its life, segments appended in turn."""
+
+    def __init__(self, root: str) -> None:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        self.root = root
+        tag = f"{os.getpid()}-{next(_folder_seq)}"
+        hidden = os.path.join(root, f".new-{tag}")
+        os.mkdir(hidden, 0o700)
+        lock = try_lock(hidden)
+        if lock is None:
+            raise OSError(errno.EBUSY, "could not lock a journal folder just made", hidden)
+        self._lock: int | None = lock
+        self.path = os.path.join(root, f"w-{tag}")
+        os.rename(hidden, self.path)
+        fsync_dir(root)  # the folder's name is durable before any record in it
+        self._seq = 0
+
+    def new_segment(self) -> tuple[int, str]:
+        """Create the next segment, its name durable (fsync of the folder): (fd, path)."""
+        self._seq += 1
+        path = os.path.join(self.path, segment_name(self._seq))
+        fd = os.open(path, _SEG_FLAGS, 0o600)
+        try:
+            fsync_dir(self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, path
+
+    def remove(self) -> None:
+        """Everything in it is retired: remove the folder and drop the lock."""
+        for name in segments(self.path):
+            os.unlink(os.path.join(self.path, name))
+        try:
+            os.rmdir(self.path)
+        except OSError:
+            pass  # something unexpected in it: recovery looks at it next time
+        self.release()
+
+    def release(self) -> None:
+        fd, self._lock = self._lock, None
+        if fd is not None:
+            os.close(fd)
+
+
+def orphans(root: str, mine: str | None = None) -> Iterator[tuple[str, int]]:
+    """(folder, lock fd) for each journal folder of ``root`` no live process holds."""
+    try:
+        names = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return
+    for name in names:
+        if not (name.startswith("w-") or name.startswith(".new-")):
+            continue
+        path = os.path.join(root, name)
+        if path == mine or not os.path.isdir(path):
+            continue
+        fd = try_lock(path)
+        if fd is not None:
+            yield path, fd

@@ -1,0 +1,617 @@
+"""The journaled store: a 250 after one flush of a sequential log, delivery into new/ after it.
+
+Rules of this module:
+- A message is safe once its record is in the journal (journal.py) and
+  the journal is fdatasync'ed: that is when ``submit()``'s future
+  resolves and the client gets its 250.  A 250 means the message is on
+  stable storage and will be in every recipient's ``new/``, also after a
+  crash or a power cut (DESIGN.md, principle 1).
+- Group commit.  One flusher thread takes as one batch whatever was
+  submitted while its previous flush ran (up to ``max_batch`` messages and
+  ``max_batch_bytes``), writes it with one ``pwritev`` (a spilled message's
+  file is copied in the kernel, ``copy_file_range``) and flushes it with one
+  ``fdatasync``.  No timer: a lone message is flushed at once.  Appending
+  to one file is the disk's fastest durable write (bench/RESULTS.md: one
+  append and fdatasync of 1 KiB takes 0.26 ms here, a file and its folder
+  0.7 ms), and the cost is paid per batch, not per message.
+- Delivery is off the path to the reply.  After a flush the batch goes to
+  the deliverer thread, which writes each message into its Maildir exactly
+  as ``MaildirWriter`` does (an unnamed file in ``tmp/``, linked into each
+  ``new/``; maildir.py) but flushes nothing: the journal holds the message
+  meanwhile.  A file is visible in ``new/`` within a few milliseconds of
+  the 250 (``fastsmtp_delivery_lag_seconds``).
+- Retirement.  A segment is closed when it reaches ``segment_size`` (or
+  has been idle a second); once every message in a closed segment is in
+  ``new/``, one ``syncfs(2)`` per file system makes those files durable
+  and the segment is deleted.  syncfs was ruled out for the 250 because
+  its latency belongs to everybody's dirty data (maildir.py); here nothing
+  waits for it, and it is one call for thousands of files where per-file
+  flushes would be thousands of calls.  Its error is the file system's,
+  not a file's: on failure nothing is retired and the next checkpoint
+  tries again (a crash meanwhile is repaired by recovery, which checks
+  every file byte for byte).
+- A delivery that fails (a full disk, a Maildir removed after its RCPT) is
+  logged, counted and retried with backoff, from the record in the journal
+  (the content is not kept in memory).  Its segment stays until it
+  succeeds.  The journal is sized by the ``--min-free`` reserve, not by
+  memory.
+- Threads: the loop thread only queues; the flusher owns the active
+  segment; the deliverer owns ``tmp/`` and ``new/``.  The segment list
+  and the counts on it are shared under one lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import threading
+import time
+from typing import Any, Sequence
+
+from . import metrics as counters
+from .errors import StorageError
+from .journal import MAILDIR, OwnFolder, encode, read_segment, scan
+from .maildir import Delivery, TmpFiles, fdatasync
+from .recovery import deliver_to_maildir, set_aside
+from .spool import Spool, close_quiet, encode_host, new_name
+from .store import MessageSpool
+
+__all__ = ["JournalStore"]
+
+log = logging.getLogger("fastsmtp.journal")
+
+# Linux limits one writev to IOV_MAX (1024) buffers.
+_IOV_MAX = 1024
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _load_syncfs() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    return fn
+
+
+_syncfs = _load_syncfs()
+
+
+def syncfs(path: str) -> None:
+    """Flush the file system holding ``path`` (syncfs(2); sync(2) where there is none)."""
+    if _syncfs is None:
+        os.sync()
+        return
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        if _syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+    finally:
+        os.close(fd)
+
+
+class _Segment:
+    """One segment file and what in it is not yet delivered."""
+
+    __slots__ = ("path", "fd", "size", "pending", "closed", "touched")
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.path = path
+        self.fd: int | None = fd
+        self.size = 0
+        self.pending = 0  # messages flushed into it and not yet in every new/
+        self.closed = False
+        self.touched = time.monotonic()
+
+
+class _Entry(Delivery):
+    """A message on its way: into the journal, then into its Maildirs."""
+
+    __slots__ = ("segment", "offset", "flushed", "attempts", "retry_at")
+
+    def __init__(self, spool: Spool, maildirs: list[str], future: "asyncio.Future[str]") -> None:
+        super().__init__(spool, maildirs, future)
+        self.segment: _Segment | None = None
+        self.offset = 0
+        self.flushed = 0.0
+        self.attempts = 0
+        self.retry_at = 0.0
+
+
+def _resolve(results: list[tuple["asyncio.Future[str]", "str | BaseException"]]) -> None:
+    for fut, res in results:
+        if fut.done():
+            continue
+        if isinstance(res, BaseException):
+            fut.set_exception(res)
+        else:
+            fut.set_result(res)
+
+
+class JournalStore:
+    """The ``Store`` of ``--fsync batch``: journal flush, then delivery into Maildir."""
+
+    def __init__(
+        self,
+        *,
+        hostname: str,
+        journal_dir: str,
+        spill_threshold: int = 256 * 1024,
+        max_batch: int = 512,
+        max_batch_bytes: int = 64 * 1024 * 1024,
+        segment_size: int = 16 * 1024 * 1024,
+        idle_close: float = 1.0,
+        metrics: memoryview | None = None,
+        anonymous_tmp: bool = True,
+    ) -> None:
+        if max_batch < 1 or max_batch_bytes < 1 or spill_threshold < 0 or segment_size < 1:
+            raise ValueError("max_batch, max_batch_bytes, segment_size must be positive, spill_threshold >= 0")
+        self._host = encode_host(hostname)
+        self._root = journal_dir
+        self._spill_threshold = spill_threshold
+        self._max_batch = max_batch
+        self._max_batch_bytes = max_batch_bytes
+        self._segment_size = segment_size
+        self._idle_close = idle_close
+        self._metrics = metrics
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._folder: OwnFolder | None = None
+        self._tmp_files = TmpFiles(anonymous_tmp)
+        # The loop queues for the flusher; the flusher for the deliverer.
+        self._cv = threading.Condition()
+        self._queue: collections.deque[_Entry] = collections.deque()
+        self._dcv = threading.Condition()
+        self._to_deliver: list[_Entry] = []
+        self._retries: list[_Entry] = []
+        self._flusher_done = False
+        self._closing = False
+        self._threads: list[threading.Thread] = []
+        # Under _lock: every unretired segment, the active one last.
+        self._lock = threading.Lock()
+        self._segments: list[_Segment] = []
+        self._active: _Segment | None = None
+        # Maildir -> the path syncfs is called on for its file system, of
+        # files delivered since the last checkpoint.
+        self._dirty: dict[int, str] = {}
+        self._devices: dict[str, int] = {}
+        # After a failed checkpoint, none before this (monotonic) time.
+        self._checkpoint_after = 0.0
+        self.stats: dict[str, Any] = {
+            "batches": 0, "messages": 0, "failed": 0, "refused": 0, "max_batch": 0,
+            "batch_sizes": collections.Counter(), "delivered": 0, "delivery_failures": 0, "retired": 0,
+            "checkpoints": 0,
+        }
+
+    # -- loop side ---------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is not None or self._closing:
+            raise RuntimeError("JournalStore.start() called twice or after close()")
+        self._loop = loop
+        self._folder = OwnFolder(self._root)
+        self._tmp_files.open()
+        for name, target in (("fastsmtp-journal", self._flush_loop), ("fastsmtp-deliver", self._deliver_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=False)
+            thread.start()
+            self._threads.append(thread)
+
+    @property
+    def folder(self) -> str | None:
+        """This process's journal folder (None before start)."""
+        return self._folder.path if self._folder is not None else None
+
+    def open_spool(self, maildir: str) -> Spool:
+        name, queue_id = new_name(self._host)
+        return Spool(maildir, name, queue_id, self._spill_threshold)
+
+    def submit(self, spool: MessageSpool, maildirs: Sequence[str]) -> "asyncio.Future[str]":
+        """Queue the finished message for the next journal flush; the future resolves after it."""
+        if self._loop is None:
+            raise RuntimeError("JournalStore.submit() before start()")
+        if not maildirs:
+            raise ValueError("submit() needs at least one maildir")
+        if not isinstance(spool, Spool):
+            raise TypeError(f"not a spool of this store: {spool!r}")
+        if spool.submitted:
+            raise RuntimeError(f"spool {spool.queue_id} submitted twice")
+        fut: asyncio.Future[str] = self._loop.create_future()
+        if spool.failed is not None:
+            spool.discard()
+            fut.set_exception(_error(spool.queue_id, spool.failed))
+            self.stats["refused"] += 1
+            return fut
+        entry = _Entry(spool, list(dict.fromkeys(maildirs)), fut)
+        with self._cv:
+            if self._closing:
+                entry.cleanup()
+                fut.set_exception(StorageError(f"{spool.queue_id}: the journal is closed"))
+                self.stats["refused"] += 1
+                return fut
+            self._queue.append(entry)
+            self._cv.notify()
+        return fut
+
+    def close(self) -> None:
+        """Flush and deliver everything submitted, retire the journal, stop (blocking)."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
+        self._tmp_files.close()
+        if self._folder is not None:
+            with self._lock:
+                left = [s for s in self._segments if s.pending or not s.closed]
+            if left:
+                # Undelivered messages (a Maildir that kept failing): the
+                # folder stays for recovery at the next start.
+                log.error("journal %s kept: %d segment(s) hold undelivered messages", self._folder.path, len(left))
+                self._folder.release()
+            else:
+                self._folder.remove()
+
+    # -- the flusher thread ------------------------------------------------
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closing:
+                    if not self._cv.wait(self._idle_close):
+                        self._close_idle()
+                if not self._queue:
+                    break
+                batch = self._take()
+            try:
+                self._flush(batch)
+            except Exception as exc:  # a bug: fail the batch, keep the thread
+                log.exception("journal flusher: unexpected error, failing %d message(s)", len(batch))
+                self._fail_batch(batch, exc)
+        self._roll()  # the last segment is closed: the deliverer may retire it
+        with self._dcv:
+            self._flusher_done = True
+            self._dcv.notify()
+
+    def _take(self) -> list[_Entry]:
+        batch = [self._queue.popleft()]
+        nbytes = batch[0].spool.size
+        while self._queue and len(batch) < self._max_batch:
+            size = self._queue[0].spool.size
+            if nbytes + size > self._max_batch_bytes:
+                break
+            batch.append(self._queue.popleft())
+            nbytes += size
+        return batch
+
+    def _flush(self, batch: list[_Entry]) -> None:
+        started = time.perf_counter()
+        segment = self._active
+        if segment is None or segment.size >= self._segment_size:
+            self._roll()
+            assert self._folder is not None
+            segment = _Segment(*self._folder.new_segment())
+            with self._lock:
+                self._segments.append(segment)
+                self._active = segment
+        good = segment.size
+        try:
+            self._append(segment, batch)
+            assert segment.fd is not None
+            fdatasync(segment.fd)
+        except OSError as exc:
+            # Nothing of this batch is acknowledged.  Its octets may be in
+            # the segment, partly: cut them off and go on in a new segment,
+            # so the bad stretch is at most a torn tail.
+            log.error("journal: could not write %d message(s): %s", len(batch), exc)
+            self._fail_batch(batch, exc)
+            self._cut(segment, good)
+            return
+        flushed = time.monotonic()
+        with self._lock:
+            segment.pending += len(batch)
+            segment.touched = flushed
+        results: list[tuple[asyncio.Future[str], str | BaseException]] = []
+        for entry in batch:
+            entry.segment = segment
+            entry.flushed = flushed
+            entry.posted = True
+            results.append((entry.future, entry.stored))
+        self._post(results)
+        self._account(batch, time.perf_counter() - started, segment)
+        with self._dcv:
+            self._to_deliver.extend(batch)
+            self._dcv.notify()
+
+    def _append(self, segment: _Segment, batch: list[_Entry]) -> None:
+        """Write the batch's records at the end of ``segment``: one pwritev, unless a spilled file interrupts it."""
+        assert segment.fd is not None
+        fd = segment.fd
+        iov: list[bytes | bytearray] = []
+        offset = segment.size  # where iov starts
+        end = offset
+        for entry in batch:
+            targets = [MAILDIR + md for md in entry.maildirs]
+            entry.offset = end
+            if entry.fd is None:
+                head, length = encode(entry.spool.queue_id, entry.stored, targets, [*entry.prefix, entry.content])
+                iov += head
+                iov += entry.prefix
+                iov.append(entry.content)
+                end += length
+                continue
+            # Spilled: the content is in its tmp/ file (opened write-only).
+            assert entry.tmp is not None
+            src = os.open(entry.tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                size = os.fstat(src).st_size
+                head, length = encode(entry.spool.queue_id, entry.stored, targets, entry.prefix, (src, size))
+                iov += head
+                iov += entry.prefix
+                _pwritev_all(fd, iov, offset)
+                done = 0
+                at = end + length - size
+                while done < size:
+                    k = os.copy_file_range(src, fd, size - done, done, at + done)
+                    if k <= 0:
+                        raise OSError(errno.EIO, "copy into the journal made no progress")
+                    done += k
+            finally:
+                os.close(src)
+            iov = []
+            end += length
+            offset = end
+        if iov:
+            _pwritev_all(fd, iov, offset)
+        segment.size = end
+
+    def _cut(self, segment: _Segment, good: int) -> None:
+        """After a failed write: truncate what was not acknowledged, close the segment."""
+        segment.size = good
+        if segment.fd is not None:
+            try:
+                os.ftruncate(segment.fd, good)
+            except OSError:
+                pass  # a torn tail then: recovery drops it
+        self._roll()
+
+    def _roll(self) -> None:
+        """Close the active segment: no more appends; retired once all of it is delivered."""
+        segment = self._active
+        if segment is None:
+            return
+        with self._lock:
+            self._active = None
+            segment.closed = True
+        fd, segment.fd = segment.fd, None
+        if fd is not None:
+            close_quiet(fd)
+        if segment.size == 0:
+            with self._lock:
+                self._segments.remove(segment)
+            try:
+                os.unlink(segment.path)
+            except OSError:
+                pass
+        with self._dcv:
+            self._dcv.notify()  # something may be retirable now
+
+    def _close_idle(self) -> None:
+        segment = self._active
+        if segment is not None and segment.size and time.monotonic() - segment.touched >= self._idle_close:
+            self._roll()
+
+    def _fail_batch(self, batch: list[_Entry], exc: BaseException) -> None:
+        results: list[tuple[asyncio.Future[str], str | BaseException]] = []
+        for entry in batch:
+            if entry.posted:
+                continue
+            entry.posted = True
+            results.append((entry.future, _error(entry.spool.queue_id, exc)))
+            try:
+                entry.cleanup()
+            except Exception:
+                log.exception("journal: cleanup of %s failed", entry.spool.queue_id)
+        self.stats["failed"] += len(results)
+        self._post(results)
+
+    def _post(self, results: list[tuple["asyncio.Future[str]", "str | BaseException"]]) -> None:
+        if not results:
+            return
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(_resolve, results)
+        except RuntimeError:  # the loop is closed: nobody waits for these
+            pass
+
+    def _account(self, batch: list[_Entry], seconds: float, segment: _Segment) -> None:
+        st = self.stats
+        st["batches"] += 1
+        st["messages"] += len(batch)
+        st["max_batch"] = max(st["max_batch"], len(batch))
+        st["batch_sizes"][len(batch)] += 1
+        row = self._metrics
+        if row is not None:
+            row[counters.COMMIT_BATCHES] += 1
+            counters.observe(row, counters.BATCH_SIZE, len(batch))
+            counters.observe(row, counters.COMMIT_SECONDS, seconds)
+            with self._lock:
+                row[counters.JOURNAL_BYTES] = sum(s.size for s in self._segments)
+                row[counters.JOURNAL_SEGMENTS] = len(self._segments)
+                row[counters.DELIVERY_PENDING] = sum(s.pending for s in self._segments)
+
+    # -- the deliverer thread ----------------------------------------------
+
+    def _deliver_loop(self) -> None:
+        while True:
+            with self._dcv:
+                while not self._to_deliver and not self._retirable() and not self._flusher_done:
+                    self._dcv.wait(self._next_retry())
+                    if self._due_retries():
+                        break
+                work, self._to_deliver = self._to_deliver, []
+                last = self._flusher_done and not work
+            for entry in work:
+                self._deliver(entry)
+            self._retry_due()
+            if self._retirable():
+                self._checkpoint()
+            if last and not self._to_deliver:
+                self._finish_retries()
+                if self._retirable():
+                    self._checkpoint()
+                return
+
+    def _deliver(self, entry: _Entry) -> None:
+        try:
+            entry.write_out(self._tmp_files)
+            entry.link(self._tmp_files.proc_fd)
+            entry.close_fd()
+        except OSError as exc:
+            entry.cleanup()
+            self._delivery_failed(entry, exc)
+            return
+        self._delivered(entry)
+
+    def _delivered(self, entry: _Entry) -> None:
+        lag = time.monotonic() - entry.flushed
+        for md in entry.maildirs:
+            self._mark_dirty(md)
+        segment = entry.segment
+        assert segment is not None
+        with self._lock:
+            segment.pending -= 1
+        self.stats["delivered"] += 1
+        row = self._metrics
+        if row is not None:
+            row[counters.DELIVERED] += 1
+            counters.observe(row, counters.DELIVERY_LAG, lag)
+
+    def _mark_dirty(self, maildir: str) -> None:
+        dev = self._devices.get(maildir)
+        if dev is None:
+            try:
+                dev = os.stat(maildir).st_dev
+            except OSError:
+                return
+            if len(self._devices) >= 65536:
+                self._devices.clear()
+            self._devices[maildir] = dev
+        self._dirty.setdefault(dev, maildir)
+
+    def _delivery_failed(self, entry: _Entry, exc: OSError) -> None:
+        entry.attempts += 1
+        delay = min(300.0, 0.5 * 2 ** min(entry.attempts, 10))
+        entry.retry_at = time.monotonic() + delay
+        log.warning("%s: delivery into new/ failed (attempt %d), retrying in %.0f s: %s",
+                    entry.spool.queue_id, entry.attempts, delay, exc)
+        self._retries.append(entry)
+        self.stats["delivery_failures"] += 1
+        if self._metrics is not None:
+            self._metrics[counters.DELIVERY_FAILURES] += 1
+
+    def _next_retry(self) -> float | None:
+        if not self._retries:
+            return None
+        return max(0.0, min(e.retry_at for e in self._retries) - time.monotonic())
+
+    def _due_retries(self) -> bool:
+        now = time.monotonic()
+        return any(e.retry_at <= now for e in self._retries)
+
+    def _retry_due(self, everything: bool = False) -> None:
+        """Deliver again, from the record in the journal, what failed before."""
+        now = time.monotonic()
+        due = [e for e in self._retries if everything or e.retry_at <= now]
+        if not due:
+            return
+        self._retries = [e for e in self._retries if e not in due]
+        for entry in due:
+            self._redeliver(entry)
+
+    def _redeliver(self, entry: _Entry) -> None:
+        segment = entry.segment
+        assert segment is not None
+        try:
+            record = next(r for r in scan(read_segment(segment.path)).records if r.offset == entry.offset)
+            outcomes = [deliver_to_maildir(record.content, md, record.stored) for md in entry.maildirs]
+        except (OSError, StopIteration) as exc:
+            self._delivery_failed(entry, exc if isinstance(exc, OSError) else OSError(errno.EIO, "record not found"))
+            return
+        if "missing" in outcomes:
+            # The Maildir was removed after the message was accepted for it:
+            # keep the message for the operator rather than retry forever.
+            where = set_aside(self._root, record.stored, record.content)
+            log.error("%s: a recipient's Maildir is gone; message set aside in %s", entry.spool.queue_id, where)
+        self._delivered(entry)
+
+    def _finish_retries(self) -> None:
+        """At close: one last try of everything that failed; what still fails stays in the journal."""
+        self._retry_due(everything=True)
+
+    def _retirable(self) -> bool:
+        if time.monotonic() < self._checkpoint_after:
+            return False
+        with self._lock:
+            return any(s.closed and not s.pending for s in self._segments)
+
+    def _checkpoint(self) -> None:
+        """syncfs where files were delivered, then delete the segments all delivered before it."""
+        with self._lock:
+            done = [s for s in self._segments if s.closed and not s.pending]
+        dirty, self._dirty = self._dirty, {}
+        try:
+            for path in dirty.values():
+                syncfs(path)
+        except OSError as exc:
+            log.error("journal: syncfs failed, segments kept until the next checkpoint: %s", exc)
+            self._dirty.update(dirty)
+            self._checkpoint_after = time.monotonic() + 1.0
+            return
+        for segment in done:
+            try:
+                os.unlink(segment.path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.error("journal: could not remove %s: %s", segment.path, exc)
+                continue
+            with self._lock:
+                self._segments.remove(segment)
+        self.stats["checkpoints"] += 1
+        self.stats["retired"] += len(done)
+        if self._metrics is not None:
+            with self._lock:
+                self._metrics[counters.JOURNAL_BYTES] = sum(s.size for s in self._segments)
+                self._metrics[counters.JOURNAL_SEGMENTS] = len(self._segments)
+                self._metrics[counters.DELIVERY_PENDING] = sum(s.pending for s in self._segments)
+
+
+def _pwritev_all(fd: int, parts: list[bytes | bytearray], offset: int) -> None:
+    """pwritev everything at ``offset``: one call, or one per IOV_MAX buffers, plus any short write's rest."""
+    for i in range(0, len(parts), _IOV_MAX):
+        chunk = parts[i:i + _IOV_MAX]
+        total = sum(len(p) for p in chunk)
+        n = os.pwritev(fd, chunk, offset)
+        if n < total:
+            rest = b"".join(chunk)[n:]
+            view = memoryview(rest)
+            while view:
+                k = os.pwrite(fd, view, offset + n)
+                if k <= 0:
+                    raise OSError(errno.EIO, "write made no progress")
+                n += k
+                view = view[k:]
+        offset += total
+
+
+def _error(queue_id: str, exc: BaseException) -> StorageError:
+    err = StorageError(f"{queue_id}: could not store the message: {exc}")
+    err.__cause__ = exc
+    return err

@@ -1,0 +1,204 @@
+"""Recovery at start: every acknowledged message of a dead worker's journal into new/.
+
+Rules of this module:
+- It runs before the port opens (worker.py), over every journal folder
+  whose lock no live process holds (journal.py): those of workers that
+  died, by SIGKILL, a crash or a power cut.  A replacement worker recovers
+  its predecessor's folder before it listens; siblings serve meanwhile.
+- It is idempotent.  Each record names its file (``new/<stored>``), so a
+  message that is there already, byte for byte, is left alone; one that
+  is missing is written; one that is there but differs (a file linked into
+  new/ whose data never reached the disk before the power went) is
+  replaced.  A file the user already moved to ``cur/`` (``<stored>:2,…``)
+  counts as delivered.  A recovery that is itself killed is simply run
+  again by the next start: the segments are removed only once everything
+  they hold is flushed where it goes.
+- Every file it writes is made durable before the segments go: the file
+  is written under ``tmp/``, fsynced, renamed into place, and each new/
+  touched is fsynced.  Recovery is rare and small (a few segments), so it
+  takes the simple, exact path rather than the fast one.
+- Nothing is silently dropped.  A torn tail (a crash in the middle of an
+  append, never acknowledged) is dropped and logged.  Damage before the
+  last good record, and a message whose Maildir is gone, are set aside as
+  files under ``<journal root>/aside/`` for the operator, logged and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from .journal import MAILDIR, Record, fsync_dir, orphans, read_segment, scan, segments
+from .spool import FILE_MODE, OPEN_FLAGS, unlink_quiet, write_all
+
+__all__ = ["Recovered", "recover", "deliver_to_maildir", "set_aside"]
+
+log = logging.getLogger("fastsmtp.recovery")
+
+
+@dataclass
+class Recovered:
+    """What one recovery did."""
+
+    folders: int = 0
+    segments: int = 0
+    records: int = 0
+    replayed: int = 0  # files written into new/ (missing, or replaced)
+    present: int = 0  # files already there, byte for byte
+    set_aside: int = 0  # damaged stretches and undeliverable messages
+    torn: int = 0  # octets of torn tails dropped
+    failed: list[str] = field(default_factory=list)  # folders kept for the next start
+
+    def line(self) -> str:
+        return (f"journal recovery: {self.folders} folder(s), {self.segments} segment(s), {self.records} record(s): "
+                f"{self.replayed} replayed, {self.present} already in place, {self.set_aside} set aside, "
+                f"{self.torn} torn octet(s) dropped")
+
+
+def recover(root: str, mine: str | None = None) -> Recovered:
+    """Recover every orphaned journal folder under ``root`` (not ``mine``)."""
+    done = Recovered()
+    for folder, lock in orphans(root, mine):
+        try:
+            _recover_folder(root, folder, done)
+        except OSError as exc:
+            # Kept as it is: the next start tries again.  Serving meanwhile is
+            # right: new mail goes to a new folder.
+            log.error("journal recovery of %s failed, kept for the next start: %s", folder, exc)
+            done.failed.append(folder)
+        finally:
+            os.close(lock)
+    if done.folders:
+        log.warning(done.line()) if done.replayed or done.set_aside or done.torn else log.info(done.line())
+    return done
+
+
+def _recover_folder(root: str, folder: str, done: Recovered) -> None:
+    done.folders += 1
+    names = segments(folder)
+    touched: set[str] = set()
+    cur_index: dict[str, dict[str, str]] = {}
+    for name in names:
+        path = os.path.join(folder, name)
+        found = scan(read_segment(path))
+        done.segments += 1
+        for damage in found.damaged:
+            where = set_aside(root, f"{os.path.basename(folder)}-{name}-{damage.offset}.damaged", damage.data)
+            log.error("journal %s: %d damaged octet(s) at offset %d set aside in %s",
+                      path, len(damage.data), damage.offset, where)
+            done.set_aside += 1
+        if found.torn:
+            log.warning("journal %s: torn last record (%d octet(s), never acknowledged) dropped", path, found.torn)
+            done.torn += found.torn
+        for record in found.records:
+            done.records += 1
+            _replay(root, record, done, touched, cur_index)
+    for new_dir in touched:
+        fsync_dir(new_dir)
+    for name in names:
+        os.unlink(os.path.join(folder, name))
+    for leftover in os.listdir(folder):
+        unlink_quiet(os.path.join(folder, leftover))
+    os.rmdir(folder)
+
+
+def _replay(root: str, record: Record, done: Recovered, touched: set[str],
+            cur_index: dict[str, dict[str, str]]) -> None:
+    for target in record.targets:
+        if not target.startswith(MAILDIR):
+            where = set_aside(root, f"{record.stored}.unknown-target", record.content)
+            log.error("%s: unknown target %r, message set aside in %s", record.queue_id, target, where)
+            done.set_aside += 1
+            continue
+        maildir = target[len(MAILDIR):]
+        outcome = deliver_to_maildir(record.content, maildir, record.stored, cur_index)
+        if outcome == "missing":
+            where = set_aside(root, record.stored, record.content)
+            log.error("%s: Maildir %s is gone; message set aside in %s", record.queue_id, maildir, where)
+            done.set_aside += 1
+        elif outcome == "present":
+            done.present += 1
+        else:
+            done.replayed += 1
+            touched.add(os.path.join(maildir, "new" if outcome != "repaired-cur" else "cur"))
+
+
+def deliver_to_maildir(content: bytes, maildir: str, stored: str,
+                       cur_index: dict[str, dict[str, str]] | None = None) -> str:
+    """Make ``maildir/new/<stored>`` hold ``content``, durably; say what it took.
+
+    "present" (there already, byte for byte, in new/ or cur/), "written",
+    "repaired" / "repaired-cur" (there but different: replaced), or
+    "missing" (the Maildir is gone).  The new/ folder is not fsynced here:
+    the caller does that once per folder.  ``cur_index`` caches each
+    Maildir's cur/ listing across calls.
+    """
+    new_dir = os.path.join(maildir, "new")
+    if not os.path.isdir(new_dir):
+        return "missing"
+    path = os.path.join(new_dir, stored)
+    outcome = "written"
+    if _holds(path, content):
+        return "present"
+    if os.path.lexists(path):
+        outcome = "repaired"
+    else:
+        moved = _in_cur(maildir, stored, {} if cur_index is None else cur_index)
+        if moved is not None:
+            if _holds(moved, content):
+                return "present"
+            path, outcome = moved, "repaired-cur"
+    tmp = os.path.join(maildir, "tmp", f"{stored}.recovered")
+    unlink_quiet(tmp)
+    fd = os.open(tmp, OPEN_FLAGS, FILE_MODE)
+    try:
+        write_all(fd, content)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    return outcome
+
+
+def _holds(path: str, content: bytes) -> bool:
+    try:
+        if os.stat(path).st_size != len(content):
+            return False
+        with open(path, "rb") as f:
+            return f.read() == content
+    except OSError:
+        return False
+
+
+def _in_cur(maildir: str, stored: str, index: dict[str, dict[str, str]]) -> str | None:
+    """The cur/ file of a message read since its delivery (``<stored>:2,<flags>``)."""
+    names = index.get(maildir)
+    if names is None:
+        names = index[maildir] = {}
+        try:
+            with os.scandir(os.path.join(maildir, "cur")) as entries:
+                for entry in entries:
+                    names[entry.name.partition(":")[0]] = entry.path
+        except OSError:
+            pass
+    return names.get(stored)
+
+
+def set_aside(root: str, name: str, data: bytes) -> str:
+    """Keep ``data`` for the operator as ``<root>/aside/<name>`` (durably); its path."""
+    aside = os.path.join(root, "aside")
+    os.makedirs(aside, mode=0o700, exist_ok=True)
+    path = os.path.join(aside, name.replace("/", "_"))
+    base, n = path, 0
+    while os.path.lexists(path):
+        n += 1
+        path = f"{base}.{n}"
+    fd = os.open(path, OPEN_FLAGS, FILE_MODE)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(aside)
+    return path

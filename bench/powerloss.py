@@ -36,6 +36,9 @@ ones missing from some recipient's ``new/`` or not byte-exact there),
 short, empty, corrupt, unknown), and ``unacked`` (delivered without a 250
 read before T0: fine, the 250 was lost with the power).  A file's content is
 compared after the Return-Path and Received headers the server prepends.
+The same check on the clone before the restart (``before recovery:
+missing``, ``partial``) shows how much the recovery had to do: under
+``--fsync batch`` a message is in ``new/`` only a moment after its 250.
 
 Exit status: 0 when nothing was lost, duplicated or partial in any moment,
 1 when something was, 2 when the run proves nothing (no message was
@@ -277,6 +280,8 @@ class Moment:
     acked_after: int = 0  # 250 read after T0 (not required)
     refused: dict[str, int] = field(default_factory=dict)
     tmp_left: int = 0  # files left in tmp/ after the restart (informational)
+    missing_before: int = 0  # acked, not (byte-exact) in new/ on the clone before the restart
+    partial_before: int = 0  # partial files in new/ on the clone before the restart
     fsck: int = 0
     restart_exit: int | None = None
     errors: list[str] = field(default_factory=list)
@@ -288,7 +293,8 @@ class Moment:
         text = (f"moment {self.index:2d}  workers={self.workers} cut at {self.delay:4.2f}s "
                 f"(clone {self.snapshot_ms:5.1f} ms)  sent={self.sent:5d} acked={self.acked:5d} "
                 f"lost={self.lost} dup={self.dup} partial={self.partial} unacked={self.unacked} "
-                f"refused={refused} fsck={self.fsck} tmp_left={self.tmp_left}")
+                f"refused={refused} fsck={self.fsck} tmp_left={self.tmp_left}  "
+                f"before recovery: missing={self.missing_before} partial={self.partial_before}")
         if self.errors:
             text += "  ERRORS: " + "; ".join(self.errors)
         if self.examples:
@@ -393,6 +399,10 @@ def run_moment(work: Path, outer: Path, moment: Moment, args: argparse.Namespace
         if moment.fsck not in (0, 1):
             moment.errors.append(f"e2fsck exit {moment.fsck}")
         with loopfs.mounted(clone_img, mnt):
+            # What the disk held before recovery: shows what recovery had to do.
+            before = Moment(moment.index, moment.workers, moment.delay)
+            check(root, sent, t0, before)
+            moment.missing_before, moment.partial_before = before.lost, before.partial
             restart_log = work / f"server-{moment.index}-restart.log"
             server = Server(root, restart_log, args.fsync, moment.workers)
             try:
@@ -417,7 +427,7 @@ def run_moment(work: Path, outer: Path, moment: Moment, args: argparse.Namespace
 
 
 def summarize(moments: list[Moment]) -> dict[str, int]:
-    keys = ("sent", "acked", "lost", "dup", "partial", "unacked", "acked_after")
+    keys = ("sent", "acked", "lost", "dup", "partial", "unacked", "acked_after", "missing_before", "partial_before")
     return {k: sum(getattr(m, k) for m in moments) for k in keys} | {
         "moments": len(moments), "errors": sum(len(m.errors) for m in moments)}
 
@@ -488,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     code, text = verdict(totals, args.fsync)
     wall = time.monotonic() - started
     print(f"total: {totals['moments']} moments in {wall:.0f} s: sent={totals['sent']} acked={totals['acked']} "
-          f"lost={totals['lost']} dup={totals['dup']} partial={totals['partial']} unacked={totals['unacked']}")
+          f"lost={totals['lost']} dup={totals['dup']} partial={totals['partial']} unacked={totals['unacked']}; "
+          f"before recovery: missing={totals['missing_before']} partial={totals['partial_before']}")
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps({

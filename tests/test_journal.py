@@ -138,7 +138,7 @@ def test_recovery_delivers_what_is_missing_and_leaves_what_is_there(tmp_path: Pa
         record("Q1", f"1.x,S={len(there)}", [MAILDIR + str(alice)], there),
         record("Q2", f"2.x,S={len(missing)}", [MAILDIR + str(alice), MAILDIR + str(bob)], missing),
     ])
-    done = recover(str(jroot))
+    done = recover(str(jroot), str(tmp_path))
     assert (done.records, done.replayed, done.present, done.set_aside) == (2, 2, 1, 0)
     assert (alice / "new" / f"2.x,S={len(missing)}").read_bytes() == missing
     assert (bob / "new" / f"2.x,S={len(missing)}").read_bytes() == missing
@@ -157,7 +157,7 @@ def test_recovery_replaces_a_partial_file_and_respects_cur(tmp_path: Path) -> No
     jroot = tmp_path / "j"
     orphan(jroot, [record("Q1", partial.name, [MAILDIR + str(box)], content),
                    record("Q2", f"2.x,S={len(read)}", [MAILDIR + str(box)], read)])
-    done = recover(str(jroot))
+    done = recover(str(jroot), str(tmp_path))
     assert partial.read_bytes() == content
     assert (done.replayed, done.present) == (1, 1)
     assert os.listdir(box / "new") == [partial.name]  # nothing read came back to new/
@@ -169,10 +169,10 @@ def test_recovery_twice_changes_nothing(tmp_path: Path) -> None:
     recs = [record(f"Q{i}", f"{i}.x,S=4", [MAILDIR + str(box)], b"%04d" % i) for i in range(20)]
     folder = orphan(jroot, recs)
     saved = (folder / journal.segment_name(1)).read_bytes()
-    assert recover(str(jroot)).replayed == 20
+    assert recover(str(jroot), str(tmp_path)).replayed == 20
     # As if the first recovery died after delivering, before removing the segment.
     orphan(jroot, [saved])
-    second = recover(str(jroot))
+    second = recover(str(jroot), str(tmp_path))
     assert (second.replayed, second.present) == (0, 20)
     assert len(os.listdir(box / "new")) == 20
 
@@ -188,7 +188,7 @@ def test_recovery_sets_aside_damage_and_a_gone_maildir(tmp_path: Path) -> None:
         record("Q3", "3.x,S=4", [MAILDIR + str(tmp_path / "removed-user")], b"gone"),
         record("Q4", "4.x,S=4", [MAILDIR + str(box)], b"torn")[:-2],
     ])
-    done = recover(str(jroot))
+    done = recover(str(jroot), str(tmp_path))
     assert (done.replayed, done.set_aside) == (1, 2)
     assert done.torn > 0
     aside = sorted(os.listdir(jroot / "aside"))
@@ -198,13 +198,25 @@ def test_recovery_sets_aside_damage_and_a_gone_maildir(tmp_path: Path) -> None:
     assert os.listdir(box / "new") == ["1.x,S=4"]
 
 
+def test_recovery_follows_a_mail_root_that_moved(tmp_path: Path) -> None:
+    # Records name Maildirs relative to the mail root: a root restored under
+    # another mount point, with its journal, still gets every message.
+    moved = tmp_path / "restored"
+    box = make_maildir(moved, "example.com/alice")
+    jroot = moved / ".journal"
+    orphan(jroot, [record("Q1", "1.x,S=2", [MAILDIR + "example.com/alice"], b"hi")])
+    done = recover(str(jroot), str(moved))
+    assert (done.replayed, done.set_aside) == (1, 0)
+    assert (box / "new" / "1.x,S=2").read_bytes() == b"hi"
+
+
 def test_recovery_skips_the_folder_of_a_live_worker(tmp_path: Path) -> None:
     box = make_maildir(tmp_path, "box")
     jroot = tmp_path / "j"
     live = OwnFolder(str(jroot))  # held: its process is alive
     try:
         (Path(live.path) / journal.segment_name(1)).write_bytes(record("Q", "1.x,S=1", [MAILDIR + str(box)], b"x"))
-        assert recover(str(jroot)).folders == 0
+        assert recover(str(jroot), str(tmp_path)).folders == 0
         assert os.listdir(box / "new") == []
     finally:
         live.release()
@@ -216,7 +228,8 @@ def test_recovery_skips_the_folder_of_a_live_worker(tmp_path: Path) -> None:
 def run_store(tmp_path: Path, messages: list[tuple[list[Path], list[bytes]]], **kwargs: object
               ) -> tuple[list[str | BaseException], JournalStore]:
     """Submit each (maildirs, chunks) message to a fresh store; the results, after close()."""
-    store = JournalStore(hostname="mx.test", journal_dir=str(tmp_path / "journal"), **kwargs)  # type: ignore[arg-type]
+    store = JournalStore(hostname="mx.test", journal_dir=str(tmp_path / "journal"), mail_root=str(tmp_path),
+                         **kwargs)  # type: ignore[arg-type]
 
     async def main() -> list[str | BaseException]:
         store.start(asyncio.get_running_loop())
@@ -316,3 +329,14 @@ def test_checksums_cover_the_content(tmp_path: Path) -> None:
     assert struct.unpack_from("<I", head[0], 20)[0] == zlib.crc32(body)
     assert length == len(head[0]) + len(body)
     assert segments(str(tmp_path)) == []
+
+
+def test_a_folder_being_made_by_a_live_process_is_left_alone(tmp_path: Path) -> None:
+    # Between its mkdir and its lock, a sibling's new folder has no lock yet.
+    root = tmp_path / "j"
+    being_made = root / f".new-{os.getpid()}-99"
+    being_made.mkdir(parents=True)
+    dead = root / ".new-999999999-0"  # no such PID: a start that crashed
+    dead.mkdir()
+    recover(str(root), str(tmp_path))
+    assert being_made.exists() and not dead.exists()

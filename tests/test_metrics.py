@@ -106,6 +106,15 @@ def test_counters_match_what_was_sent(server_factory: Callable[..., RunningServe
     assert got["fastsmtp_commit_latency_seconds_count"] == got["fastsmtp_commit_batches_total"]
     assert 0 < got["fastsmtp_time_to_250_seconds_sum"] < 60
     assert got["fastsmtp_worker_restarts_total"] == 0
+    # The journal: every accepted message delivered from it, with its lag.
+    assert wait_for(lambda: scrape(srv)["fastsmtp_delivered_total"] == accepted)
+    got = scrape(srv)
+    assert got["fastsmtp_delivery_lag_seconds_count"] == accepted
+    assert got["fastsmtp_delivery_failures_total"] == 0
+    assert got["fastsmtp_journal_segments"] >= 1  # the active segment, not yet idle a second
+    assert got["fastsmtp_journal_bytes"] > accepted * len(BODY)
+    assert wait_for(lambda: scrape(srv)["fastsmtp_journal_segments"] == 0)  # idle, then retired
+    assert scrape(srv)["fastsmtp_delivery_pending"] == 0
     # Anything but GET /metrics is 404.
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(metrics_url(srv).replace("/metrics", "/"), timeout=10)

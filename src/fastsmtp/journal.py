@@ -13,7 +13,9 @@ Rules of this module:
   and the exact octets to store, trace headers included, so that recovery
   needs nothing but the record.
 - Targets are ``scheme:rest`` strings.  Today ``maildir:<path>``: the
-  message goes to ``<path>/new/<stored name>``.  Other schemes (LMTP) are
+  message goes to ``<path>/new/<stored name>``, the path being relative to
+  the mail root (absolute only for a Maildir outside it), so that a mail
+  root restored under another mount point still gets its journal.  Other schemes (LMTP) are
   further targets in the same record, with the same retirement rule.
 - Reading tells three outcomes apart (``scan``): records, a torn tail (a
   crash in the middle of an append: never acknowledged, since a 250 follows
@@ -310,6 +312,18 @@ def segment_seq(name: str) -> int:
     return int(name[:16], 16)
 
 
+def _alive(pid_text: str) -> bool:
+    try:
+        os.kill(int(pid_text), 0)
+    except ValueError:
+        return False
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def orphans(root: str, mine: str | None = None) -> Iterator[tuple[str, int]]:
     """(folder, lock fd) for each journal folder of ``root`` no live process holds."""
     try:
@@ -317,7 +331,13 @@ def orphans(root: str, mine: str | None = None) -> Iterator[tuple[str, int]]:
     except FileNotFoundError:
         return
     for name in names:
-        if not (name.startswith("w-") or name.startswith(".new-")):
+        if name.startswith(".new-"):
+            # Being made by a live process, which locks it next: taking its
+            # lock first would fail that process's start.  A dead one's is
+            # empty (its records go to w-*): recover (remove) it.
+            if _alive(name[len(".new-"):].partition("-")[0]):
+                continue
+        elif not name.startswith("w-"):
             continue
         path = os.path.join(root, name)
         if path == mine or not os.path.isdir(path):

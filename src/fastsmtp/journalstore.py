@@ -147,6 +147,7 @@ class JournalStore:
         *,
         hostname: str,
         journal_dir: str,
+        mail_root: str = "",
         spill_threshold: int = 256 * 1024,
         max_batch: int = 512,
         max_batch_bytes: int = 64 * 1024 * 1024,
@@ -159,6 +160,11 @@ class JournalStore:
             raise ValueError("max_batch, max_batch_bytes, segment_size must be positive, spill_threshold >= 0")
         self._host = encode_host(hostname)
         self._root = journal_dir
+        # Records name Maildirs relative to the mail root (journal.py), so a
+        # mail root restored elsewhere, or named by another relative path,
+        # still receives its journal.
+        self._mail_root = mail_root
+        self._under_root = mail_root.rstrip("/") + "/" if mail_root else None
         self._spill_threshold = spill_threshold
         self._max_batch = max_batch
         self._max_batch_bytes = max_batch_bytes
@@ -371,7 +377,7 @@ class JournalStore:
         offset = segment.size  # where iov starts
         end = offset
         for entry in batch:
-            targets = [MAILDIR + md for md in entry.maildirs]
+            targets = [MAILDIR + self._target(md) for md in entry.maildirs]
             entry.offset = end
             if entry.fd is None:
                 head, length = encode(segment.seq, entry.spool.queue_id, entry.stored, targets,
@@ -414,6 +420,12 @@ class JournalStore:
         if want_next:
             self._wake_retirer()  # it makes the next one, unless a retired segment becomes it
         return spare
+
+    def _target(self, maildir: str) -> str:
+        under = self._under_root
+        if under is not None and maildir.startswith(under):
+            return maildir[len(under):]
+        return maildir  # outside the mail root (not made by FolderRecipients): as it is
 
     def _cut(self, segment: _Segment, good: int) -> None:
         """After a failed write: truncate what was not acknowledged, close the segment."""

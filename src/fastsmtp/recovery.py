@@ -56,12 +56,12 @@ class Recovered:
                 f"{self.torn} torn octet(s) dropped")
 
 
-def recover(root: str, mine: str | None = None) -> Recovered:
-    """Recover every orphaned journal folder under ``root`` (not ``mine``)."""
+def recover(root: str, mail_root: str, mine: str | None = None) -> Recovered:
+    """Recover every orphaned journal folder under ``root`` (not ``mine``) into ``mail_root``."""
     done = Recovered()
     for folder, lock in orphans(root, mine):
         try:
-            _recover_folder(root, folder, done)
+            _recover_folder(root, mail_root, folder, done)
         except OSError as exc:
             # Kept as it is: the next start tries again.  Serving meanwhile is
             # right: new mail goes to a new folder.
@@ -74,7 +74,7 @@ def recover(root: str, mine: str | None = None) -> Recovered:
     return done
 
 
-def _recover_folder(root: str, folder: str, done: Recovered) -> None:
+def _recover_folder(root: str, mail_root: str, folder: str, done: Recovered) -> None:
     done.folders += 1
     names = segments(folder)
     touched: set[str] = set()
@@ -93,7 +93,7 @@ def _recover_folder(root: str, folder: str, done: Recovered) -> None:
             done.torn += found.torn
         for record in found.records:
             done.records += 1
-            _replay(root, record, done, touched, cur_index)
+            _replay(root, mail_root, record, done, touched, cur_index)
     for new_dir in touched:
         fsync_dir(new_dir)
     for name in names:
@@ -103,7 +103,7 @@ def _recover_folder(root: str, folder: str, done: Recovered) -> None:
     os.rmdir(folder)
 
 
-def _replay(root: str, record: Record, done: Recovered, touched: set[str],
+def _replay(root: str, mail_root: str, record: Record, done: Recovered, touched: set[str],
             cur_index: dict[str, dict[str, str]]) -> None:
     for target in record.targets:
         if not target.startswith(MAILDIR):
@@ -111,7 +111,7 @@ def _replay(root: str, record: Record, done: Recovered, touched: set[str],
             log.error("%s: unknown target %r, message set aside in %s", record.queue_id, target, where)
             done.set_aside += 1
             continue
-        maildir = target[len(MAILDIR):]
+        maildir = os.path.join(mail_root, target[len(MAILDIR):])  # relative to the mail root, or absolute
         outcome = deliver_to_maildir(record.content, maildir, record.stored, cur_index)
         if outcome == "missing":
             where = set_aside(root, record.stored, record.content)

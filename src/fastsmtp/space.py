@@ -74,13 +74,21 @@ def _available(path: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def _existing(path: str) -> str:
+    """``path``, or the nearest folder above it that exists (a journal folder not made yet)."""
+    # No abspath: it asks for the working directory, which may be gone.
+    while path and not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path or "."
+
+
 def _one_per_file_system(paths: Sequence[str]) -> list[str]:
     """The paths, one per device (the mail root and the journal usually share one)."""
     seen: dict[int, str] = {}
-    for path in paths:
+    for path in map(_existing, paths):
         try:
             dev = os.stat(path).st_dev
         except OSError:
-            dev = -len(seen) - 1  # not there yet: ask it by path anyway
+            dev = -len(seen) - 1  # cannot be asked: counts as full (left() says 0)
         seen.setdefault(dev, path)
     return list(seen.values())

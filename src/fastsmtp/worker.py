@@ -225,13 +225,13 @@ def open_store(config: Config, metrics: memoryview | None = None) -> Store:
         return MaildirWriter(
             hostname=config.hostname, fsync=config.fsync, spill_threshold=config.spill_threshold, metrics=metrics
         )
-    done = recover(config.journal_dir)
+    done = recover(config.journal_dir, config.mail_root)
     if metrics is not None:
         metrics[RECOVERED] += done.replayed
         metrics[SET_ASIDE] += done.set_aside
     return JournalStore(
-        hostname=config.hostname, journal_dir=config.journal_dir, spill_threshold=config.spill_threshold,
-        metrics=metrics,
+        hostname=config.hostname, journal_dir=config.journal_dir, mail_root=config.mail_root,
+        spill_threshold=config.spill_threshold, metrics=metrics,
     )
 
 

@@ -70,6 +70,9 @@ log = logging.getLogger("fastsmtp.journal")
 
 # Linux limits one writev to IOV_MAX (1024) buffers.
 _IOV_MAX = 1024
+# Octets written into a new (growing) segment after which a spare is made:
+# the load is steady then.
+_WARM = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -103,11 +106,13 @@ def syncfs(path: str) -> None:
 class _Segment:
     """One segment file and what in it is not yet delivered."""
 
-    __slots__ = ("seq", "path", "fd", "size", "pending", "closed", "touched")
+    __slots__ = ("seq", "path", "fd", "size", "pending", "closed", "touched", "growing")
 
-    def __init__(self, seq: int, fd: int, path: str) -> None:
+    def __init__(self, seq: int, fd: int, path: str, growing: bool) -> None:
         self.seq = seq
         self.path = path
+        # A new file, not a spare: each flush also writes its new size.
+        self.growing = growing
         self.fd: int | None = fd
         self.size = 0
         self.pending = 0  # messages flushed into it and not yet in every new/
@@ -326,15 +331,16 @@ class JournalStore:
     def _flush(self, batch: list[_Entry]) -> None:
         started = time.perf_counter()
         segment = self._active
-        if segment is None or segment.size >= self._segment_size:
-            # A full segment says the load is steady: have a spare ready for
-            # the next one.  (One closed for idleness does not: a quiet
-            # server never writes segments of zeros.)
-            full = segment is not None
+        if segment is None or segment.size >= self._segment_size or (segment.growing and self._spares):
+            # Steady load (a segment filled up) wants a spare ready for the
+            # next segment; a growing segment moves to a spare as soon as
+            # one is ready: an fdatasync in a file whose size changes
+            # writes the inode too, and on ext4 commits its journal, which
+            # also flushes every Maildir file written since (bench/RESULTS.md).
             self._roll()
             assert self._folder is not None
-            spare = self._take_spare(want_next=full)
-            segment = _Segment(*self._folder.new_segment(spare))
+            spare = self._take_spare(want_next=segment is not None)
+            segment = _Segment(*self._folder.new_segment(spare), growing=spare is None)
             self.stats["reused"] += spare is not None
             with self._lock:
                 self._segments.append(segment)
@@ -356,6 +362,13 @@ class JournalStore:
         with self._lock:
             segment.pending += len(batch)
             segment.touched = flushed
+            # A quiet server never writes segments of zeros; one that has
+            # written a MiB since it started is under load.
+            warm = segment.growing and segment.size >= _WARM and not self._spare_wanted
+            if warm:
+                self._spare_wanted = True
+        if warm:
+            self._wake_retirer()
         for entry in batch:
             entry.segment = segment
             entry.flushed = flushed

@@ -201,9 +201,10 @@ def journal_problems(calls: list[Call], new: str, queue_id: str) -> list[str]:
     """What is out of order in the journaled commit (``--fsync batch``) of the message stored as ``new``.
 
     Empty when its record was written into a journal segment, that segment
-    was fdatasync'ed (and its folder fsync'ed, once, when the segment was
-    made) before the 250 was written, and the file was linked into new/
-    only after the flush: delivery never shows what the journal does not hold.
+    was flushed (fdatasync, or the write's own RWF_DSYNC) and its folder
+    fsync'ed (once, when the segment was made) before the 250 was written,
+    and the file was linked into new/ only after the flush: delivery never
+    shows what the journal does not hold.
     """
     appends = [c for c in calls if c.name in _APPENDS and (c.fd_path or "").endswith(".seg") and queue_id in c.args]
     replies = [c for c in calls if c.name in _WRITES and f"250 2.0.0 Ok: queued as {queue_id}" in c.args]
@@ -215,8 +216,11 @@ def journal_problems(calls: list[Call], new: str, queue_id: str) -> list[str]:
     segment = append.fd_path
     assert segment is not None
     problems = []
-    flushes = [c for c in calls if c.name == "fdatasync" and c.ret == 0 and c.fd_path == segment
-               and c.start > append.end]
+    # The flush: the write itself when it carries RWF_DSYNC (pwritev2), else
+    # an fdatasync of the segment after it.
+    flushes = [append] if "RWF_DSYNC" in append.args else [
+        c for c in calls if c.name == "fdatasync" and c.ret == 0 and c.fd_path == segment and c.start > append.end
+    ]
     if not flushes:
         problems.append("no fdatasync of the segment after the record was written")
     elif flushes[0].end > reply.start:
@@ -254,6 +258,12 @@ def test_the_journal_checker_accepts_the_right_order_and_sees_each_wrong_one() -
     assert "the 250 was written before the fdatasync of the journal finished" in check(_swap(_GOOD_JOURNAL, 5, 6))
     assert "the file was linked into new/ before the journal was flushed" in check(_swap(_GOOD_JOURNAL, 5, 7))
     assert any("folder" in p for p in check(_GOOD_JOURNAL.replace("fsync(10)", "fsync(11)")))
+    # A write that is its own flush (pwritev2 with RWF_DSYNC) needs no fdatasync after it.
+    dsync = _GOOD_JOURNAL.replace("pwritev(9, ", "pwritev2(9, ").replace("2, 0) = 60", "2, 0, RWF_DSYNC) = 60")
+    dsync = dsync.replace("7 10:00:00.000006 fdatasync(9) = 0\n", "")
+    assert check(dsync) == []
+    assert "no fdatasync of the segment after the record was written" in check(
+        _GOOD_JOURNAL.replace("7 10:00:00.000006 fdatasync(9) = 0\n", ""))
 
 
 

@@ -288,11 +288,11 @@ def test_a_failed_journal_write_is_451_and_nothing_of_it_stays(tmp_path: Path, m
     real = os.pwritev
     calls = {"n": 0}
 
-    def failing(fd: int, buffers: list[bytes], offset: int) -> int:
+    def failing(fd: int, buffers: list[bytes], offset: int, *flags: int) -> int:
         calls["n"] += 1
         if calls["n"] == 1:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, buffers, offset)
+        return real(fd, buffers, offset, *flags)
 
     monkeypatch.setattr(os, "pwritev", failing)
     results, _ = run_store(tmp_path, [([box], [b"first\r\n"])])

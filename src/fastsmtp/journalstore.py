@@ -23,8 +23,10 @@ Rules of this module:
   a thread: ``_flushed``.
 - Retirement.  A segment is closed when it reaches ``segment_size`` (or
   has been idle a second); once every message in a closed segment is in
-  ``new/``, one ``syncfs(2)`` per file system makes those files durable
-  and the segment is deleted.  syncfs was ruled out for the 250 because
+  ``new/``, one ``syncfs(2)`` per file system delivered to makes those
+  files durable and the segment is retired: kept as the spare for a later
+  segment (an overwrite needs no new blocks, so its flushes write data
+  only), or deleted.  syncfs was ruled out for the 250 because
   its latency belongs to everybody's dirty data (maildir.py); here nothing
   waits for it, and it is one call for thousands of files where per-file
   flushes would be thousands of calls.  Its error is the file system's,
@@ -38,8 +40,10 @@ Rules of this module:
   memory.
 - Threads: the loop queues, answers and delivers; the flusher owns the
   active segment; the retirer makes delivered files durable, retires
-  segments and retries failed deliveries.  The segment list and the counts
-  on it are shared under one lock.
+  segments, prepares spares and retries failed deliveries.  The segment
+  list and the spares are shared under one lock; per batch no lock is
+  taken beyond the queue's: each count on a segment has a single writer
+  (flushed: the flusher; delivered: the loop; redelivered: the retirer).
 """
 
 from __future__ import annotations
@@ -91,24 +95,20 @@ def _load_syncfs() -> Any:
 _syncfs = _load_syncfs()
 
 
-def syncfs(path: str) -> None:
-    """Flush the file system holding ``path`` (syncfs(2); sync(2) where there is none)."""
+def syncfs(fd: int) -> None:
+    """Flush the file system that ``fd`` is on (syncfs(2); sync(2) where there is none)."""
     if _syncfs is None:
         os.sync()
         return
-    fd = os.open(path, _DIR_FLAGS)
-    try:
-        if _syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
-    finally:
-        os.close(fd)
+    if _syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 class _Segment:
     """One segment file and what in it is not yet delivered."""
 
-    __slots__ = ("seq", "path", "fd", "size", "pending", "closed", "touched", "growing")
+    __slots__ = ("seq", "path", "fd", "size", "flushed", "delivered", "redelivered", "closed", "touched", "growing")
 
     def __init__(self, seq: int, fd: int, path: str, growing: bool) -> None:
         self.seq = seq
@@ -117,9 +117,20 @@ class _Segment:
         self.growing = growing
         self.fd: int | None = fd
         self.size = 0
-        self.pending = 0  # messages flushed into it and not yet in every new/
+        # Messages flushed into it, delivered by the loop, delivered again by
+        # the retirer: each count has one writer (the flusher, the loop, the
+        # retirer), so no lock is taken per batch; ``pending`` is read from them.
+        self.flushed = 0
+        self.delivered = 0
+        self.redelivered = 0
         self.closed = False
         self.touched = time.monotonic()
+
+
+    @property
+    def pending(self) -> int:
+        """Messages flushed into it and not yet in every new/."""
+        return self.flushed - self.delivered - self.redelivered
 
 
 class _Entry(Delivery):
@@ -187,17 +198,19 @@ class JournalStore:
         self._rcv = threading.Condition()
         self._retries: list[_Entry] = []
         self._retirer_stop = False
-        # Batches flushed and not yet delivered by the loop (close() waits for 0).
-        self._undelivered = 0
+        # Batches handed to the loop (the flusher counts) and delivered by
+        # it (the loop counts): close() waits until they are equal.
+        self._handed = 0
+        self._delivered_batches = 0
         self._closing = False
         self._threads: list[threading.Thread] = []
         # Under _lock: every unretired segment, the active one last.
         self._lock = threading.Lock()
         self._segments: list[_Segment] = []
         self._active: _Segment | None = None
-        # Maildir -> the path syncfs is called on for its file system, of
-        # files delivered since the last checkpoint.
-        self._dirty: dict[int, str] = {}
+        # The file systems delivered to (device -> an open folder on it, for
+        # syncfs), and each Maildir's device.
+        self._file_systems: dict[int, int] = {}
         self._devices: dict[str, int] = {}
         # After a failed checkpoint, none before this (monotonic) time.
         self._checkpoint_after = 0.0
@@ -274,14 +287,17 @@ class JournalStore:
             # The loop delivers what the flusher handed it; then the retirer
             # makes it durable and retires the segments.
             deadline = time.monotonic() + 30.0
-            while self._undelivered and time.monotonic() < deadline:
+            while self._handed != self._delivered_batches and time.monotonic() < deadline:
                 self._rcv.wait(0.05)
             self._retirer_stop = True
-            self._rcv.notify()
+            self._rcv.notify_all()
         if retirer is not None:
             retirer.join()
         self._threads = []
         self._close_tmp_files()
+        for fd in self._file_systems.values():
+            close_quiet(fd)
+        self._file_systems = {}
         if self._folder is not None:
             with self._lock:
                 left = [s for s in self._segments if s.pending or not s.closed]
@@ -361,23 +377,20 @@ class JournalStore:
             self._cut(segment, good)
             return
         flushed = time.monotonic()
-        with self._lock:
-            segment.pending += len(batch)
-            segment.touched = flushed
-            # A quiet server never writes segments of zeros; one that has
-            # written a MiB since it started is under load.
-            warm = segment.growing and segment.size >= _WARM and not self._spare_wanted
-            if warm:
-                self._spare_wanted = True
-        if warm:
+        segment.flushed += len(batch)
+        segment.touched = flushed
+        # A quiet server never writes segments of zeros; one that has written
+        # a MiB since it started is under load.  (Only this thread writes
+        # _spare_wanted.)
+        if segment.growing and segment.size >= _WARM and not self._spare_wanted:
+            self._spare_wanted = True
             self._wake_retirer()
         for entry in batch:
             entry.segment = segment
             entry.flushed = flushed
             entry.posted = True
         self._account(batch, time.perf_counter() - started)
-        with self._rcv:
-            self._undelivered += 1
+        self._handed += 1
         try:
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._flushed, batch)
@@ -578,13 +591,14 @@ class JournalStore:
                 lags.append(time.monotonic() - entry.flushed)
         delivered = len(batch) - len(failed)
         missed = {id(entry) for entry, _ in failed}
-        with self._lock:
-            for entry in batch:
-                if id(entry) not in missed:
-                    assert entry.segment is not None
-                    entry.segment.pending -= 1
-                    for md in entry.maildirs:
-                        self._mark_dirty(md)
+        for entry in batch:
+            if id(entry) not in missed:
+                for md in entry.maildirs:
+                    self._note_file_system(md)
+                # After the marks: a checkpoint that sees this count sees them.
+                assert entry.segment is not None
+                entry.segment.delivered += 1
+        self._delivered_batches += 1
         self.stats["delivered"] += delivered
         row = self._metrics
         if row is not None:
@@ -592,24 +606,39 @@ class JournalStore:
             row[counters.DELIVERY_FAILURES] += len(failed)
             for lag in lags:
                 counters.observe(row, counters.DELIVERY_LAG, lag)
-        with self._rcv:
-            self._undelivered -= 1
-            for entry, error in failed:
-                self._schedule_retry(entry, error)
-            self._rcv.notify()
+        if failed or self._closing:
+            with self._rcv:
+                for entry, error in failed:
+                    self._schedule_retry(entry, error)
+                # Wake the retirer (and close(), waiting for the last
+                # delivery) only for work: a wake-up per batch would cost a
+                # context switch per batch.
+                self._rcv.notify_all()
 
-    def _mark_dirty(self, maildir: str) -> None:
-        """Under _lock: remember the file system of a Maildir delivered to (for its syncfs)."""
+    def _note_file_system(self, maildir: str) -> None:
+        """On the loop: make sure the file system of a Maildir delivered to is in the checkpoints.
+
+        One open directory fd per file system, kept (a syncfs through it
+        flushes its file system even if that folder is removed later).  No
+        lock: only the loop adds to ``_file_systems``, and the retirer
+        copies it, which is atomic under the GIL.
+        """
         dev = self._devices.get(maildir)
         if dev is None:
             try:
                 dev = os.stat(maildir).st_dev
             except OSError:
-                return
+                return  # gone: its delivery failed, and is retried from the journal
             if len(self._devices) >= 65536:
                 self._devices.clear()
             self._devices[maildir] = dev
-        self._dirty.setdefault(dev, maildir)
+        if dev not in self._file_systems:
+            try:
+                fd = os.open(maildir, _DIR_FLAGS)
+            except OSError:
+                return
+            if self._file_systems.setdefault(dev, fd) != fd:
+                os.close(fd)
 
     # -- the retirer thread: checkpoints and retries --------------------------
 
@@ -625,7 +654,7 @@ class JournalStore:
 
     def _wake_retirer(self) -> None:
         with self._rcv:
-            self._rcv.notify()
+            self._rcv.notify_all()
 
     def _retire_loop(self) -> None:
         while True:
@@ -675,8 +704,7 @@ class JournalStore:
             with self._rcv:
                 self._schedule_retry(entry, exc if isinstance(exc, OSError) else OSError(errno.EIO, "no record"))
             return
-        with self._lock:
-            segment.pending -= 1  # deliver_to_maildir made it durable itself
+        segment.redelivered += 1  # deliver_to_maildir made it durable itself (only this thread counts these)
 
     def _recycle(self, path: str) -> None:
         """A retired segment's file: the next spare if none is waiting (and it is full size), else deleted."""
@@ -726,15 +754,12 @@ class JournalStore:
         """syncfs where files were delivered, then delete the segments all delivered before it."""
         with self._lock:
             done = [s for s in self._segments if s.closed and not s.pending]
-            dirty, self._dirty = self._dirty, {}
+        # After ``done``: every file system its messages went to is in here.
         try:
-            for path in dirty.values():
-                syncfs(path)
+            for fd in list(self._file_systems.values()):
+                syncfs(fd)
         except OSError as exc:
             log.error("journal: syncfs failed, segments kept until the next checkpoint: %s", exc)
-            with self._lock:
-                for dev, path in dirty.items():
-                    self._dirty.setdefault(dev, path)
             self._checkpoint_after = time.monotonic() + 1.0
             return
         for segment in done:

@@ -1,8 +1,9 @@
 """A fake transport and an in-process connection, for the protocol's own tests.
 
 The connection under test is the real ``SMTPProtocol`` with the real
-session, stages and Maildir store on a temporary mail root; only the socket
-is replaced, so that the test can count writes and pauses exactly.
+session, stages and store on a temporary mail root (the Maildir writer of
+``--fsync off`` unless a test asks for another mode); only the socket is
+replaced, so that the test can count writes and pauses exactly.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ try:
 except ImportError:  # before the glue was split (bench/bench_glue.py measures both)
     from fastsmtp.server import SMTPProtocol  # type: ignore[attr-defined,no-redef]
 
-__all__ = ["FakeTransport", "Connection", "make_server"]
+__all__ = ["FakeTransport", "Connection", "make_server", "open_store"]
 
 HOSTNAME = "mx.test.example"
 
@@ -84,9 +85,23 @@ def make_server(mail_root: Path, **settings: Any) -> Server:
     )
     values.update(settings)
     config = Config(**values).validate()
-    store = MaildirWriter(hostname=config.hostname, fsync=config.fsync)
+    store = open_store(config)
     store.start(asyncio.get_running_loop())
     return Server(config, store)
+
+
+def open_store(config: Config) -> Any:
+    """The store worker.open_store() builds for ``config.fsync``.
+
+    "always" and "off" build the Maildir writer here, as older trees do too
+    (bench/bench_glue.py runs this module against them); "batch" is the
+    journal under ``config.journal_dir``, recovered first as a worker does.
+    """
+    if config.fsync == "batch":
+        from fastsmtp.worker import open_store as worker_store
+
+        return worker_store(config)
+    return MaildirWriter(hostname=config.hostname, fsync=config.fsync, spill_threshold=config.spill_threshold)
 
 
 class Connection:

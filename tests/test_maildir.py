@@ -1,11 +1,14 @@
-"""MaildirWriter: durable delivery, group commit, system-call order, faults.
+"""MaildirWriter ("always" and "off"): durable delivery, system-call order, faults.
 
 Every test runs a real event loop (asyncio.run) and real maildirs under
 tmp_path.  Faults are injected by wrapping functions of the ``os`` module,
-which maildir.py looks up at call time.  To put several messages into one
-batch deterministically, a test holds the writer's condition (an RLock, so
-``submit`` may still take it) while it submits: the committer cannot take
-anything until all of them are queued.
+which maildir.py looks up at call time.  To have several messages waiting
+together deterministically, a test holds the writer's condition (an RLock,
+so ``submit`` may still take it) while it submits: with "always" the
+committer cannot take anything until all of them are queued, and must still
+commit them one at a time.  With "off", whatever is submitted in one loop
+iteration is committed together on the loop, so submitting without an
+``await`` in between makes one such commit.
 """
 
 from __future__ import annotations
@@ -79,8 +82,8 @@ def submit(writer: MaildirWriter, maildirs: Sequence[str], data: bytes = MSG) ->
 
 
 @contextlib.contextmanager
-def one_batch(writer: MaildirWriter) -> Iterator[None]:
-    """Everything submitted inside is committed as one batch."""
+def queued_together(writer: MaildirWriter) -> Iterator[None]:
+    """Everything submitted inside waits in the queue until the block ends."""
     with writer._cv:
         yield
 
@@ -136,8 +139,9 @@ def test_recipient_named_twice_is_stored_once(tmp_path: Path) -> None:
     assert os.stat(os.path.join(md, "new", stored)).st_nlink == 1
 
 
+@pytest.mark.parametrize("mode", FSYNC_MODES)
 @pytest.mark.parametrize("loop", LOOPS)
-def test_100_concurrent_submits_are_group_committed(tmp_path: Path, loop: str) -> None:
+def test_100_concurrent_submits_all_land(tmp_path: Path, loop: str, mode: str) -> None:
     mds = [make_maildir(tmp_path, f"u{i}") for i in range(10)]
 
     async def go(w: MaildirWriter) -> tuple[list[str], dict]:
@@ -146,56 +150,46 @@ def test_100_concurrent_submits_are_group_committed(tmp_path: Path, loop: str) -
 
         return await asyncio.gather(*(one(i) for i in range(100))), w.stats
 
-    names, stats = run(go, loop=loop)
+    names, stats = run(go, loop=loop, fsync=mode)
     assert len(set(names)) == 100
     assert sum(len(ls(md, "new")) for md in mds) == 100
     assert stats["messages"] == 100 and stats["failed"] == 0
-    assert stats["max_batch"] > 1 and stats["batches"] < 100
     assert sum(n * c for n, c in stats["batch_sizes"].items()) == 100
     assert sum(stats["batch_sizes"].values()) == stats["batches"]
+    if mode == "always":  # one commit, with its flushes, per message
+        assert stats["batch_sizes"] == {1: 100}
+    else:  # the tasks that submit in one loop iteration share its commit
+        assert stats["max_batch"] > 1 and stats["batches"] < 100
 
 
-def test_batch_is_capped_by_count_and_bytes(tmp_path: Path) -> None:
-    md = make_maildir(tmp_path)
-
-    async def go(w: MaildirWriter) -> dict:
-        with one_batch(w):
-            futs = [submit(w, [md], MSG * 10)[1] for _ in range(10)]
-        await settle(futs)
-        return w.stats
-
-    assert max(run(go, max_batch=4)["batch_sizes"]) == 4
-    # Three messages fit the byte cap; a message bigger than it goes alone.
-    assert max(run(go, max_batch_bytes=len(MSG) * 30)["batch_sizes"]) == 3
-    assert max(run(go, max_batch_bytes=1)["batch_sizes"]) == 1
-
-
-def test_cancelled_future_still_commits(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", FSYNC_MODES)
+def test_cancelled_future_still_commits(tmp_path: Path, mode: str) -> None:
     md = make_maildir(tmp_path)
 
     async def go(w: MaildirWriter) -> None:
-        with one_batch(w):
+        with queued_together(w):
             _, lost = submit(w, [md])
             lost.cancel()  # the client went away; the message still commits
             _, fut = submit(w, [md])
         await fut
 
-    run(go)
+    run(go, fsync=mode)
     assert len(ls(md, "new")) == 2
 
 
-def test_close_commits_what_is_queued(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", FSYNC_MODES)
+def test_close_commits_what_is_queued(tmp_path: Path, mode: str) -> None:
     md = make_maildir(tmp_path)
 
     async def go(w: MaildirWriter) -> tuple[list[Any], Any]:
-        with one_batch(w):
+        with queued_together(w):
             futs = [submit(w, [md], MSG + bytes([65 + i]))[1] for i in range(20)]
         w.close()  # blocking: everything queued is committed before it returns
         assert len(ls(md, "new")) == 20
         late = submit(w, [md])[1]
         return await settle(futs), await settle([late])
 
-    results, (late,) = run(go)
+    results, (late,) = run(go, fsync=mode)
     assert all(isinstance(r, str) for r in results)
     assert isinstance(late, StorageError)
     assert len(ls(md, "new")) == 20 and ls(md, "tmp") == []
@@ -234,10 +228,18 @@ def test_fsync_off_never_syncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError):
         MaildirWriter(hostname=HOST, fsync="sometimes")
+    with pytest.raises(ValueError):
+        MaildirWriter(hostname=HOST, spill_threshold=-1)
     w = MaildirWriter(hostname=HOST)
     with pytest.raises(RuntimeError):
         w.submit(w.open_spool("/nonexistent"), ["/nonexistent"])
     w.close()  # never started: nothing to join
+
+
+def test_batch_is_the_journal_not_this_writer() -> None:
+    assert FSYNC_MODES == ("always", "off")
+    with pytest.raises(ValueError, match="JournalStore"):
+        MaildirWriter(hostname=HOST, fsync="batch")
 
 
 # -- system-call order -----------------------------------------------------
@@ -281,54 +283,35 @@ class Recorder:
         return self.events.index((call, path))
 
 
-def test_batch_mode_order_write_flush_link_dirsync_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("writer_kw", [{}, {"fsync": "always"}], ids=["default", "always"])
+def test_always_mode_commits_each_message_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer_kw: dict[str, str]
+) -> None:
+    # Queued together, committed one by one in order: write, fsync(file),
+    # link, fsync(new/), resolve; the next message only after that fsync.
     mds = [make_maildir(tmp_path, u) for u in ("alice", "bob")]
     rec = Recorder(monkeypatch)
 
     async def go(w: MaildirWriter) -> list[tuple[Spool, str]]:
-        with one_batch(w):
+        with queued_together(w):
             pairs = [submit(w, [mds[i % 2]], MSG + bytes([65 + i])) for i in range(4)]
         for _, fut in pairs:
             fut.add_done_callback(lambda f: rec.events.append(("resolved", f.result())))
         return [(s, await f) for s, f in pairs]
 
-    done = run(go)
-    last_data_flush = 0
-    for (spool, stored), md in zip(done, [mds[0], mds[1], mds[0], mds[1]]):
-        tmp = os.path.join(md, "tmp", spool.name)
-        new = os.path.join(md, "new")
-        write = rec.index("write", tmp)
-        flush = rec.index("fdatasync returned", tmp)
-        link = rec.index("link", os.path.join(new, stored))
-        dirsync = rec.index("fsync returned", new)
-        resolved = rec.index("resolved", stored)
-        assert write < flush < link < dirsync < resolved
-        last_data_flush = max(last_data_flush, flush)
-    # Group commit: every file is flushed before the first link is made, and
-    # each new/ is fsync'ed once per batch.
-    first_link = min(i for i, (call, _) in enumerate(rec.events) if call == "link")
-    assert last_data_flush < first_link
-    dir_syncs = [p for call, p in rec.events if call == "fsync returned"]
-    assert sorted(dir_syncs) == sorted(os.path.join(md, "new") for md in mds)
-
-
-def test_always_mode_commits_each_message_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    md = make_maildir(tmp_path)
-    rec = Recorder(monkeypatch)
-
-    async def go(w: MaildirWriter) -> list[tuple[Spool, str]]:
-        with one_batch(w):
-            pairs = [submit(w, [md], MSG + bytes([65 + i])) for i in range(3)]
-        return [(s, await f) for s, f in pairs]
-
-    done = run(go, fsync="always")
-    new = os.path.join(md, "new")
+    done = run(go, **writer_kw)
+    # The committer thread goes on while the loop resolves: resolutions are
+    # checked apart from the system calls.
     calls = [c for c in rec.events if c[0] != "resolved"]
     expected = []
-    for spool, stored in done:
-        tmp = os.path.join(md, "tmp", spool.name)
+    for (spool, stored), md in zip(done, [mds[0], mds[1], mds[0], mds[1]]):
+        tmp, new = os.path.join(md, "tmp", spool.name), os.path.join(md, "new")
         expected += [("write", tmp), ("fsync returned", tmp), ("link", os.path.join(new, stored)), ("fsync returned", new)]
+        link = rec.index("link", os.path.join(new, stored))
+        dirsync = rec.events.index(("fsync returned", new), link)  # this message's own fsync of new/
+        assert dirsync < rec.index("resolved", stored)
     assert calls == expected
+    assert not any(call.startswith("fdatasync") for call, _ in rec.events)
 
 
 # -- large messages --------------------------------------------------------
@@ -394,9 +377,16 @@ def test_short_writes_are_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 # -- faults ----------------------------------------------------------------
+#
+# Each fault hits one message (the victim) submitted between two others.
+# With "always" the three wait in the queue together and are committed one
+# by one; with "off" they are submitted in one loop iteration and committed
+# together on the loop.  Either way the victim fails alone.
+
+each_mode = pytest.mark.parametrize("mode", FSYNC_MODES)
 
 
-def fault_batch(
+def fault_trio(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     patch: Callable[[str, list[str]], None],
@@ -406,8 +396,8 @@ def fault_batch(
     before_submit: Callable[[Spool, list[str]], None] | None = None,
     **writer_kw: Any,
 ) -> tuple[list[Any], list[str], list[Spool]]:
-    """Submit A (to maildir 0), the victim (to victim_to) and C (to maildir 0) as
-    one batch with ``patch(victim_name, maildirs)`` applied; then undo the patch
+    """Submit A (to maildir 0), the victim (to victim_to) and C (to maildir 0)
+    together with ``patch(victim_name, maildirs)`` applied; then undo the patch
     and check the writer still delivers.  Returns (results, maildirs, spools)."""
     mds = [make_maildir(tmp_path, u) for u in ("alice", "bob", "carol")]
 
@@ -417,11 +407,13 @@ def fault_batch(
         patch(victim.name, mds)
         if before_submit is not None:
             before_submit(victim, mds)
-        with one_batch(w):
+        with queued_together(w):
             a, fa = submit(w, [mds[0]])
             fv = w.submit(victim, [mds[i] for i in victim_to])
             c, fc = submit(w, [mds[0]])
         results = await settle([fa, fv, fc])
+        # "off" committed the three together, "always" one at a time.
+        assert w.stats["max_batch"] == (3 if writer_kw.get("fsync") == "off" else 1)
         monkeypatch.undo()
         assert isinstance(await submit(w, [mds[0]])[1], str)  # still working
         assert w._thread is not None and w._thread.is_alive()
@@ -460,89 +452,96 @@ def failing(real: Callable[..., Any], when: Callable[..., bool], err: int) -> Ca
     return f
 
 
-def test_enospc_on_write_fails_only_that_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@each_mode
+def test_enospc_on_write_fails_only_that_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     def patch(victim: str, mds: list[str]) -> None:
         monkeypatch.setattr(os, "write", failing(os.write, lambda fd, data: b"VICTIM" in bytes(data), errno.ENOSPC))
 
-    assert_only_victim_failed(*fault_batch(tmp_path, monkeypatch, patch), err=errno.ENOSPC)
+    assert_only_victim_failed(*fault_trio(tmp_path, monkeypatch, patch, fsync=mode), err=errno.ENOSPC)
 
 
-def test_eacces_on_open_fails_only_that_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@each_mode
+def test_eacces_on_open_fails_only_that_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     def patch(victim: str, mds: list[str]) -> None:
         monkeypatch.setattr(os, "open", failing(os.open, lambda p, *a, **k: str(p).endswith(victim), errno.EACCES))
 
-    assert_only_victim_failed(*fault_batch(tmp_path, monkeypatch, patch), err=errno.EACCES)
-
-
-def test_eio_on_data_flush_fails_only_that_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def patch(victim: str, mds: list[str]) -> None:
-        monkeypatch.setattr(os, "fdatasync", failing(os.fdatasync, lambda fd: victim in fd_path(fd), errno.EIO))
-
-    assert_only_victim_failed(*fault_batch(tmp_path, monkeypatch, patch), err=errno.EIO)
+    assert_only_victim_failed(*fault_trio(tmp_path, monkeypatch, patch, fsync=mode), err=errno.EACCES)
 
 
 def test_eio_on_file_fsync_in_always_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def patch(victim: str, mds: list[str]) -> None:
         monkeypatch.setattr(os, "fsync", failing(os.fsync, lambda fd: victim in fd_path(fd), errno.EIO))
 
-    assert_only_victim_failed(*fault_batch(tmp_path, monkeypatch, patch, fsync="always"), err=errno.EIO)
+    assert_only_victim_failed(*fault_trio(tmp_path, monkeypatch, patch, fsync="always"), err=errno.EIO)
 
 
-def test_failed_link_to_second_recipient_removes_the_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@each_mode
+def test_failed_link_to_second_recipient_removes_the_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
     def patch(victim: str, mds: list[str]) -> None:
         target = os.path.join(mds[2], "new")
         monkeypatch.setattr(os, "link", failing(os.link, lambda s, d, **k: str(d).startswith(target), errno.EACCES))
 
-    results, mds, spools = fault_batch(tmp_path, monkeypatch, patch, victim_to=(1, 2))
+    results, mds, spools = fault_trio(tmp_path, monkeypatch, patch, victim_to=(1, 2), fsync=mode)
     assert_only_victim_failed(results, mds, spools, err=errno.EACCES)
     assert ls(mds[1], "new") == []
 
 
-def test_deleted_maildir_fails_only_that_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@each_mode
+def test_deleted_maildir_fails_only_that_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     def gone(victim: Spool, mds: list[str]) -> None:
         shutil.rmtree(mds[1])  # the user was removed between RCPT and the commit
 
-    results, mds, spools = fault_batch(tmp_path, monkeypatch, lambda v, m: None, before_submit=gone)
+    results, mds, spools = fault_trio(tmp_path, monkeypatch, lambda v, m: None, before_submit=gone, fsync=mode)
     assert_only_victim_failed(results, mds, spools, err=errno.ENOENT)
 
 
-def test_missing_second_maildir_fails_the_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@each_mode
+def test_missing_second_maildir_fails_the_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     def gone(victim: Spool, mds: list[str]) -> None:
         shutil.rmtree(mds[2])
 
-    results, mds, spools = fault_batch(tmp_path, monkeypatch, lambda v, m: None, victim_to=(1, 2), before_submit=gone)
+    results, mds, spools = fault_trio(
+        tmp_path, monkeypatch, lambda v, m: None, victim_to=(1, 2), before_submit=gone, fsync=mode
+    )
     assert_only_victim_failed(results, mds, spools, err=errno.ENOENT)
     assert ls(mds[1], "new") == []
 
 
-def test_existing_tmp_name_is_not_ours_to_remove(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@each_mode
+def test_existing_tmp_name_is_not_ours_to_remove(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     def squat(victim: Spool, mds: list[str]) -> None:
         Path(mds[1], "tmp", victim.name).write_bytes(b"someone else's")
 
-    results, mds, spools = fault_batch(tmp_path, monkeypatch, lambda v, m: None, before_submit=squat)
+    results, mds, spools = fault_trio(tmp_path, monkeypatch, lambda v, m: None, before_submit=squat, fsync=mode)
     assert cause_errno(results[1]) == errno.EEXIST
     assert Path(mds[1], "tmp", spools[1].name).read_bytes() == b"someone else's"
     assert ls(mds[1], "new") == [] and isinstance(results[0], str) and isinstance(results[2], str)
 
 
-def test_existing_new_name_is_not_ours_to_remove(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@each_mode
+def test_existing_new_name_is_not_ours_to_remove(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     def squat(victim: Spool, mds: list[str]) -> None:
         Path(mds[1], "new", f"{victim.name},S={victim.size}").write_bytes(b"someone else's")
 
-    results, mds, spools = fault_batch(tmp_path, monkeypatch, lambda v, m: None, before_submit=squat)
+    results, mds, spools = fault_trio(tmp_path, monkeypatch, lambda v, m: None, before_submit=squat, fsync=mode)
     assert cause_errno(results[1]) == errno.EEXIST
     assert ls(mds[1], "new") == [f"{spools[1].name},S={spools[1].size}"]
     assert Path(mds[1], "new", ls(mds[1], "new")[0]).read_bytes() == b"someone else's"
     assert ls(mds[1], "tmp") == []
 
 
-def test_dir_fsync_failure_fails_everything_linked_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dir_fsync_failure_fails_the_message_linked_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # "always", each message on its own: bob's new/ cannot be flushed, so
+    # every message linked there fails, and one that went to alice too
+    # loses its link there as well.
     mds = [make_maildir(tmp_path, u) for u in ("alice", "bob")]
     bad = os.path.join(mds[1], "new")
 
     async def go(w: MaildirWriter) -> list[Any]:
         monkeypatch.setattr(os, "fsync", failing(os.fsync, lambda fd: fd_path(fd) == bad, errno.EIO))
-        with one_batch(w):
+        with queued_together(w):
             futs = [
                 submit(w, [mds[0]])[1],  # only alice: fine
                 submit(w, [mds[1]])[1],  # only bob: fails
@@ -561,7 +560,10 @@ def test_dir_fsync_failure_fails_everything_linked_there(tmp_path: Path, monkeyp
     assert ls(mds[0], "tmp") == [] and ls(mds[1], "tmp") == []
 
 
-def test_unexpected_exception_fails_the_batch_and_thread_lives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@each_mode
+def test_unexpected_exception_fails_its_commit_and_the_writer_lives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
     def patch(victim: str, mds: list[str]) -> None:
         def boom(src: Any, dst: Any, **kw: Any) -> None:
             if victim in str(src):
@@ -571,11 +573,17 @@ def test_unexpected_exception_fails_the_batch_and_thread_lives(tmp_path: Path, m
         real = os.link
         monkeypatch.setattr(os, "link", boom)
 
-    results, mds, spools = fault_batch(tmp_path, monkeypatch, patch)
-    assert all(isinstance(r, StorageError) for r in results)
+    results, mds, spools = fault_trio(tmp_path, monkeypatch, patch, fsync=mode)
     for md in mds:
         assert ls(md, "tmp") == []
-    assert len(ls(mds[0], "new")) == 1 and ls(mds[1], "new") == []  # only the later message
+    assert isinstance(results[1].__cause__, RuntimeError)
+    if mode == "always":  # the victim's commit is its own
+        assert_only_victim_failed(results, mds, spools, err=None)
+        assert len(ls(mds[0], "new")) == 3  # A, C and the message after the fault
+    else:  # "off": the whole commit of that loop iteration fails, none of it stays
+        assert all(isinstance(r, StorageError) for r in results)
+        assert len(ls(mds[0], "new")) == 1  # only the later message
+    assert ls(mds[1], "new") == []
 
 
 def test_spool_write_failure_fails_the_submit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -815,56 +823,52 @@ def test_unnamed_tmp_files_land_byte_exact_and_leave_tmp_empty(tmp_path: Path, m
 @needs_tmpfile
 def test_unnamed_tmp_files_are_flushed_before_their_first_link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     md = make_maildir(tmp_path)
+    new = os.path.join(md, "new")
     events: list[tuple[str, int | str]] = []
-    real_fdatasync, real_link, real_fsync = os.fdatasync, os.link, os.fsync
-
-    def fdatasync(fd: int) -> None:
-        real_fdatasync(fd)
-        events.append(("fdatasync returned", fd))
+    real_link, real_fsync = os.link, os.fsync
 
     def fsync(fd: int) -> None:
         real_fsync(fd)
-        events.append(("fsync returned", os.readlink(f"/proc/self/fd/{fd}")))
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        events.append(("fsync returned", path if path == new else fd))
 
     def link(src: Any, dst: Any, **kw: Any) -> None:
         real_link(src, dst, **kw)
         events.append(("link from", int(src) if kw.get("src_dir_fd") is not None else str(src)))
 
-    monkeypatch.setattr(os, "fdatasync", fdatasync)
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "link", link)
 
     async def go(w: MaildirWriter) -> list[str]:
-        with one_batch(w):
+        with queued_together(w):
             futs = [submit(w, [md], MSG + bytes([65 + i]))[1] for i in range(3)]
         return list(await asyncio.gather(*futs))
 
     run(go, anonymous_tmp=True)
-    links = [i for i, (call, _) in enumerate(events) if call == "link from"]
-    assert len(links) == 3 and all(isinstance(events[i][1], int) for i in links)  # through /proc/self/fd
-    for i in links:
-        fd = events[i][1]
-        assert ("fdatasync returned", fd) in events[:i]  # that very file, flushed before its name exists
-    dir_sync = events.index(("fsync returned", os.path.join(md, "new")))
-    assert dir_sync > max(links)
+    assert len(events) == 9
+    for i in range(0, 9, 3):  # per message: that very file flushed, named, then new/ flushed
+        (flush, fd), (linked, src), dir_sync = events[i : i + 3]
+        assert flush == "fsync returned" and isinstance(fd, int)
+        assert linked == "link from" and src == fd  # through /proc/self/fd, before it had a name
+        assert dir_sync == ("fsync returned", new)
 
 
 @needs_tmpfile
 def test_a_failed_flush_of_an_unnamed_file_leaves_no_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     md = make_maildir(tmp_path)
-    real = os.fdatasync
+    real = os.fsync
     victim: list[int] = []
 
-    def fdatasync(fd: int) -> None:
-        if not victim:
+    def fsync(fd: int) -> None:
+        if not victim:  # the first fsync: the first message's file
             victim.append(fd)
             raise OSError(errno.EIO, "injected")
         real(fd)
 
-    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "fsync", fsync)
 
     async def go(w: MaildirWriter) -> list[Any]:
-        with one_batch(w):
+        with queued_together(w):
             futs = [submit(w, [md], MSG + bytes([65 + i]))[1] for i in range(3)]
         return await settle(futs)
 
@@ -894,13 +898,13 @@ def test_without_o_tmpfile_the_writer_names_its_files(tmp_path: Path, monkeypatc
 
 
 @needs_tmpfile
-@pytest.mark.parametrize("mode", ["off", "batch"])
+@pytest.mark.parametrize("mode", FSYNC_MODES)
 def test_a_folder_without_o_tmpfile_leaves_the_others_unnamed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
-    # Two mailboxes in one batch, one on a file system without O_TMPFILE:
-    # the other's unnamed file must still get its own name, not a path
-    # relative to the working directory (where a decoy waits).
+    # Two mailboxes submitted together, one on a file system without
+    # O_TMPFILE: the other's unnamed file must still get its own name, not a
+    # path relative to the working directory (where a decoy waits).
     a, b = make_maildir(tmp_path, "a"), make_maildir(tmp_path, "b")
     decoys = tmp_path / "cwd"
     decoys.mkdir()
@@ -917,7 +921,7 @@ def test_a_folder_without_o_tmpfile_leaves_the_others_unnamed(
     monkeypatch.setattr(os, "open", open_)
 
     async def go(w: MaildirWriter) -> list[str]:
-        with one_batch(w):
+        with queued_together(w):
             futs = [submit(w, [md], MSG + md[-1:].encode())[1] for md in (b, a)]
         return list(await asyncio.gather(*futs))
 

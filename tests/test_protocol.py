@@ -1,6 +1,6 @@
 """SMTPProtocol in-process, on a fake transport, under uvloop and asyncio.
 
-The real session, stages and Maildir store run; only the socket is fake,
+The real session, stages and store run; only the socket is fake,
 so writes, pauses and phases are counted exactly (uvloop's Test_UV_* /
 Test_AIO_* pattern: every test runs on both loops).
 """
@@ -239,6 +239,22 @@ def test_without_metrics_the_meter_does_nothing(tmp_path: Path, loop: str) -> No
         conn.send(b"EHLO c.example\r\n" + MAIL + RCPT + b"DATA\r\n" + BODY)
         replies = await conn.replies(6)
         assert replies[-1].startswith(b"250 2.0.0 Ok: queued as ")
+        conn.server.store.close()
+
+    run(loop, test)
+
+
+@pytest.mark.parametrize("fsync", ["off", "always", "batch"])
+def test_a_message_is_stored_under_each_fsync_mode(tmp_path: Path, loop: str, fsync: str) -> None:
+    # make_server builds the store the worker builds for that mode: the
+    # Maildir writer, or for "batch" the journal (delivery after the 250).
+    async def test() -> None:
+        conn = await greeted(tmp_path, fsync=fsync)
+        conn.send(b"EHLO c.example\r\n" + MAIL + RCPT + b"DATA\r\n" + BODY)
+        replies = await conn.replies(6)
+        assert replies[-1].startswith(b"250 2.0.0 Ok: queued as ")
+        await conn.until(lambda: len(new_messages(tmp_path / "mail")) == 1)
+        assert new_messages(tmp_path / "mail")[0].read_bytes().endswith(b"Subject: hi\r\n\r\nhello\r\n")
         conn.server.store.close()
 
     run(loop, test)

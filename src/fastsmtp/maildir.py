@@ -1,19 +1,22 @@
-"""Durable Maildir delivery with group commit.
+"""Maildir delivery before the 250: the store of ``--fsync always`` and ``--fsync off``.
 
 Rules of this module:
 
-- Nothing is acknowledged before it is durable (DESIGN.md, principle 1).  A
-  ``submit()`` future resolves only after the message's data is flushed, it is
-  linked into every recipient's ``new/`` and each such ``new/`` directory is
-  fsync'ed.  Any failure resolves it with ``StorageError`` (451 4.3.0), after
-  removing every name the message got, so nothing half-written stays visible.
+- Nothing is acknowledged before it is durable (DESIGN.md, principle 1).
+  With "always", a ``submit()`` future resolves only after the message's
+  file is fsync'ed, it is linked into every recipient's ``new/`` and each
+  such ``new/`` directory is fsync'ed, in that order, one message at a
+  time.  Any failure resolves it with ``StorageError`` (451 4.3.0), after
+  removing every name the message got, so nothing half-written stays
+  visible; it fails that message and no other.  "off" flushes nothing
+  (UNSAFE, for benchmarks): its future resolves once the file is linked.
 - The event loop never waits for the disk.  Spools append to memory; only a
   message larger than ``spill_threshold`` writes to the page cache on the loop
-  thread (never an fsync).  One committer thread does all the rest, and hands
-  results back with one ``call_soon_threadsafe`` per batch.  The exception is
-  ``--fsync off``, which waits for nothing: its page-cache writes are made on
-  the loop, once per loop iteration for the messages of that iteration,
-  because the hop to a thread costs more than they do.
+  thread (never an fsync).  With "always" one committer thread does all the
+  rest and hands each result back with one ``call_soon_threadsafe``.  "off"
+  waits for nothing: its page-cache writes are made on the loop, once per
+  loop iteration for the messages of that iteration, because the hop to a
+  thread costs more than they do.
 - Delivery follows the Maildir convention (D. J. Bernstein,
   https://cr.yp.to/proto/maildir.html): the file is written and flushed in
   ``tmp/``, then ``link()``-ed into ``new/``, so a reader never sees a partial
@@ -21,53 +24,35 @@ Rules of this module:
   name at all until that link (open(2)): nothing to unlink, nothing left
   behind by a crash, and no tmp/ entry to create and remove per message,
   which on a busy tmp/ costs more than the write.  Otherwise it is
-  ``tmp/<unique>``, created exclusively and unlinked after the link.  Further recipients get hard links of the
-  same inode.  The stored name carries ``,S=<size>``, the size field Dovecot
-  reads so that quota and size queries need not stat the file.
-- Once submitted, a spool belongs to the committer thread; the loop thread must
-  not touch it again (``discard()`` after ``submit()`` does nothing).
+  ``tmp/<unique>``, created exclusively and unlinked after the link.
+  Further recipients get hard links of the same inode.  The stored name
+  carries ``,S=<size>``, the size field Dovecot reads so that quota and size
+  queries need not stat the file.
+- Once submitted, a spool belongs to the writer; the loop thread must not
+  touch it again (``discard()`` after ``submit()`` does nothing).
 
-Group commit, as databases do it: the committer takes as one batch whatever was
-queued while its previous flush ran (capped by ``max_batch`` and
-``max_batch_bytes``) and pays for one round of flushes for all of it.  There is
-no timer: an idle server commits a lone message at once, a busy one batches
-more because each flush takes longer than the arrivals between flushes.
+``--fsync batch`` is not served here.  It was, by group commit of per-file
+flushes (the files of a batch fdatasync'ed in parallel from a thread pool,
+then linked, then each distinct ``new/`` fsync'ed once); the write-ahead
+journal (journalstore.py) replaced that: one append and one fdatasync per
+batch.  Side by side (bench/bench_journal.py: smtp-source, 20 sessions, one
+worker, a fresh ext4), the journal took 3,249 messages/s of 1 KiB against
+1,721 for the group-committed files, and 913 against 647 at 100 KiB:
+``python bench/bench_journal.py --rounds 3 --fresh-fs --baseline OLD_TREE``.
 
-How the batch is flushed was chosen by measurement (bench/bench_fsync.py;
-numbers, command and date in bench/RESULTS.md).  On the reference VM (2
-cores, ext4 without journal, virtio disk with a write-back cache), 1 KiB
-messages, median of 3 interleaved rounds:
-
-    one fsync(file) + fsync(dir) per message             ~1.8k msg/s
-    (a) fsync per file, in turn, batch of 100            ~3.8k msg/s
-    (b) fdatasync per file from 8 threads, batch of 100  ~7.4k msg/s
-    (c) syncfs(2) before and after linking, batch of 100 ~14k msg/s
-
-"batch" uses (b).  syncfs is about twice as fast, but it flushes the whole
-file system, so:
-- its latency is set by everybody's dirty data: one commit took 40 ms with
-  syncfs against 0.7 ms with (b) right after another process left 256 MiB
-  unsynced, and that scales with the neighbour (a cp of gigabytes holds every
-  250 we owe for seconds), while the cost of (b) scales with our data only;
-- it forces other tenants' writeback on a shared machine;
-- its error belongs to the file system, not to a file (and is reported at all
-  only since Linux 5.8): one bad block anywhere, even in another program's
-  file, would fail whole batches, and an error could never be pinned on the
-  message it hit.  (b) fails exactly the affected message.
-(b) is portable too (fsync where there is no fdatasync), and the parallel
-calls let the block layer merge their cache flushes.  fdatasync is enough for
-the file: it writes the data and the metadata needed to read it back (the
-size); the link count and times do not matter, the name becomes durable
-through the fsync of ``new/``.  A batch of one is flushed inline, without a
-hop through the pool.
+Each file is flushed on its own, never with syncfs(2) (bench/bench_fsync.py
+measured both): syncfs flushes the whole file system, so its latency is set
+by everybody's dirty data (one commit took 40 ms against 0.7 ms for a file
+and its folder, right after another process left 256 MiB unsynced), it
+forces other tenants' writeback, and its error belongs to the file system,
+not to a file: it could never be pinned on the message it hit.
 
 Directory durability: a link is durable only once its directory is fsync'ed
 (fsync(2): "Calling fsync() does not necessarily ensure that the entry in the
 directory containing the file has also reached disk").  Each distinct ``new/``
-of a batch is fsync'ed once, in parallel too.  If that fails, every message
-linked there in this batch fails.  Directory fds are not cached between
-batches: a maildir removed and recreated would leave a cached fd fsyncing the
-old, unlinked directory.
+of a message is fsync'ed once; if that fails, the message fails.  Directory
+fds are not cached between commits: a maildir removed and recreated would
+leave a cached fd fsyncing the old, unlinked directory.
 
 All maildirs a message goes to must be on one file system (hard links);
 ``EXDEV`` fails the message like any other storage error.
@@ -77,13 +62,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import errno
 import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 from . import metrics as counters
@@ -107,22 +90,19 @@ __all__ = ["FSYNC_MODES", "Spool", "MaildirWriter", "Delivery", "TmpFiles", "cle
 
 log = logging.getLogger("fastsmtp.maildir")
 
-FSYNC_MODES = ("batch", "always", "off")
+# The writer's own modes.  The CLI's --fsync has "batch" too (settings.py):
+# that one is the journal (journalstore.py), chosen by worker.open_store().
+FSYNC_MODES = ("always", "off")
 
 # An unnamed file in tmp/ (Linux 3.11+; ext4, XFS, btrfs, tmpfs), linked
 # into new/ once written.
 _TMPFILE_FLAGS = getattr(os, "O_TMPFILE", 0) | os.O_WRONLY | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
-# Threads that issue the parallel flushes of one batch.  They spend their time
-# blocked in the kernel, so more threads than cores is fine.  Measured with
-# bench/bench_fsync.py --pools 4,8,16,32 (batch of 100, one run): 4 threads
-# 5.5k msg/s, 8 threads 6.3k, 16 and 32 no better than 8 within the noise.
-_SYNC_THREADS = 8
-
 
 def fdatasync(fd: int) -> None:
-    """The data flush.  fdatasync is not everywhere (macOS); fsync then."""
+    """The data flush (the journal's: journalstore.py).  fdatasync is not
+    everywhere (macOS); fsync then."""
     if hasattr(os, "fdatasync"):
         os.fdatasync(fd)
     else:
@@ -308,7 +288,7 @@ def _resolve(results: list[_Result]) -> None:
 
 
 class MaildirWriter:
-    """Writes messages into Maildirs; one committer thread does the disk work.
+    """Writes messages into Maildirs: the ``Store`` of ``--fsync always`` and ``off``.
 
     The ``Store`` of store.py: ``open_spool``, ``submit``, ``start``, ``close``.
     """
@@ -317,25 +297,25 @@ class MaildirWriter:
         self,
         *,
         hostname: str,
-        fsync: str = "batch",
+        fsync: str = "always",
         spill_threshold: int = 256 * 1024,
-        max_batch: int = 512,
-        max_batch_bytes: int = 64 * 1024 * 1024,
         metrics: memoryview | None = None,
         anonymous_tmp: bool = True,
     ) -> None:
+        if fsync == "batch":
+            raise ValueError(
+                'fsync="batch" is the write-ahead journal, not this writer: use '
+                "fastsmtp.journalstore.JournalStore (worker.open_store picks the store of each --fsync)"
+            )
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {FSYNC_MODES}, not {fsync!r}")
-        if max_batch < 1 or max_batch_bytes < 1 or spill_threshold < 0:
-            raise ValueError("max_batch, max_batch_bytes must be positive, spill_threshold >= 0")
+        if spill_threshold < 0:
+            raise ValueError("spill_threshold must be >= 0")
         self._host = encode_host(hostname)
         self._mode = fsync
         self._spill_threshold = spill_threshold
-        self._max_batch = max_batch
-        self._max_batch_bytes = max_batch_bytes
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._pool: ThreadPoolExecutor | None = None
         self._cv = threading.Condition()
         self._queue: collections.deque[Delivery] = collections.deque()
         # "off": nothing waits for the disk, so the page-cache writes are
@@ -351,12 +331,12 @@ class MaildirWriter:
         self._metrics = metrics
         # Written by the committer thread only, except "refused" (loop only).
         self.stats: dict[str, Any] = {
-            "batches": 0,  # flushes (in "always" mode, one per message)
+            "batches": 0,  # commits: one per message ("always"), per loop iteration ("off")
             "messages": 0,  # messages committed
             "failed": 0,  # messages the committer answered with StorageError
             "refused": 0,  # failed at submit(): the spool had failed, or closed
             "max_batch": 0,
-            "batch_sizes": collections.Counter(),  # batch size -> how many batches
+            "batch_sizes": collections.Counter(),  # messages per commit -> how many commits
         }
 
     # -- loop side ---------------------------------------------------------
@@ -367,8 +347,6 @@ class MaildirWriter:
             raise RuntimeError("MaildirWriter.start() called twice or after close()")
         self._loop = loop
         self._tmp_files.open()  # /proc/self is this process's own: after the fork
-        if self._mode == "batch":
-            self._pool = ThreadPoolExecutor(max_workers=_SYNC_THREADS, thread_name_prefix="fastsmtp-fsync")
         self._thread = threading.Thread(target=self._run, name="fastsmtp-maildir", daemon=False)
         self._thread.start()
 
@@ -378,7 +356,7 @@ class MaildirWriter:
         return Spool(maildir, name, queue_id, self._spill_threshold)
 
     def submit(self, spool: MessageSpool, maildirs: Sequence[str]) -> asyncio.Future[str]:
-        """Queue the complete message for the next commit.
+        """Queue the complete message for its commit.
 
         Returns a future of the start() loop.  It resolves with the stored file
         name ("<name>,S=<size>") once the message is durable in every maildir's
@@ -425,9 +403,6 @@ class MaildirWriter:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join()
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
         # With --fsync off the loop may still be linking through
         # /proc/self/fd while this runs in another thread: close it there.
         if self._mode == "off" and self._loop is not None:
@@ -453,52 +428,40 @@ class MaildirWriter:
     # -- committer thread --------------------------------------------------
 
     def _run(self) -> None:
+        """Commit queued messages one at a time, in order, until closed and empty."""
         while True:
             with self._cv:
                 while not self._queue and not self._closing:
                     self._cv.wait()
                 if not self._queue:
                     return  # closing, and everything queued is committed
-                batch = self._take()
+                job = self._queue.popleft()
             try:
-                if self._mode == "always":
-                    for job in batch:
-                        self._commit([job])
-                else:
-                    self._commit(batch)
-            except Exception as exc:  # a bug: fail the batch, keep the thread alive
-                log.exception("maildir committer: unexpected error, failing %d message(s)", len(batch))
-                self._abandon(batch, exc)
-
-    def _take(self) -> list[Delivery]:
-        """Everything queued, up to max_batch messages and max_batch_bytes."""
-        batch = [self._queue.popleft()]
-        nbytes = batch[0].spool.size
-        while self._queue and len(batch) < self._max_batch:
-            size = self._queue[0].spool.size
-            if nbytes + size > self._max_batch_bytes:
-                break
-            batch.append(self._queue.popleft())
-            nbytes += size
-        return batch
+                self._commit([job])
+            except Exception as exc:  # a bug: fail the message, keep the thread alive
+                log.exception("maildir committer: unexpected error, failing %s", job.spool.queue_id)
+                self._abandon([job], exc)
 
     def _commit(self, jobs: list[Delivery], on_loop: bool = False) -> None:
-        """Write, flush, link, fsync new/, then resolve: DESIGN.md step 6."""
+        """Write, flush, link, fsync new/, then resolve: DESIGN.md step 6.
+
+        "always" commits one message per call; "off" the messages of one loop
+        iteration (or those close() found), and flushes nothing.
+        """
         started = time.perf_counter()
-        durable = self._mode != "off"
+        durable = self._mode == "always"
         for job in jobs:
             self._step(job, self._write_out)
-        live = [j for j in jobs if j.error is None]
-        if durable:
-            self._flush_files(live)
-        for job in live:
+            if durable and job.error is None:
+                self._step(job, Delivery.fsync)
+        for job in jobs:
             if job.error is None:
                 self._step(job, self._link)
-        for job in live:
+        for job in jobs:
             if job.error is None:
                 self._step(job, Delivery.close_fd)
         if durable:
-            self._sync_dirs([j for j in live if j.error is None])
+            self._sync_dirs([j for j in jobs if j.error is None])
         self._account(jobs)
         if self._metrics is not None:
             self._count(jobs, time.perf_counter() - started)
@@ -516,54 +479,18 @@ class MaildirWriter:
     def _link(self, job: Delivery) -> None:
         job.link(self._tmp_files.proc_fd)
 
-    def _flush_files(self, jobs: list[Delivery]) -> None:
-        if self._mode == "always":
-            for job in jobs:
-                self._step(job, Delivery.fsync)
-            return
-        errors = self._parallel(fdatasync, [j.fd for j in jobs])
-        for job, exc in zip(jobs, errors):
-            if exc is not None:
-                self._fail(job, exc)
-
     def _sync_dirs(self, jobs: list[Delivery]) -> None:
         """fsync each distinct new/ once; a failure fails all linked there."""
         by_dir: dict[str, list[Delivery]] = {}
         for job in jobs:
             for link in job.links:
                 by_dir.setdefault(os.path.dirname(link), []).append(job)
-        dirs = list(by_dir)
-        if self._mode == "always":
-            errors = [self._try(_fsync_dir, d) for d in dirs]
-        else:
-            errors = self._parallel(_fsync_dir, dirs)
-        for d, exc in zip(dirs, errors):
-            if exc is not None:
-                for job in by_dir[d]:
-                    if job.error is None:
-                        self._fail(job, exc)
-
-    @staticmethod
-    def _try(fn: Callable[[Any], None], arg: Any) -> OSError | None:
-        try:
-            fn(arg)
-        except OSError as exc:
-            return exc
-        return None
-
-    def _parallel(self, fn: Callable[[Any], None], args: list[Any]) -> list[OSError | None]:
-        """Call fn on every arg, the first here and the rest in the pool."""
-        if not args:
-            return []
-        assert self._pool is not None
-        futs = [self._pool.submit(self._try, fn, a) for a in args[1:]]
-        try:
-            first = self._try(fn, args[0])
-        finally:
-            # Even if something unexpected is raised, no call may still be
-            # running on an fd that the cleanup is about to close.
-            concurrent.futures.wait(futs)
-        return [first] + [f.result() for f in futs]
+        for d, linked in by_dir.items():
+            try:
+                _fsync_dir(d)
+            except OSError as exc:
+                for job in linked:
+                    self._fail(job, exc)
 
     def _fail(self, job: Delivery, exc: BaseException) -> None:
         """Answer 451 for this message and remove every name it got."""
@@ -597,7 +524,7 @@ class MaildirWriter:
         counters.observe(row, counters.COMMIT_SECONDS, seconds)
 
     def _post(self, jobs: list[Delivery], on_loop: bool = False) -> None:
-        """Hand the results to the loop: one call_soon_threadsafe per batch
+        """Hand the results to the loop: one call_soon_threadsafe per commit
         (or at once, when this already is the loop's thread)."""
         results: list[_Result] = []
         for job in jobs:
@@ -629,4 +556,4 @@ class MaildirWriter:
             self._account([j for j in jobs if not j.posted])
             self._post(jobs, on_loop)
         except Exception:
-            log.exception("maildir committer: could not report a failed batch")
+            log.exception("maildir committer: could not report a failed commit")

@@ -14,9 +14,12 @@ Rules of this module:
   losses).
 - Everything here is called on the event loop thread and never blocks it.
 
-``MaildirWriter`` (maildir.py) is today's store: group-committed Maildir
-files.  A write-ahead journal and LMTP delivery are further
-implementations of the same two protocols, not changes to the glue.
+Two stores implement these protocols today: ``JournalStore``
+(journalstore.py), the write-ahead journal of ``--fsync batch``, and
+``MaildirWriter`` (maildir.py), Maildir files flushed per message
+(``--fsync always``) or not at all (``off``); worker.open_store() picks
+one.  LMTP delivery would be a further implementation, not a change to
+the glue.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One worker process: an event loop, a listening socket, a Maildir writer.
+"""One worker process: an event loop, a listening socket, a store (journal or Maildir writer).
 
 Rules of this module:
 - Every listening socket has SO_REUSEPORT, so that several workers (and a
@@ -10,7 +10,7 @@ Rules of this module:
   as root.
 - Stopping is graceful: stop accepting, answer idle sessions 421 4.3.2, let
   transactions in progress finish within ``shutdown_timeout``, then commit
-  whatever the writer still holds.  SIGQUIT, or a second SIGINT, skips the
+  whatever the store still holds.  SIGQUIT, or a second SIGINT, skips the
   wait (gunicorn's quick shutdown); queued commits still finish.
 - SIGUSR1 retires a worker the supervisor has replaced (SIGHUP, SIGTTOU):
   stop accepting and let sessions end by themselves, as Postfix's master
@@ -99,13 +99,13 @@ async def serve(
         loop.add_signal_handler(signal.SIGUSR2, reopen_logs)
     if clean == "before":
         _clean_tmp(config)
-    writer = open_store(config, metrics)
-    writer.start(loop)
+    store = open_store(config, metrics)
+    store.start(loop)
     if clients is None and config.max_connections_per_ip:
         from .anvil import Anvil
 
         clients = Anvil(1, 2 * config.max_connections).row(0)
-    server = Server(config, writer, clients, metrics)
+    server = Server(config, store, clients, metrics)
     if sock is None:
         sock = bind_socket(config.host, config.port)
     listeners = await _listen(config, server, sock, tls_sock)
@@ -129,7 +129,7 @@ async def serve(
     finally:
         for listener in listeners:
             listener.close()
-        await _wind_down(config, server, writer, drain, quick)
+        await _wind_down(config, server, store, drain, quick)
         if beat is not None:
             beat.cancel()
         # Workers end with os._exit: the last lines must not wait in a buffer.
@@ -157,7 +157,7 @@ async def _listen(
 
 
 async def _wind_down(
-    config: Config, server: Server, writer: Store, drain: asyncio.Event, quick: asyncio.Event
+    config: Config, server: Server, store: Store, drain: asyncio.Event, quick: asyncio.Event
 ) -> None:
     """The listeners are closed: let the sessions finish (421 to idle ones), then commit what is queued."""
     loop = asyncio.get_running_loop()
@@ -177,7 +177,7 @@ async def _wind_down(
         conn.abort()
     # Commits still queued finish before the process ends: a message
     # whose 250 was lost to the abort is still stored (RFC 1047).
-    await loop.run_in_executor(None, writer.close)
+    await loop.run_in_executor(None, store.close)
 
 
 def heartbeat_interval(config: Config) -> float:
@@ -216,9 +216,10 @@ def _install_stop_signals(
 
 
 def open_store(config: Config, metrics: memoryview | None = None) -> Store:
-    """The store of ``--fsync``; for the journal, after recovering what dead workers left in it.
+    """The store of ``--fsync``: the journal for "batch", else the Maildir writer.
 
-    Recovery runs here, before the port opens (DESIGN.md, principle 1): every
+    For the journal, the recovery of what dead workers left in it runs
+    first, here, before the port opens (DESIGN.md, principle 1): every
     message a dead worker acknowledged is in new/ before this one serves.
     """
     if config.fsync != "batch":

@@ -109,24 +109,27 @@ def split_roles(root: int, before: dict[tuple[int, int], float],
 
 
 # The server does not report its commit batch sizes.  This wrapper is
-# ``python -m fastsmtp`` plus one thing: when a worker's Maildir writer
-# closes (at the end of the graceful stop) its in-process ``stats`` are
-# written to $FASTSMTP_BENCH_STATS.<pid>.  Without such a writer it is plain
-# ``python -m fastsmtp``.
+# ``python -m fastsmtp`` plus one thing: when a worker's store (the Maildir
+# writer, or the journal of --fsync batch) closes at the end of the graceful
+# stop, its in-process ``stats`` are written to $FASTSMTP_BENCH_STATS.<pid>.
+# Without such a store (an older tree) it is plain ``python -m fastsmtp``.
 _SERVER_SHIM = """
-import json, os, sys
-try:
-    from fastsmtp.maildir import MaildirWriter
-    _close = MaildirWriter.close
+import importlib, json, os, sys
+def wrap(module, name):
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return
+    _close = cls.close
     def close(self):
         _close(self)
         stats = getattr(self, "stats", None)
         if isinstance(stats, dict):
             with open(os.environ["FASTSMTP_BENCH_STATS"] + "." + str(os.getpid()), "w") as f:
                 json.dump({k: (dict(v) if isinstance(v, dict) else v) for k, v in stats.items()}, f)
-    MaildirWriter.close = close
-except (ImportError, AttributeError):
-    pass
+    cls.close = close
+wrap("fastsmtp.maildir", "MaildirWriter")
+wrap("fastsmtp.journalstore", "JournalStore")
 from fastsmtp.cli import main
 sys.exit(main(sys.argv[1:]))
 """

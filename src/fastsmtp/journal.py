@@ -45,9 +45,11 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+from .spool import fsync_dir
+
 __all__ = [
     "MAGIC", "HEADER", "Record", "Damage", "Scan", "encode", "scan", "read_segment", "segment_name",
-    "segments", "segment_seq", "OwnFolder", "try_lock", "fsync_dir", "MAILDIR",
+    "segments", "segment_seq", "OwnFolder", "try_lock", "MAILDIR",
 ]
 
 MAGIC = b"FSJ1"
@@ -222,14 +224,6 @@ def segments(folder: str) -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(n for n in names if n.endswith(".seg") and len(n) == 20)
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, _DIR_FLAGS)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def try_lock(path: str) -> int | None:

@@ -65,7 +65,7 @@ from .errors import StorageError
 from .journal import MAILDIR, OwnFolder, encode, read_segment, scan
 from .maildir import Delivery, TmpFiles, fdatasync
 from .recovery import deliver_to_maildir, set_aside
-from .spool import Spool, close_quiet, encode_host, new_name, unlink_quiet
+from .spool import Spool, checked_for_submit, close_quiet, encode_host, new_name, unlink_quiet
 from .store import MessageSpool
 
 __all__ = ["JournalStore"]
@@ -252,12 +252,7 @@ class JournalStore:
         """Queue the finished message for the next journal flush; the future resolves after it."""
         if self._loop is None:
             raise RuntimeError("JournalStore.submit() before start()")
-        if not maildirs:
-            raise ValueError("submit() needs at least one maildir")
-        if not isinstance(spool, Spool):
-            raise TypeError(f"not a spool of this store: {spool!r}")
-        if spool.submitted:
-            raise RuntimeError(f"spool {spool.queue_id} submitted twice")
+        spool = checked_for_submit(spool, maildirs, "store")
         fut: asyncio.Future[str] = self._loop.create_future()
         if spool.failed is not None:
             spool.discard()

@@ -75,9 +75,11 @@ from .spool import (
     FILE_MODE,
     OPEN_FLAGS,
     Spool,
+    checked_for_submit,
     close_quiet,
     copy_all,
     encode_host,
+    fsync_dir,
     new_name,
     unlink_quiet,
     write_all,
@@ -97,7 +99,6 @@ FSYNC_MODES = ("always", "off")
 # An unnamed file in tmp/ (Linux 3.11+; ext4, XFS, btrfs, tmpfs), linked
 # into new/ once written.
 _TMPFILE_FLAGS = getattr(os, "O_TMPFILE", 0) | os.O_WRONLY | os.O_CLOEXEC
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def fdatasync(fd: int) -> None:
@@ -107,14 +108,6 @@ def fdatasync(fd: int) -> None:
         os.fdatasync(fd)
     else:
         os.fsync(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, _DIR_FLAGS)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Delivery:
@@ -364,12 +357,7 @@ class MaildirWriter:
         """
         if self._loop is None:
             raise RuntimeError("MaildirWriter.submit() before start()")
-        if not maildirs:
-            raise ValueError("submit() needs at least one maildir")
-        if not isinstance(spool, Spool):
-            raise TypeError(f"not a spool of this writer: {spool!r}")
-        if spool.submitted:
-            raise RuntimeError(f"spool {spool.queue_id} submitted twice")
+        spool = checked_for_submit(spool, maildirs, "writer")
         fut: asyncio.Future[str] = self._loop.create_future()
         if spool.failed is not None:
             spool.discard()
@@ -487,7 +475,7 @@ class MaildirWriter:
                 by_dir.setdefault(os.path.dirname(link), []).append(job)
         for d, linked in by_dir.items():
             try:
-                _fsync_dir(d)
+                fsync_dir(d)
             except OSError as exc:
                 for job in linked:
                     self._fail(job, exc)

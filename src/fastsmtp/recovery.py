@@ -29,8 +29,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from .journal import MAILDIR, Record, fsync_dir, orphans, read_segment, scan, segment_seq, segments
-from .spool import FILE_MODE, OPEN_FLAGS, unlink_quiet, write_all
+from .journal import MAILDIR, Record, orphans, read_segment, scan, segment_seq, segments
+from .spool import FILE_MODE, OPEN_FLAGS, fsync_dir, unlink_quiet, write_all
 
 __all__ = ["Recovered", "recover", "deliver_to_maildir", "set_aside"]
 
@@ -151,14 +151,19 @@ def deliver_to_maildir(content: bytes, maildir: str, stored: str,
             path, outcome = moved, "repaired-cur"
     tmp = os.path.join(maildir, "tmp", f"{stored}.recovered")
     unlink_quiet(tmp)
-    fd = os.open(tmp, OPEN_FLAGS, FILE_MODE)
+    _write_durably(tmp, content)
+    os.rename(tmp, path)
+    return outcome
+
+
+def _write_durably(path: str, data: bytes) -> None:
+    """A new file ``path`` holding ``data``, flushed (its name is the caller's to flush)."""
+    fd = os.open(path, OPEN_FLAGS, FILE_MODE)
     try:
-        write_all(fd, content)
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.rename(tmp, path)
-    return outcome
 
 
 def _holds(path: str, content: bytes) -> bool:
@@ -194,11 +199,6 @@ def set_aside(root: str, name: str, data: bytes) -> str:
     while os.path.lexists(path):
         n += 1
         path = f"{base}.{n}"
-    fd = os.open(path, OPEN_FLAGS, FILE_MODE)
-    try:
-        write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _write_durably(path, data)
     fsync_dir(aside)
     return path

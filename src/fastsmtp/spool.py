@@ -20,7 +20,7 @@ import time
 from typing import Sequence
 
 __all__ = ["Spool", "encode_host", "new_name", "OPEN_FLAGS", "FILE_MODE", "write_all", "writev_all", "copy_all",
-           "unlink_quiet", "close_quiet"]
+           "unlink_quiet", "close_quiet", "fsync_dir", "checked_for_submit"]
 
 OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
 FILE_MODE = 0o600
@@ -114,6 +114,26 @@ def copy_all(src: int, dst: int, count: int) -> None:
             raise OSError(errno.EIO, "copy made no progress")
         offset += k
 
+
+
+def fsync_dir(path: str) -> None:
+    """Make the names in folder ``path`` durable (fsync(2) of the folder itself)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checked_for_submit(spool: object, maildirs: Sequence[str], owner: str) -> "Spool":
+    """``spool`` as a store's ``submit()`` may take it, or the error a caller's bug deserves."""
+    if not maildirs:
+        raise ValueError("submit() needs at least one maildir")
+    if not isinstance(spool, Spool):
+        raise TypeError(f"not a spool of this {owner}: {spool!r}")
+    if spool.submitted:
+        raise RuntimeError(f"spool {spool.queue_id} submitted twice")
+    return spool
 
 
 def unlink_quiet(path: str) -> None:

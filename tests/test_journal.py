@@ -2,9 +2,11 @@
 
 The format and recovery are tested on real files in a temporary folder;
 the store in-process on a real event loop, with real threads and real
-fsyncs.  Fault injection (a write that fails) is the only fake.  The
-server-level tests (a real process killed with SIGKILL, then started
-again) are in test_durability.py.
+fsyncs.  Fault injection (a write that fails) is the only fake.  At the
+end, the journal's folder on a real server.  The crash tests (a real
+process killed with SIGKILL, then started again) are in
+test_durability.py, power cuts in test_powerloss.py, a full disk in
+test_diskfull.py.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import smtplib
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -23,6 +28,7 @@ from fastsmtp.errors import StorageError
 from fastsmtp.journal import MAILDIR, OwnFolder, encode, scan, segments
 from fastsmtp.journalstore import JournalStore
 from fastsmtp.recovery import recover
+from helpers import start_server
 
 
 def record(queue_id: str, stored: str, targets: list[str], content: bytes, seq: int = 1) -> bytes:
@@ -340,3 +346,33 @@ def test_a_folder_being_made_by_a_live_process_is_left_alone(tmp_path: Path) -> 
     dead.mkdir()
     recover(str(root), str(tmp_path))
     assert being_made.exists() and not dead.exists()
+
+
+# -- the journal's folder, on a real server ------------------------------------
+
+
+def test_journal_dir_puts_the_journal_elsewhere(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "fast-disk" / "journal"
+    srv = start_server(tmp_path / "mail", "--workers", "0", "--journal-dir", str(elsewhere))
+    try:
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            smtp.sendmail("s@example.net", ["alice@example.com"], b"Subject: j\r\n\r\nelsewhere\r\n")
+        assert len(srv.messages("alice@example.com")) == 1
+        assert [p.name.startswith("w-") for p in elsewhere.iterdir()] == [True]  # this process's folder
+        assert not (tmp_path / "mail" / ".journal").exists()
+    finally:
+        srv.stop()
+    assert list(elsewhere.iterdir()) == []  # a clean stop retires everything
+
+
+def test_a_journal_dir_that_cannot_be_made_is_one_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    (tmp_path / "mail").mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "fastsmtp", "serve", "--listen", "127.0.0.1:0", "--mail-root", str(tmp_path / "mail"),
+         "--workers", "0", "--journal-dir", str(blocker / "journal")],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert done.returncode != 0
+    assert f"journal folder {blocker / 'journal'} cannot be made" in done.stderr, done.stderr

@@ -343,21 +343,12 @@ class JournalStore:
 
     def _flush(self, batch: list[_Entry]) -> None:
         started = time.perf_counter()
-        segment = self._active
-        if segment is None or segment.size >= self._segment_size or (segment.growing and self._spares):
-            # Steady load (a segment filled up) wants a spare ready for the
-            # next segment; a growing segment moves to a spare as soon as
-            # one is ready: an fdatasync in a file whose size changes
-            # writes the inode too, and on ext4 commits its journal, which
-            # also flushes every Maildir file written since (bench/RESULTS.md).
-            self._roll()
-            assert self._folder is not None
-            spare = self._take_spare(want_next=segment is not None)
-            segment = _Segment(*self._folder.new_segment(spare), growing=spare is None)
-            self.stats["reused"] += spare is not None
-            with self._lock:
-                self._segments.append(segment)
-                self._active = segment
+        try:
+            segment = self._segment()
+        except OSError as exc:  # the journal folder is gone, the disk full: 451, and try again next time
+            log.error("journal: could not start a segment for %d message(s): %s", len(batch), exc)
+            self._fail_batch(batch, exc)
+            return
         good = segment.size
         try:
             if not self._append(segment, batch):
@@ -391,6 +382,26 @@ class JournalStore:
             self._loop.call_soon_threadsafe(self._flushed, batch)
         except RuntimeError:  # the loop is closed: nobody waits for a 250; deliver here
             self._deliver(batch)
+
+    def _segment(self) -> _Segment:
+        """The segment to append to: the active one, or the next one."""
+        segment = self._active
+        if segment is not None and segment.size < self._segment_size and not (segment.growing and self._spares):
+            return segment
+        # Steady load (a segment filled up) wants a spare ready for the next
+        # segment; a growing segment moves to a spare as soon as one is
+        # ready: an fdatasync in a file whose size changes writes the inode
+        # too, and on ext4 commits its journal, which also flushes every
+        # Maildir file written since (bench/RESULTS.md).
+        self._roll()
+        assert self._folder is not None
+        spare = self._take_spare(want_next=segment is not None)
+        segment = _Segment(*self._folder.new_segment(spare), growing=spare is None)
+        self.stats["reused"] += spare is not None
+        with self._lock:
+            self._segments.append(segment)
+            self._active = segment
+        return segment
 
     def _append(self, segment: _Segment, batch: list[_Entry]) -> bool:
         """Write the batch's records at the end of ``segment``; True if that flushed them too.

@@ -367,10 +367,17 @@ def drop_privileges(user: str, group: str) -> None:
 
 
 def check_mail_root(config: Config) -> None:
-    """The mail root must be writable by whoever serves mail (checked after the drop)."""
+    """The mail root, and the journal's folder, must be writable by whoever serves mail (checked after the drop)."""
+    who = f"user {config.user}" if config.user else "this user"
     if not os.access(config.mail_root, os.W_OK | os.X_OK):
-        who = f"user {config.user}" if config.user else "this user"
         raise ConfigError(f"mail root {config.mail_root} is not writable by {who}")
+    if config.fsync == "batch" and config.journal_dir:
+        try:
+            os.makedirs(config.journal_dir, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"journal folder {config.journal_dir} cannot be made: {exc.strerror}") from None
+        if not os.access(config.journal_dir, os.W_OK | os.X_OK):
+            raise ConfigError(f"journal folder {config.journal_dir} is not writable by {who}")
 
 
 def log_format(role: str = "") -> str:

@@ -12,6 +12,9 @@ import asyncio
 import os
 import random
 import signal
+import smtplib
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -157,8 +160,6 @@ def test_hundred_megabyte_message_in_bounded_memory(server_factory, limit: str, 
 
 def _send_many(srv: RunningServer, count: int) -> dict[str, bytes]:
     """``count`` messages to alice on one connection: {queue id: body}, all acknowledged."""
-    import smtplib
-
     sent: dict[str, bytes] = {}
     with smtplib.SMTP(srv.host, srv.port, timeout=30) as smtp:
         smtp.ehlo("crash.test")
@@ -204,14 +205,21 @@ def _check_all_there_once(srv: RunningServer, sent: dict[str, bytes]) -> None:
     assert _journal_segments(srv.mail_root) == []
 
 
-def test_recovery_puts_back_what_the_disk_lost(tmp_path: Path) -> None:
-    root = tmp_path / "mail"
+def _sent_then_killed(root: Path, count: int) -> dict[str, bytes]:
+    """A server that acknowledged ``count`` messages, killed within a second of the last 250
+    (its segment is not retired yet): what it acknowledged."""
     srv = start_server(root, "--workers", "1")
     try:
-        sent = _send_many(srv, 60)
+        sent = _send_many(srv, count)
     finally:
-        _kill(srv)  # within a second of the last 250: its segment is not retired yet
+        _kill(srv)
     assert _journal_segments(root), "the segment was retired before the kill; nothing to recover"
+    return sent
+
+
+def test_recovery_puts_back_what_the_disk_lost(tmp_path: Path) -> None:
+    root = tmp_path / "mail"
+    sent = _sent_then_killed(root, 60)
     _lose_the_page_cache(root)
     srv2 = start_server(root, "--workers", "1")
     try:
@@ -223,16 +231,8 @@ def test_recovery_puts_back_what_the_disk_lost(tmp_path: Path) -> None:
 
 
 def test_sigkill_during_recovery_then_recovery_again(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     root = tmp_path / "mail"
-    srv = start_server(root, "--workers", "1")
-    try:
-        sent = _send_many(srv, 400)
-    finally:
-        _kill(srv)
-    assert _journal_segments(root)
+    sent = _sent_then_killed(root, 400)
     new = root / "example.com" / "alice" / "new"
     for path in new.iterdir():
         path.unlink()  # nothing reached the disk: recovery has 400 files to write, each fsynced

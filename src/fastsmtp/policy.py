@@ -51,6 +51,7 @@ from typing import TypeVar
 
 from . import _abnf
 from .events import Address, Reply
+from .spool import fsync_dir as _fsync_dir  # a module name of its own: the tests replace it
 
 __all__ = [
     "FolderRecipients",
@@ -343,14 +344,6 @@ class FolderRecipients:
         # a newer mtime, and the next miss lists again.
         self._domains, self._domains_mtime_ns = domains, mtime_ns
         return True
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _mkdir(path: str) -> bool:

@@ -7,7 +7,11 @@ Run:  python bench/bench_journal.py [--seconds 5] [--sessions 20] [--sizes 1k,10
 (with its journal, default options) on a loop device, made for this run:
 on the reference machine's root file system, creating files is up to ~20x
 slower for minutes after many deletions (a test run does thousands), and
-that state, not the server, then sets every number.
+that state, not the server, then sets every number.  It has a bias of its
+own: a loop device turns every cache flush of the file system on it into
+an fsync of its whole image file, so each flushing mode (batch, always)
+also pays for the unflushed files of the others (bench/RESULTS.md).  Use
+it to compare flushing modes with each other, not with ``off``.
 
 ``--baseline TREE`` adds the mode ``base-batch``: ``--fsync batch`` of an
 older tree (PYTHONPATH=TREE/src, its extension built in place), such as

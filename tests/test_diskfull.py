@@ -185,10 +185,15 @@ def test_accepts_while_there_is_room(disk: Disk) -> None:
     disk.check_acked()
 
 
-def test_mail_is_refused_below_the_reserve(disk: Disk) -> None:
+def one_delivered(disk: Disk) -> None:
+    """One message accepted and in new/: the fill that follows measures a quiet disk."""
     reply = disk.send(make_body("before", 20_000))
     assert reply.startswith(b"250 "), reply
-    disk.check_acked()  # delivered: the fill below measures a quiet disk
+    disk.check_acked()
+
+
+def test_mail_is_refused_below_the_reserve(disk: Disk) -> None:
+    one_delivered(disk)
     disk.fill_to(RESERVE - MiB)
     disk.wait_mail(b"452 4.3.1")
     reply = disk.mail(size=1000)
@@ -206,9 +211,7 @@ def test_size_over_what_is_left_is_refused_a_smaller_one_accepted(disk: Disk) ->
 
 
 def test_message_that_does_not_fit_gets_451_and_leaves_nothing(disk: Disk) -> None:
-    reply = disk.send(make_body("before", 20_000))
-    assert reply.startswith(b"250 "), reply
-    disk.check_acked()  # delivered: the fill below measures a quiet disk
+    one_delivered(disk)
     disk.fill_to(RESERVE + MiB)
     body = make_body("too-big", 3 * MiB)
     c = disk.session()

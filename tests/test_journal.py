@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from fastsmtp import journal
+from fastsmtp import metrics as m
 from fastsmtp.errors import StorageError
 from fastsmtp.journal import MAILDIR, OwnFolder, encode, scan, segments
 from fastsmtp.journalstore import JournalStore
@@ -286,6 +287,34 @@ def test_retired_segments_are_reused_and_every_message_still_lands(tmp_path: Pat
     bodies = {(box / "new" / n).read_bytes() for n in names}
     assert bodies == {b"%06d " % i * 200 for i in range(600)}
     assert os.listdir(tmp_path / "journal") == []
+
+
+def test_the_gauges_count_what_the_journal_holds(tmp_path: Path) -> None:
+    box = make_maildir(tmp_path, "box")
+    row = m.Metrics(1).row(0)
+    store = JournalStore(hostname="mx.test", journal_dir=str(tmp_path / "journal"), mail_root=str(tmp_path),
+                         idle_close=60.0, metrics=row)
+    body = b"x" * 5000
+
+    async def main() -> tuple[int, int, int]:
+        loop = asyncio.get_running_loop()
+        store.start(loop)
+        spools = []
+        for _ in range(10):
+            spool = store.open_spool(str(box))
+            spool.write(body)
+            spools.append(store.submit(spool, [str(box)]))
+        await asyncio.gather(*spools)
+        await asyncio.sleep(0)  # their delivery, after the 250s
+        held = (row[m.JOURNAL_SEGMENTS], row[m.JOURNAL_BYTES], row[m.DELIVERED])
+        await loop.run_in_executor(None, store.close)
+        return held
+
+    segments, journal_bytes, delivered = asyncio.run(main())
+    assert segments >= 1  # the active segment: not idle for a minute, so not retired
+    assert journal_bytes > 10 * len(body)  # every record, with its header
+    assert delivered == 10
+    assert (row[m.JOURNAL_SEGMENTS], row[m.JOURNAL_BYTES], row[m.DELIVERY_PENDING]) == (0, 0, 0)
 
 
 def test_a_failed_journal_write_is_451_and_nothing_of_it_stays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch

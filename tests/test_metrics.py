@@ -111,9 +111,10 @@ def test_counters_match_what_was_sent(server_factory: Callable[..., RunningServe
     got = scrape(srv)
     assert got["fastsmtp_delivery_lag_seconds_count"] == accepted
     assert got["fastsmtp_delivery_failures_total"] == 0
-    assert got["fastsmtp_journal_segments"] >= 1  # the active segment, not yet idle a second
-    assert got["fastsmtp_journal_bytes"] > accepted * len(BODY)
+    # (While a segment is active the gauges count it: test_journal.py, where
+    # the idle time is the test's; here a second of idleness retires it.)
     assert wait_for(lambda: scrape(srv)["fastsmtp_journal_segments"] == 0)  # idle, then retired
+    assert scrape(srv)["fastsmtp_journal_bytes"] == 0
     assert scrape(srv)["fastsmtp_delivery_pending"] == 0
     # Anything but GET /metrics is 404.
     with pytest.raises(urllib.error.HTTPError) as info:

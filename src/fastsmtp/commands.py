@@ -154,13 +154,15 @@ def parse_mail(arg: bytes, max_size: int) -> MailFrom:
     """
     address, params = parse_mail_argument(arg)
     smtputf8 = False
+    size = 0
     for key, value in params:
         if key == b"SIZE":
             # RFC 1870 §3: SIZE=<digits>; over the limit is 552 now rather
             # than after the data has been sent.
             if value is None or not value.isdigit() or len(value) > 20:
                 raise LocalProtocolError("bad SIZE", BAD_PARAMETER)
-            if int(value) > max_size:
+            size = int(value)
+            if size > max_size:
                 raise LocalProtocolError("SIZE over the limit", MESSAGE_TOO_BIG)
         elif key == b"BODY":
             if value is None or (value not in _BODIES and value.upper() not in _BODIES):
@@ -173,7 +175,7 @@ def parse_mail(arg: bytes, max_size: int) -> MailFrom:
             raise LocalProtocolError(f"unknown parameter {key!r}", UNKNOWN_PARAMETER)
     if address is not None and address.utf8 and not smtputf8:
         raise LocalProtocolError("non-ASCII sender without SMTPUTF8", NEED_SMTPUTF8)
-    return MailFrom(address, params)
+    return MailFrom(address, params, size, smtputf8)
 
 
 def parse_rcpt(arg: bytes) -> RcptTo:

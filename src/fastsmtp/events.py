@@ -108,6 +108,10 @@ class MailFrom(Event):
     #: None for the null reverse-path ``<>`` (RFC 5321 §4.5.5).
     address: Address | None
     params: Params = ()
+    #: SIZE= as the parser read it (RFC 1870; 0: not declared), and whether
+    #: SMTPUTF8 was given (RFC 6531): read once, where the parameters are checked.
+    size: int = 0
+    smtputf8: bool = False
 
 
 @dataclass(frozen=True, slots=True)

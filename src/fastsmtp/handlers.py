@@ -157,8 +157,7 @@ class Handlers:
     def _on_mail(self, event: MailFrom) -> Reply | None:
         conn = self._conn
         # Before any content is sent (RFC 1870 §6.1; space.py).
-        declared = next((int(v or 0) for k, v in event.params if k == b"SIZE"), 0)
-        no_room = self._server.free_space.refusal(declared)
+        no_room = self._server.free_space.refusal(event.size)
         if no_room is not None:
             return no_room
         self.txn = Transaction(self._server, self._loop, conn.session, conn.peer, conn.too_slow)

@@ -49,10 +49,10 @@ from typing import Any, Sequence
 from . import metrics as counters
 from .errors import StorageError
 from .journal import MAILDIR, OwnFolder, encode
-from .maildir import Delivery, TmpFiles, fdatasync
+from .maildir import Delivery, TmpFiles
 from .retirer import Segment, Segments
-from .spool import Spool, checked_for_submit, close_quiet, encode_host, new_name
-from .store import MessageSpool
+from .spool import Spool, checked_for_submit, close_quiet, encode_host, fdatasync, new_name
+from .store import MessageSpool, Result, settle
 
 __all__ = ["JournalStore", "Entry"]
 
@@ -79,16 +79,6 @@ class Entry(Delivery):
         self.flushed = 0.0
         self.attempts = 0
         self.retry_at = 0.0
-
-
-def _resolve(results: list[tuple["asyncio.Future[str]", "str | BaseException"]]) -> None:
-    for fut, res in results:
-        if fut.done():
-            continue
-        if isinstance(res, BaseException):
-            fut.set_exception(res)
-        else:
-            fut.set_result(res)
 
 
 class JournalStore:
@@ -429,7 +419,7 @@ class JournalStore:
             self._roll()
 
     def _fail_batch(self, batch: list[Entry], exc: BaseException) -> None:
-        results: list[tuple[asyncio.Future[str], str | BaseException]] = []
+        results: list[Result] = []
         for entry in batch:
             if entry.posted:
                 continue
@@ -442,12 +432,12 @@ class JournalStore:
         self.stats["failed"] += len(results)
         self._post(results)
 
-    def _post(self, results: list[tuple["asyncio.Future[str]", "str | BaseException"]]) -> None:
+    def _post(self, results: list[Result]) -> None:
         if not results:
             return
         assert self._loop is not None
         try:
-            self._loop.call_soon_threadsafe(_resolve, results)
+            self._loop.call_soon_threadsafe(settle, results)
         except RuntimeError:  # the loop is closed: nobody waits for these
             pass
 

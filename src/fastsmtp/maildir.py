@@ -85,10 +85,10 @@ from .spool import (
     write_all,
     writev_all,
 )
-from .store import MessageSpool
+from .store import MessageSpool, Result, settle
 from .tmpclean import clean_tmp
 
-__all__ = ["FSYNC_MODES", "Spool", "MaildirWriter", "Delivery", "TmpFiles", "clean_tmp", "fdatasync"]
+__all__ = ["FSYNC_MODES", "Spool", "MaildirWriter", "Delivery", "TmpFiles", "clean_tmp"]
 
 log = logging.getLogger("fastsmtp.maildir")
 
@@ -99,15 +99,6 @@ FSYNC_MODES = ("always", "off")
 # An unnamed file in tmp/ (Linux 3.11+; ext4, XFS, btrfs, tmpfs), linked
 # into new/ once written.
 _TMPFILE_FLAGS = getattr(os, "O_TMPFILE", 0) | os.O_WRONLY | os.O_CLOEXEC
-
-
-def fdatasync(fd: int) -> None:
-    """The data flush (the journal's: journalstore.py).  fdatasync is not
-    everywhere (macOS); fsync then."""
-    if hasattr(os, "fdatasync"):
-        os.fdatasync(fd)
-    else:
-        os.fsync(fd)
 
 
 class Delivery:
@@ -264,20 +255,6 @@ class TmpFiles:
                 self._named_dirs.clear()
             self._named_dirs.add(tmp_dir)
             return None
-
-
-_Result = tuple["asyncio.Future[str]", "str | BaseException"]
-
-
-def _resolve(results: list[_Result]) -> None:
-    """On the loop: settle a batch's futures (those still wanted)."""
-    for fut, res in results:
-        if fut.done():  # cancelled: the session has gone
-            continue
-        if isinstance(res, BaseException):
-            fut.set_exception(res)
-        else:
-            fut.set_result(res)
 
 
 class MaildirWriter:
@@ -514,7 +491,7 @@ class MaildirWriter:
     def _post(self, jobs: list[Delivery], on_loop: bool = False) -> None:
         """Hand the results to the loop: one call_soon_threadsafe per commit
         (or at once, when this already is the loop's thread)."""
-        results: list[_Result] = []
+        results: list[Result] = []
         for job in jobs:
             if not job.posted:
                 job.posted = True
@@ -522,11 +499,11 @@ class MaildirWriter:
         if not results:
             return
         if on_loop:
-            _resolve(results)
+            settle(results)
             return
         assert self._loop is not None
         try:
-            self._loop.call_soon_threadsafe(_resolve, results)
+            self._loop.call_soon_threadsafe(settle, results)
         except RuntimeError:  # the loop is closed: nobody waits for these any more
             pass
 

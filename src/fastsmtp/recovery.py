@@ -70,7 +70,9 @@ def recover(root: str, mail_root: str, mine: str | None = None) -> Recovered:
         finally:
             os.close(lock)
     if done.folders:
-        log.warning(done.line()) if done.replayed or done.set_aside or done.torn else log.info(done.line())
+        # A warning when it had work: something did not reach the disk in time.
+        level = logging.WARNING if done.replayed or done.set_aside or done.torn else logging.INFO
+        log.log(level, done.line())
     return done
 
 

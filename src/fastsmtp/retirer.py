@@ -40,9 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import metrics as counters
 from .journal import OwnFolder, read_segment, scan
-from .maildir import fdatasync
 from .recovery import deliver_to_maildir, set_aside
-from .spool import close_quiet, unlink_quiet
+from .spool import close_quiet, fdatasync, unlink_quiet
 
 if TYPE_CHECKING:
     from .journalstore import Entry

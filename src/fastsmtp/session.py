@@ -553,12 +553,9 @@ class Session:
         # MAIL is only in order in READY, where the envelope is a fresh one.
         env = self.envelope
         env.mail_from = event.address
-        env.mail_params = params = event.params
-        for key, value in params:
-            if key == b"SIZE":
-                env.declared_size = int(value or 0)
-            elif key == b"SMTPUTF8":
-                env.smtputf8 = True
+        env.mail_params = event.params
+        env.declared_size = event.size
+        env.smtputf8 = event.smtputf8
 
 
 # -- readers: READERS[state] reads the input -----------------------------------

@@ -20,7 +20,7 @@ import time
 from typing import Sequence
 
 __all__ = ["Spool", "encode_host", "new_name", "OPEN_FLAGS", "FILE_MODE", "write_all", "writev_all", "copy_all",
-           "unlink_quiet", "close_quiet", "fsync_dir", "checked_for_submit"]
+           "unlink_quiet", "close_quiet", "fsync_dir", "fdatasync", "checked_for_submit"]
 
 OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
 FILE_MODE = 0o600
@@ -114,6 +114,14 @@ def copy_all(src: int, dst: int, count: int) -> None:
             raise OSError(errno.EIO, "copy made no progress")
         offset += k
 
+
+
+def fdatasync(fd: int) -> None:
+    """The data flush.  fdatasync is not everywhere (macOS); fsync then."""
+    if hasattr(os, "fdatasync"):
+        os.fdatasync(fd)
+    else:
+        os.fsync(fd)
 
 
 def fsync_dir(path: str) -> None:

@@ -27,7 +27,21 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol, Sequence
 
-__all__ = ["Store", "MessageSpool"]
+__all__ = ["Store", "MessageSpool", "Result", "settle"]
+
+#: A submitted message's future and what it gets: the stored name, or the error.
+Result = tuple["asyncio.Future[str]", "str | BaseException"]
+
+
+def settle(results: list[Result]) -> None:
+    """On the loop: settle a batch's futures (those still wanted), for either store."""
+    for fut, res in results:
+        if fut.done():  # cancelled: the session has gone
+            continue
+        if isinstance(res, BaseException):
+            fut.set_exception(res)
+        else:
+            fut.set_result(res)
 
 
 class MessageSpool(Protocol):

@@ -1,0 +1,1 @@
+"""Who sent it: SPF, DKIM, DMARC and ARC, reported in Authentication-Results."""

@@ -241,8 +241,9 @@ class Resolver:
         return res
 
     @property
-    def servers(self) -> list[str]:
-        return [str(ns) for ns in self._resolver.nameservers]
+    def servers(self) -> list[tuple[str, int]]:
+        """The servers asked, in order, as (address, port)."""
+        return [(ns.address, ns.port) for ns in self._resolver.nameservers]  # type: ignore[union-attr]
 
     # Each method holds the warm path itself (no second coroutine): a key,
     # one dict probe and a clock read.  Keys are stored without the final
@@ -295,7 +296,7 @@ class Resolver:
 
     # -- the cold path: the shared query -----------------------------------------
 
-    async def _miss(self, ck: tuple[str, int]) -> Any:
+    async def _miss(self, ck: tuple[str, int]) -> tuple[Any, ...]:
         key, rdtype = ck
         if key[-1:] == ".":        # one trailing dot is tolerated
             ck = (key[:-1], rdtype)
@@ -345,6 +346,8 @@ class Resolver:
 
     async def _ask(self, qname: dns.name.Name, rdtype: int) -> tuple[tuple[Any, ...], int]:
         """One lookup: (converted answer, seconds to keep it), or DNSError."""
+        # Keys hold plain ints (an IntEnum hashes in Python); dnspython wants its enum.
+        rdtype = dns.rdatatype.RdataType(rdtype)
         what = f"{qname.to_text(omit_final_dot=True)[:80]}/{dns.rdatatype.to_text(rdtype)}"
         try:
             # asyncio.timeout is the hard bound: dnspython's lifetime does
@@ -353,7 +356,7 @@ class Resolver:
                 answer = await self._resolver.resolve(
                     qname, rdtype, raise_on_no_answer=False, search=False, lifetime=self.timeout)
         except dns.resolver.NXDOMAIN as exc:
-            neg = _negative_ttl(list(exc.responses().values()))
+            neg = _negative_ttl(list(exc.responses().values()))  # type: ignore[no-untyped-call]
             return (), min(neg, self.max_negative_ttl)
         except (TimeoutError, dns.exception.Timeout):
             raise DNSError(f"{what}: no answer within {self.timeout:g} s") from None

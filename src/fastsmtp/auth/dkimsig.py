@@ -203,6 +203,8 @@ def parse_signature(field: bytes, position: int, tags: Tags, offset: int, *, arc
     b = _b64(b_text, "b=")
     if not b:
         raise Problem("permerror", "empty b=")
+    signed: tuple[str, ...]
+    limit: int | None
     if arc_seal:
         # RFC 8617 §4.1.3: the AS signs the ARC sets themselves, never a
         # header list or the body; an h= makes the seal invalid.

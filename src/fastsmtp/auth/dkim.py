@@ -1,0 +1,231 @@
+"""DKIM verification (RFC 6376, RFC 8301, RFC 8463), and the Verifier that ARC shares.
+
+Rules of this module:
+- ``Verifier(headers)`` reads the header section once: it parses every
+  DKIM-Signature (the first ``max_signatures`` of them) and the ARC sets,
+  and asks ``BodyHashes`` for the body hashes they need, so the body then
+  streams through ``body()`` once, however many signatures share a hash.
+- ``dkim()`` answers one ``DKIMResult`` per DKIM-Signature field, top
+  first.  The key lookups of all signatures run at once (one per distinct
+  name); each signature's trouble is its own result, and nothing raises
+  out of ``dkim()`` or ``arc()``.
+- Choices where RFC 6376 leaves room, each cited where it is made:
+  rsa-sha1 and RSA keys under 1024 bits fail (RFC 8301 §3.1, §3.2); an
+  unknown a= is permerror; x= in the past beyond ``CLOCK_SKEW`` fails
+  ("signature expired", §3.5 x=); t= in the future beyond it is permerror
+  (§3.5 t= lets verifiers ignore it); l= beyond the body fails; signatures
+  past ``max_signatures`` are "policy" ("too many signatures", §6.1 lets
+  verifiers limit the work, RFC 8601 §2.7.1 "policy").
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, Sequence
+
+from ..dns import Lookups
+from .canon import BodyHashes
+from .dkimsig import (
+    KEY_CACHE,
+    Key,
+    KeyCache,
+    Problem,
+    Signature,
+    Tags,
+    check_key,
+    check_signature,
+    fetch_key,
+    hash_input,
+    parse_signature,
+    split_tags,
+)
+
+if TYPE_CHECKING:
+    from .arc import ARCResult
+
+__all__ = ["Header", "DKIMResult", "Verifier", "CLOCK_SKEW"]
+
+Header = tuple[bytes, bytes]
+
+#: Seconds of clock difference forgiven on t= and x= (§3.5: verifiers may
+#: allow for skew); five minutes, as for Kerberos-style checks.
+CLOCK_SKEW: Final = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class DKIMResult:
+    result: str  # RFC 8601 §2.7.1: "pass" | "fail" | "neutral" | "policy" | "temperror" | "permerror"
+    domain: str  # d=  ("" when unparsable)
+    selector: str  # s=
+    identity: str  # i= ("" when absent)
+    algorithm: str  # a=
+    b: str  # the first 12 characters of b=, for A-R's header.b (RFC 6008)
+    reason: str = ""
+    testing: bool = False  # the key has t=y (§3.6.1): the domain is testing DKIM
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One DKIM-Signature field: parsed, or already decided."""
+
+    tags: Tags
+    sig: Signature | None = None
+    problem: Problem | None = None
+
+
+def _result(entry: _Entry, result: str, reason: str = "", testing: bool = False) -> DKIMResult:
+    def tag(name: str) -> str:
+        item = entry.tags.get(name)
+        return item[0][:256] if item else ""
+
+    b = "".join(tag("b").split())[:12]
+    return DKIMResult(result, tag("d").lower(), tag("s").lower(), tag("i"), tag("a").lower(), b, reason, testing)
+
+
+def _dkim_signature(field: bytes, position: int) -> _Entry:
+    """Parse one DKIM-Signature; its problems become the entry's."""
+    entry = _Entry({})
+    try:
+        entry.tags, offset = split_tags(field)
+        tags = entry.tags
+        if "v" not in tags or tags["v"][0] != "1":
+            raise Problem("permerror", "missing or bad v=")  # §3.5: v=1 required
+        sig = parse_signature(field, position, tags, offset)
+        if "from" not in sig.signed:
+            raise Problem("permerror", "From not signed")  # §5.4: From MUST be signed
+        identity = tags["i"][0] if "i" in tags else ""
+        if identity:
+            at = identity.rfind("@")
+            idom = identity[at + 1 :].lower().rstrip(".")
+            if at < 0 or not (idom == sig.domain or idom.endswith("." + sig.domain)):
+                raise Problem("permerror", "i= not within d=")  # §3.5 i=
+        sig.identity = identity
+        entry.sig = sig
+    except Problem as p:
+        entry.problem = p
+    except Exception:  # a surprise in one signature stays its own permerror
+        entry.problem = Problem("permerror", "unparsable signature")
+    return entry
+
+
+class Verifier:
+    """One message's DKIM-Signature fields and ARC sets: the body hashes they need, then the checks."""
+
+    __slots__ = ("headers", "needs_body", "_hashes", "_index", "_entries", "_arc", "_cache", "_ended", "_keys")
+
+    def __init__(
+        self, headers: Sequence[Header], *, max_signatures: int = 10, key_cache: KeyCache | None = None
+    ) -> None:
+        from .arc import ARCPlan  # arc.py builds on this module
+
+        self.headers = headers
+        self._cache = key_cache if key_cache is not None else KEY_CACHE
+        self._hashes = BodyHashes()
+        self._ended = False
+        self._keys: dict[str, asyncio.Future[Key | Problem]] = {}
+        index: dict[bytes, list[int]] = {}
+        signatures: list[int] = []
+        for pos, (name, _) in enumerate(headers):
+            lname = name.rstrip(b" \t").lower()
+            index.setdefault(lname, []).append(pos)
+            if lname == b"dkim-signature":
+                signatures.append(pos)
+        self._index = index
+        self._entries: list[_Entry] = []
+        for n, pos in enumerate(signatures):
+            if n >= max_signatures:
+                entry = _Entry({})
+                try:
+                    entry.tags = split_tags(headers[pos][1])[0]
+                except Exception:
+                    pass
+                entry.problem = Problem("policy", "too many signatures")
+            else:
+                entry = _dkim_signature(headers[pos][1], pos)
+            if entry.sig is not None:
+                self._hashes.need(entry.sig.body_key)
+            self._entries.append(entry)
+        self._arc = ARCPlan(headers, index, self._hashes)
+        self.needs_body = len(self._hashes) > 0
+
+    @property
+    def body_hashes(self) -> BodyHashes:
+        """The shared running hashes (tests count them)."""
+        return self._hashes
+
+    def body(self, data: bytes | bytearray | memoryview) -> None:
+        """The next piece of the body (after the blank line), split anywhere."""
+        self._hashes.write(data)
+
+    def end(self) -> None:
+        """The body is over."""
+        if not self._ended:
+            self._ended = True
+            self._hashes.end()
+
+    async def key(self, lookups: Lookups, name: str) -> Key | Problem:
+        """The key at name, asked once per message however many signatures need it."""
+        fut = self._keys.get(name)
+        if fut is None:
+            fut = self._keys[name] = asyncio.ensure_future(fetch_key(lookups, name, self._cache))
+        return await fut
+
+    async def dkim(self, lookups: Lookups, now: float) -> list[DKIMResult]:
+        """One result per DKIM-Signature field, top first."""
+        self.end()
+        entries = self._entries
+
+        async def one(entry: _Entry) -> DKIMResult:
+            try:
+                return await self._verify(entry, lookups, now)
+            except Exception:
+                return _result(entry, "permerror", "internal error")
+
+        return list(await asyncio.gather(*(one(e) for e in entries)))
+
+    async def _verify(self, entry: _Entry, lookups: Lookups, now: float) -> DKIMResult:
+        if entry.problem is not None:
+            return _result(entry, entry.problem.result, entry.problem.reason)
+        sig = entry.sig
+        assert sig is not None
+        if sig.expires is not None and sig.expires + CLOCK_SKEW < now:
+            return _result(entry, "fail", "signature expired")
+        if sig.timestamp is not None and sig.timestamp - CLOCK_SKEW > now:
+            return _result(entry, "permerror", "timestamp in the future")
+        key = await self.key(lookups, sig.key_name)
+        if isinstance(key, Problem):
+            return _result(entry, key.result, key.reason)
+        try:
+            if key.strict and sig.identity:
+                # §3.6.1 t=s: the i= domain must be d= itself.
+                if sig.identity[sig.identity.rfind("@") + 1 :].lower().rstrip(".") != sig.domain:
+                    raise Problem("permerror", "i= must equal d= (key t=s)")
+            verify(sig, key, self.headers, self._index, self._hashes)
+        except Problem as p:
+            return _result(entry, p.result, p.reason, key.testing)
+        return _result(entry, "pass", "", key.testing)
+
+    async def arc(self, lookups: Lookups, now: float) -> ARCResult:
+        """The ARC chain's validation status (RFC 8617 §5.2)."""
+        from .arc import ARCResult
+
+        self.end()
+        try:
+            return await self._arc.validate(self, lookups, now)
+        except Exception:
+            return ARCResult("fail", self._arc.instances, "internal error")
+
+
+def verify(
+    sig: Signature, key: Key, headers: Sequence[Header], index: dict[bytes, list[int]], hashes: BodyHashes
+) -> None:
+    """Raise Problem unless sig verifies with key: the key, the body hash, then the header hash."""
+    check_key(sig, key)
+    if sig.limit is not None and sig.limit > hashes.length(sig.body_canon):
+        # §3.5 l=: more than the body was signed; the body is not what was
+        # signed, so the signature fails.
+        raise Problem("fail", "l= beyond the body")
+    if hashes.digest(sig.body_key) != sig.bh:
+        raise Problem("fail", "body hash mismatch")  # §6.1.3
+    check_signature(sig, key, hash_input(sig, headers, index))

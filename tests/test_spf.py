@@ -481,10 +481,18 @@ def test_thousand_terms_and_huge_record_are_bounded() -> None:
     assert result(dns, "192.0.2.1", "big.test") == "fail"
 
 
-def test_parse_is_cached() -> None:
+def test_parse_is_cached_and_the_cache_bounded() -> None:
     raw = b"v=spf1 ip4:203.0.113.0/24 -all"
     first = spf._parse_record(raw)
     assert spf._parse_record(raw) is first
+    cache = spf._RecordCache(max_weight=100_000, max_entries=50)
+    for i in range(200):
+        cache.get(b"v=spf1 ip4:192.0.2.%d -all" % i)
+    assert len(cache) == 50
+    big = b"v=spf1 " + b"a " * 1000
+    for i in range(10):
+        cache.get(big + b"ip4:192.0.2.%d" % i)
+    assert len(cache) < 50 and cache._weight <= 100_000
 
 
 # ---------------------------------------------------------------------------

@@ -19,8 +19,8 @@ Rules of this module:
   permerror at once (it could only loop until the limit); past 20 seconds
   (§4.6.4's SHOULD) the next DNS term is a temperror; an explanation is at
   most 1 KiB.
-- A record is parsed once: ``_parse_record`` is an LRU keyed by the record's
-  bytes, and what parsing can precompute (a static target name, a network
+- A record is parsed once: ``_RECORDS`` is an LRU keyed by the record's
+  bytes and bounded by memory (about 8 MiB), and what parsing can precompute (a static target name, a network
   as integers, the "matched ..." reason) is kept on the parsed term, so a
   warm check allocates little beyond its own small state.
 - Nothing raises out of the check functions but a ``ValueError`` for a
@@ -35,6 +35,7 @@ import re
 import socket
 import time
 from dataclasses import dataclass
+from collections import OrderedDict
 from functools import lru_cache
 from typing import Final
 from urllib.parse import quote
@@ -164,9 +165,11 @@ def _parse_macros(text: str, *, explanation: bool) -> tuple[tuple[str | _Macro, 
                 raise ValueError("macro digit transformer must be nonzero")
             split = None
             if delims and delims != ".":
-                split = _SPLITTERS.get(delims)
+                # At most 2**7 keys whatever the records say: a set of delimiters.
+                key = "".join(sorted(set(delims)))
+                split = _SPLITTERS.get(key)
                 if split is None:
-                    split = _SPLITTERS[delims] = str.maketrans(dict.fromkeys(delims, "."))
+                    split = _SPLITTERS[key] = str.maketrans(key, "." * len(key))
             if literal:
                 parts.append("".join(literal))
                 literal = []
@@ -339,9 +342,47 @@ def _parse_term(text: str) -> _Term | tuple[str, _MacroString | None] | None:
     return term
 
 
-@lru_cache(maxsize=2048)
+class _RecordCache:
+    """Parsed records by their text, least recently used out first.
+
+    Bounded by an estimate of the memory held (the text plus ~256 octets a
+    term) as well as by count, so records of a thousand terms cannot make
+    it hold hundreds of megabytes.
+    """
+
+    __slots__ = ("_records", "_weight", "max_weight", "max_entries")
+
+    def __init__(self, max_weight: int, max_entries: int) -> None:
+        self._records: OrderedDict[bytes, tuple[_Record, int]] = OrderedDict()
+        self._weight = 0
+        self.max_weight = max_weight
+        self.max_entries = max_entries
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, raw: bytes) -> _Record:
+        hit = self._records.get(raw)
+        if hit is not None:
+            self._records.move_to_end(raw)
+            return hit[0]
+        record = _parse_text(raw)
+        weight = len(raw) + 256 * len(record.terms)
+        self._records[raw] = (record, weight)
+        self._weight += weight
+        while self._weight > self.max_weight or len(self._records) > self.max_entries:
+            _, (_, old) = self._records.popitem(last=False)
+            self._weight -= old
+        return record
+
+
 def _parse_record(raw: bytes) -> _Record:
-    """Parse a whole SPF record once (§4.6: any syntax error is a permerror)."""
+    """The parsed record, from the cache when this text was seen before."""
+    return _RECORDS.get(raw)
+
+
+def _parse_text(raw: bytes) -> _Record:
+    """Parse a whole SPF record (§4.6: any syntax error is a permerror)."""
     rec = _Record()
     if len(raw) > MAX_RECORD_OCTETS:
         rec.error = f"record too long ({len(raw)} octets)"
@@ -376,6 +417,9 @@ def _parse_record(raw: bytes) -> _Record:
                 return rec
             setattr(rec, name, spec)
     return rec
+
+
+_RECORDS: Final = _RecordCache(max_weight=8 << 20, max_entries=4096)
 
 
 # ---------------------------------------------------------------------------

@@ -195,11 +195,12 @@ def test_appendix_a4_multiple_requirements() -> None:
     # As published, "-ptr" in ptr._spf.example.com compares the client's
     # names with ptr._spf.example.com itself (§5.2: <domain> is the
     # include's target; §5.5), which no name is under: every client fails.
-    for ip in ("192.0.2.65", "192.0.2.140", "10.0.0.4"):
+    # RFC 7208 erratum 6216 reports exactly this.
+    for ip in ("192.0.2.65", "192.0.2.10", "192.0.2.140", "10.0.0.4"):
         assert result(dns, ip) == "fail", ip
-    # The intent (in 192.0.2.0/24 and named under example.com) is written
-    # with the sender's domain as the ptr target.
-    dns.txt_["ptr._spf.example.com"] = [b"v=spf1 -ptr:%{o} +all"]
+    # The intent (in 192.0.2.0/24 and named under example.com), as the
+    # erratum corrects it.
+    dns.txt_["ptr._spf.example.com"] = [b"v=spf1 -ptr:example.com +all"]
     assert result(dns, "192.0.2.65") == "pass"  # amy.example.com, in range
     assert result(dns, "192.0.2.10") == "pass"  # example.com itself
     assert result(dns, "192.0.2.140") == "fail"  # in range, but mail-c.example.org

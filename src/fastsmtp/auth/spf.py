@@ -20,12 +20,30 @@ Rules of this module:
   (§4.6.4's SHOULD) the next DNS term is a temperror; an explanation is at
   most 1 KiB.
 - A record is parsed once: ``_RECORDS`` is an LRU keyed by the record's
-  bytes and bounded by memory (about 8 MiB), and what parsing can precompute (a static target name, a network
-  as integers, the "matched ..." reason) is kept on the parsed term, so a
-  warm check allocates little beyond its own small state.
+  bytes and bounded by memory (about 8 MiB).  What parsing can precompute
+  (a static target name, a network as integers, the "matched ..." reason)
+  is kept on the parsed term, so a warm check allocates little beyond its
+  own small state.
 - Nothing raises out of the check functions but a ``ValueError`` for a
   client address that is not an IP address (a bug in the caller), and what
   the ``Lookups`` raises besides ``DNSError`` and ``BadName``.
+
+Where the RFC leaves room, this module chooses:
+- A target name that cannot be a DNS name (``BadName``, often after macro
+  expansion) is a name without records: a/mx/exists/ptr do not match and
+  the lookup is void (§4.3 treats a malformed domain like NXDOMAIN); for
+  include and redirect it is check_host's "none", so permerror (§5.2, §6.1).
+- An mx term's exchanges are looked up together; any match wins, and a
+  DNS error counts only when nothing matched, so the answer never depends
+  on which reply came first.
+- ptr validates only the names (of the first 10) at or under the target:
+  the same answer as validating all, with fewer queries.  The ptr rule is
+  §5.5's algorithm (the name under the target), not erratum 4751's bullet.
+- %{p} costs no term of its own (the term holding it is counted); its PTR
+  answer and validated names are fetched once per check.
+- c, r and t are refused in every domain-spec, exp= included: §7.2 allows
+  them "only in exp text", the explanation string.
+- The time limit is checked before each DNS term, not by a timer.
 """
 
 from __future__ import annotations
@@ -34,8 +52,8 @@ import asyncio
 import re
 import socket
 import time
-from dataclasses import dataclass
 from collections import OrderedDict
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final
 from urllib.parse import quote

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import dkim as dkimpy
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from dkim.canonicalization import CanonicalizationPolicy
 from dkim.crypto import parse_pem_private_key
 
 from dkimtools import FakeLookups, KeyPair, ed_key, rsa_key, split_message, verify
 from fastsmtp.auth.dkim import DKIMResult, Verifier
-from fastsmtp.auth.dkimsig import KeyCache, parse_key
+from fastsmtp.auth.dkimsig import KeyCache, Problem, parse_key, parse_tags, parse_tags_careful
 from fastsmtp.dns import BadName, DNSError
 
 MSG = (
@@ -395,3 +397,58 @@ def test_timings_report(capsys: pytest.CaptureFixture[str]) -> None:
                 print(f"\n  verify {name} 1 KiB: {us:.0f} µs")
     finally:
         loop.close()
+
+
+# -- the tag-list fast path equals the careful parser ------------------------------
+
+
+def _tags_or_problem(parse: object, data: bytes) -> object:
+    try:
+        return parse(data)  # type: ignore[operator]
+    except Problem as p:
+        return (p.result, p.reason)
+
+
+TAG_EDGES = [
+    b"",
+    b"  \r\n ",
+    b"a=1",
+    b"a=1;",
+    b"a=1; ",
+    b"a=1;;",  # an empty spec not at the end
+    b";",
+    b" ; a=1",
+    b"a = 1 ; b\t=\r\n 2\r\n ;\r\n",  # FWS around "=" and ";", folded
+    b"a=; b= ;c=",  # empty values
+    b"a=1; a=2",  # duplicate
+    b"a=1; A=2",  # names are case-sensitive: not a duplicate
+    b"a=1; b",  # a spec without "="
+    b"3a=1",
+    b"_a=1",
+    b"a_b=1; a-b=2",
+    b"a b=1",
+    b"=1",
+    b"a==b=c; b=x=",  # "=" inside values
+    b"a=\x01",
+    b"a=1; b=\x7f; a=1",  # the control octet is after a duplicate-free prefix
+    b"a=1; a=2; b=\x00",  # a duplicate before a control octet
+    b"a=caf\xc3\xa9; b=\xff",  # non-ASCII values
+    b"\xc3\xa9=1",
+    b"a=1\x0b",
+]
+
+
+def test_parse_tags_fast_equals_careful() -> None:
+    for data in TAG_EDGES:
+        assert _tags_or_problem(parse_tags, data) == _tags_or_problem(parse_tags_careful, data), data
+    assert parse_tags(b" a = 1 ; b=\r\n 2 ;") == {"a": ("1", 4, 7), "b": ("2", 11, 16)}  # spans: after "=" up to ";"
+    assert _tags_or_problem(parse_tags, b"v=1; v=1") == ("permerror", "duplicate tag v=")
+    assert _tags_or_problem(parse_tags, b"a=1;; b=2") == ("permerror", "malformed tag list")
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b"b", b"A", b"1", b"_", b"=", b";", b" ", b"\t", b"\r\n", b"\r", b"\n",
+                                 b"\x00", b"\x7f", b"\xc3\xa9", b"\xff", b"v=1", b"bh=", b"; "]),
+                max_size=40).map(b"".join))
+def test_parse_tags_fast_equals_careful_random(data: bytes) -> None:
+    assert _tags_or_problem(parse_tags, data) == _tags_or_problem(parse_tags_careful, data)

@@ -452,3 +452,62 @@ def test_parse_tags_fast_equals_careful() -> None:
                 max_size=40).map(b"".join))
 def test_parse_tags_fast_equals_careful_random(data: bytes) -> None:
     assert _tags_or_problem(parse_tags, data) == _tags_or_problem(parse_tags_careful, data)
+
+
+# -- at_once: gather's meaning, without a task for what needs no waiting -----------
+
+
+def test_at_once_order_concurrency_and_no_tasks() -> None:
+    from fastsmtp.auth.dkim import at_once
+
+    started: list[int] = []
+
+    async def quick(n: int) -> int:
+        started.append(n)
+        return n
+
+    async def slow(n: int, fut: asyncio.Future[int]) -> int:
+        started.append(n)
+        await asyncio.sleep(0)  # a bare yield
+        return n + await fut  # a future shared by two waiters
+
+    async def main() -> tuple[list[int], list[int], int]:
+        loop = asyncio.get_running_loop()
+        before = len(asyncio.all_tasks())
+        quick_only = await at_once([quick(1), quick(2)])
+        assert len(asyncio.all_tasks()) == before  # nothing was scheduled
+        fut: asyncio.Future[int] = loop.create_future()
+        loop.call_later(0.01, fut.set_result, 100)
+        mixed = await at_once([slow(3, fut), quick(4), slow(5, fut)])
+        return quick_only, mixed, len(started)
+
+    assert asyncio.run(asyncio.wait_for(main(), 5)) == ([1, 2], [103, 4, 105], 5)
+    assert started == [1, 2, 3, 4, 5]  # every one started before any was awaited
+
+
+def test_at_once_errors_and_cancellation() -> None:
+    from fastsmtp.auth.dkim import at_once
+
+    async def boom() -> int:
+        await asyncio.sleep(0)
+        raise ValueError("x")
+
+    async def forever(fut: asyncio.Future[int]) -> int:
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    cancelled: list[bool] = []
+
+    async def main() -> None:
+        with pytest.raises(ValueError):
+            await at_once([boom()])
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(at_once([forever(fut), forever(fut)]), 0.01)
+        await asyncio.sleep(0)
+        assert cancelled == [True, True]  # each waiting coroutine saw the cancellation
+
+    asyncio.run(asyncio.wait_for(main(), 5))

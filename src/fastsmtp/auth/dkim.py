@@ -9,6 +9,11 @@ Rules of this module:
   first.  The key lookups of all signatures run at once (one per distinct
   name); each signature's trouble is its own result, and nothing raises
   out of ``dkim()`` or ``arc()``.
+- No task per message where none is needed: ``at_once`` starts every
+  check before awaiting any, as ``asyncio.gather`` would, but a check that
+  finishes at its first step (the resolver had the key's TXT cached) runs
+  inline; only checks that really wait on DNS become tasks.  A task and a
+  gather cost more than all the parsing of a signature.
 - Choices where RFC 6376 leaves room, each cited where it is made:
   rsa-sha1 and RSA keys under 1024 bits fail (RFC 8301 §3.1, §3.2); an
   unknown a= is permerror; x= in the past beyond ``CLOCK_SKEW`` fails
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Sequence
+from typing import TYPE_CHECKING, Any, Coroutine, Final, Sequence, TypeVar
 
 from ..dns import Lookups
 from .canon import BodyHashes
@@ -44,7 +49,9 @@ from .dkimsig import (
 if TYPE_CHECKING:
     from .arc import ARCResult
 
-__all__ = ["Header", "DKIMResult", "Verifier", "CLOCK_SKEW"]
+__all__ = ["Header", "DKIMResult", "Verifier", "CLOCK_SKEW", "at_once"]
+
+_T = TypeVar("_T")
 
 Header = tuple[bytes, bytes]
 
@@ -109,6 +116,65 @@ def _dkim_signature(field: bytes, position: int) -> _Entry:
     return entry
 
 
+async def at_once(coros: Sequence[Coroutine[Any, Any, _T]]) -> list[_T]:
+    """The coroutines' results in order, all started before any is awaited (as gather).
+
+    Each is stepped once here; one that returns at that step cost no task.
+    Those that wait are driven on by a task each, gathered.
+    """
+    results: list[Any] = [None] * len(coros)
+    waiting: list[tuple[int, asyncio.Future[Any]]] = []
+    started = 0
+    try:
+        for i, coro in enumerate(coros):
+            started = i + 1
+            try:
+                step = _taken(coro.send(None))
+            except StopIteration as done:
+                results[i] = done.value
+            else:
+                waiting.append((i, asyncio.ensure_future(_drive(coro, step))))
+        if waiting:
+            for (i, _), value in zip(waiting, await asyncio.gather(*(t for _, t in waiting))):
+                results[i] = value
+    except BaseException:
+        for coro in coros[started:]:
+            coro.close()  # never started: no "never awaited" warning
+        for _, task in waiting:
+            task.cancel()
+        raise
+    return results
+
+
+def _taken(step: Any) -> Any:
+    """Receive what a coroutine yielded, as a Task does (asyncio's Future protocol).
+
+    A future yielded by ``await`` carries a "blocking" mark that its
+    receiver must clear at once: while it is set, any other ``await`` of
+    the same future (another signature waiting for the same key) fails.
+    """
+    if step is not None:
+        step._asyncio_future_blocking = False
+    return step
+
+
+async def _drive(coro: Coroutine[Any, Any, _T], step: Any) -> _T:
+    """Go on with coro from a suspension that yielded step, as its own Task would."""
+    while True:
+        error: BaseException | None = None
+        try:
+            if step is None:
+                await asyncio.sleep(0)  # a bare yield asks for one turn of the loop
+            else:
+                await step  # the future coro waits on; coro reads its outcome itself
+        except BaseException as e:  # the future's exception, or our cancellation: coro's to handle
+            error = e
+        try:
+            step = _taken(coro.send(None) if error is None else coro.throw(error))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+
 class Verifier:
     """One message's DKIM-Signature fields and ARC sets: the body hashes they need, then the checks."""
 
@@ -123,7 +189,7 @@ class Verifier:
         self._cache = key_cache if key_cache is not None else KEY_CACHE
         self._hashes = BodyHashes()
         self._ended = False
-        self._keys: dict[str, asyncio.Future[Key | Problem]] = {}
+        self._keys: dict[str, asyncio.Future[Key | Problem]] = {}  # by name, fetched or being fetched
         index: dict[bytes, list[int]] = {}
         signatures: list[int] = []
         for pos, (name, _) in enumerate(headers):
@@ -167,9 +233,19 @@ class Verifier:
     async def key(self, lookups: Lookups, name: str) -> Key | Problem:
         """The key at name, asked once per message however many signatures need it."""
         fut = self._keys.get(name)
-        if fut is None:
-            fut = self._keys[name] = asyncio.ensure_future(fetch_key(lookups, name, self._cache))
-        return await fut
+        if fut is not None:
+            return await fut
+        # The first asker fetches in its own coroutine (no task); later
+        # askers wait on the future it fills.
+        fut = self._keys[name] = asyncio.get_running_loop().create_future()
+        try:
+            key = await fetch_key(lookups, name, self._cache)
+        except BaseException:  # cancelled: the next asker fetches afresh
+            del self._keys[name]
+            fut.cancel()
+            raise
+        fut.set_result(key)
+        return key
 
     async def dkim(self, lookups: Lookups, now: float) -> list[DKIMResult]:
         """One result per DKIM-Signature field, top first."""
@@ -182,7 +258,9 @@ class Verifier:
             except Exception:
                 return _result(entry, "permerror", "internal error")
 
-        return list(await asyncio.gather(*(one(e) for e in entries)))
+        if len(entries) == 1:
+            return [await one(entries[0])]  # the common case: nothing to run alongside
+        return await at_once([one(e) for e in entries])
 
     async def _verify(self, entry: _Entry, lookups: Lookups, now: float) -> DKIMResult:
         if entry.problem is not None:
@@ -208,8 +286,10 @@ class Verifier:
 
     async def arc(self, lookups: Lookups, now: float) -> ARCResult:
         """The ARC chain's validation status (RFC 8617 §5.2)."""
-        from .arc import ARCResult
+        from .arc import NO_ARC, ARCResult
 
+        if self._arc.instances == 0:
+            return NO_ARC  # no ARC header field at all: nothing to wait for
         self.end()
         try:
             return await self._arc.validate(self, lookups, now)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Sequence
 
 from ..dns import Lookups
-from .canon import BodyHashes, header_relaxed
+from .canon import BodyHashes, headers_relaxed
 from .dkimsig import Key, Problem, Signature, check_key, check_signature, parse_signature, split_tags
 
 if TYPE_CHECKING:
@@ -136,12 +136,12 @@ class ARCPlan:
         parts: list[bytes] = []
         for j in range(1, i + 1):
             aar, ams, seal = self.sets[j]
-            parts.append(header_relaxed(headers[aar][1]))
-            parts.append(header_relaxed(headers[ams][1]))
+            parts.append(headers[aar][1])
+            parts.append(headers[ams][1])
             if j < i:
-                parts.append(header_relaxed(headers[seal][1]))
-        parts.append(header_relaxed(self.seals[i].field_no_b)[:-2])
-        return b"".join(parts)
+                parts.append(headers[seal][1])
+        parts.append(self.seals[i].field_no_b)
+        return headers_relaxed(parts)[:-2]  # header_relaxed of each, the last without its CRLF
 
     async def validate(self, verifier: Verifier, lookups: Lookups, now: float) -> ARCResult:
         """§5.2 steps 5 and 7, after the structure checks made at construction."""

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Coroutine, Final, Sequence, TypeVar
+from typing import Any, Coroutine, Final, Sequence, TypeVar
 
 from ..dns import Lookups
+from .arc import NO_ARC, ARCPlan, ARCResult  # arc.py imports this module only when validating
 from .canon import BodyHashes
 from .dkimsig import (
     KEY_CACHE,
@@ -45,9 +46,6 @@ from .dkimsig import (
     parse_signature,
     split_tags,
 )
-
-if TYPE_CHECKING:
-    from .arc import ARCResult
 
 __all__ = ["Header", "DKIMResult", "Verifier", "CLOCK_SKEW", "at_once"]
 
@@ -81,13 +79,27 @@ class _Entry:
     problem: Problem | None = None
 
 
-def _result(entry: _Entry, result: str, reason: str = "", testing: bool = False) -> DKIMResult:
-    def tag(name: str) -> str:
-        item = entry.tags.get(name)
-        return item[0][:256] if item else ""
+_NO_TAG: Final = ("", 0, 0)
 
-    b = "".join(tag("b").split())[:12]
-    return DKIMResult(result, tag("d").lower(), tag("s").lower(), tag("i"), tag("a").lower(), b, reason, testing)
+
+def _result(entry: _Entry, result: str, reason: str = "", testing: bool = False) -> DKIMResult:
+    # Each value as the tag gave it, cut to 256 characters (an A-R is no
+    # place for more); b= without its FWS, its first 12 characters (RFC 6008).
+    tags = entry.tags
+    b_text = tags.get("b", _NO_TAG)[0]
+    b = "".join(b_text[:24].split())[:12]
+    if len(b) < 12:
+        b = "".join(b_text[:256].split())[:12]  # much FWS near its start
+    return DKIMResult(
+        result,
+        tags.get("d", _NO_TAG)[0][:256].lower(),
+        tags.get("s", _NO_TAG)[0][:256].lower(),
+        tags.get("i", _NO_TAG)[0][:256],
+        tags.get("a", _NO_TAG)[0][:256].lower(),
+        b,
+        reason,
+        testing,
+    )
 
 
 def _dkim_signature(field: bytes, position: int) -> _Entry:
@@ -178,26 +190,32 @@ async def _drive(coro: Coroutine[Any, Any, _T], step: Any) -> _T:
 class Verifier:
     """One message's DKIM-Signature fields and ARC sets: the body hashes they need, then the checks."""
 
-    __slots__ = ("headers", "needs_body", "_hashes", "_index", "_entries", "_arc", "_cache", "_ended", "_keys")
+    __slots__ = ("headers", "needs_body", "_hashes", "_index", "_entries", "_arc", "_cache", "_ended", "_keys", "_shared")
 
     def __init__(
         self, headers: Sequence[Header], *, max_signatures: int = 10, key_cache: KeyCache | None = None
     ) -> None:
-        from .arc import ARCPlan  # arc.py builds on this module
-
         self.headers = headers
         self._cache = key_cache if key_cache is not None else KEY_CACHE
         self._hashes = BodyHashes()
         self._ended = False
         self._keys: dict[str, asyncio.Future[Key | Problem]] = {}  # by name, fetched or being fetched
+        # Field names in lower case, all in one lower(): names hold no LF
+        # (RFC 5322 §3.6.8 ftext), so LF can join and split them.
+        names = b"\n".join([name for name, _ in headers]).lower()
+        if b" \n" in names or b"\t\n" in names or names.endswith((b" ", b"\t")):
+            lnames = [n.rstrip(b" \t") for n in names.split(b"\n")]  # "From :" is From
+        else:
+            lnames = names.split(b"\n")
         index: dict[bytes, list[int]] = {}
-        signatures: list[int] = []
-        for pos, (name, _) in enumerate(headers):
-            lname = name.rstrip(b" \t").lower()
-            index.setdefault(lname, []).append(pos)
-            if lname == b"dkim-signature":
-                signatures.append(pos)
+        for pos, lname in enumerate(lnames):
+            got = index.get(lname)
+            if got is None:
+                index[lname] = [pos]
+            else:
+                got.append(pos)
         self._index = index
+        signatures = index.get(b"dkim-signature", ())
         self._entries: list[_Entry] = []
         for n, pos in enumerate(signatures):
             if n >= max_signatures:
@@ -214,6 +232,9 @@ class Verifier:
             self._entries.append(entry)
         self._arc = ARCPlan(headers, index, self._hashes)
         self.needs_body = len(self._hashes) > 0
+        # Whether two checks may want the same key: if not, key() needs no
+        # shared future (one DKIM signature and no ARC, the common case).
+        self._shared = len(self._entries) > 1 or self._arc.instances > 0
 
     @property
     def body_hashes(self) -> BodyHashes:
@@ -232,6 +253,8 @@ class Verifier:
 
     async def key(self, lookups: Lookups, name: str) -> Key | Problem:
         """The key at name, asked once per message however many signatures need it."""
+        if not self._shared:
+            return await fetch_key(lookups, name, self._cache)
         fut = self._keys.get(name)
         if fut is not None:
             return await fut
@@ -286,8 +309,6 @@ class Verifier:
 
     async def arc(self, lookups: Lookups, now: float) -> ARCResult:
         """The ARC chain's validation status (RFC 8617 §5.2)."""
-        from .arc import NO_ARC, ARCResult
-
         if self._arc.instances == 0:
             return NO_ARC  # no ARC header field at all: nothing to wait for
         self.end()

@@ -188,3 +188,30 @@ def test_bounded_state_for_spaces_and_crlfs() -> None:
                 assert _state_size(canon) < 200
             assert set(vars(canon) if hasattr(canon, "__dict__") else ()) == set()  # slots: no stray buffer
             canon.end()
+
+
+def ref_header_relaxed(field: bytes) -> bytes:
+    """§3.4.2 step by step with regexes (the fast path must give the same octets)."""
+    name, _, value = field.partition(b":")
+    value = re.sub(rb"[ \t]+", b" ", value.replace(b"\r\n", b"")).strip(b" ")
+    return name.rstrip(b" \t").lower() + b":" + value + b"\r\n"
+
+
+HEADER_ALPHABET = st.sampled_from([b" ", b"\t", b"\r", b"\n", b"\r\n", b"\r\n ", b"a", b"B", b":", b"\x0b", b"\x0c", b"\xff"])
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.lists(HEADER_ALPHABET, max_size=30).map(b"".join))
+def test_header_relaxed_equals_reference(field: bytes) -> None:
+    assert header_relaxed(field) == ref_header_relaxed(field)
+    assert header_relaxed(b"Subject:" + field + b"\r\n") == ref_header_relaxed(b"Subject:" + field + b"\r\n")
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.lists(st.lists(HEADER_ALPHABET, max_size=12).map(lambda p: b"X-H:" + b"".join(p) + b"\r\n"), max_size=6),
+       st.lists(st.lists(HEADER_ALPHABET, max_size=12).map(b"".join), max_size=3))
+def test_headers_relaxed_equals_one_by_one(fields: list[bytes], odd: list[bytes]) -> None:
+    from fastsmtp.auth.canon import headers_relaxed
+
+    for batch in (fields, fields + odd, odd + fields, [b"From: a\r\n", b" b: c\r\n"], [b"A: x", b"\r\nB: y\r\n"]):
+        assert headers_relaxed(batch) == b"".join(header_relaxed(f) for f in batch)

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import dkim as dkimpy
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from dkim.canonicalization import CanonicalizationPolicy
 from dkim.crypto import parse_pem_private_key
 
 from dkimtools import FakeLookups, KeyPair, ed_key, rsa_key, split_message, verify
 from fastsmtp.auth.dkim import DKIMResult, Verifier
-from fastsmtp.auth.dkimsig import KeyCache, parse_key
+from fastsmtp.auth.dkimsig import KeyCache, Problem, parse_key, parse_tags, parse_tags_careful
 from fastsmtp.dns import BadName, DNSError
 
 MSG = (
@@ -395,3 +397,117 @@ def test_timings_report(capsys: pytest.CaptureFixture[str]) -> None:
                 print(f"\n  verify {name} 1 KiB: {us:.0f} µs")
     finally:
         loop.close()
+
+
+# -- the tag-list fast path equals the careful parser ------------------------------
+
+
+def _tags_or_problem(parse: object, data: bytes) -> object:
+    try:
+        return parse(data)  # type: ignore[operator]
+    except Problem as p:
+        return (p.result, p.reason)
+
+
+TAG_EDGES = [
+    b"",
+    b"  \r\n ",
+    b"a=1",
+    b"a=1;",
+    b"a=1; ",
+    b"a=1;;",  # an empty spec not at the end
+    b";",
+    b" ; a=1",
+    b"a = 1 ; b\t=\r\n 2\r\n ;\r\n",  # FWS around "=" and ";", folded
+    b"a=; b= ;c=",  # empty values
+    b"a=1; a=2",  # duplicate
+    b"a=1; A=2",  # names are case-sensitive: not a duplicate
+    b"a=1; b",  # a spec without "="
+    b"3a=1",
+    b"_a=1",
+    b"a_b=1; a-b=2",
+    b"a b=1",
+    b"=1",
+    b"a==b=c; b=x=",  # "=" inside values
+    b"a=\x01",
+    b"a=1; b=\x7f; a=1",  # the control octet is after a duplicate-free prefix
+    b"a=1; a=2; b=\x00",  # a duplicate before a control octet
+    b"a=caf\xc3\xa9; b=\xff",  # non-ASCII values
+    b"\xc3\xa9=1",
+    b"a=1\x0b",
+]
+
+
+def test_parse_tags_fast_equals_careful() -> None:
+    for data in TAG_EDGES:
+        assert _tags_or_problem(parse_tags, data) == _tags_or_problem(parse_tags_careful, data), data
+    assert parse_tags(b" a = 1 ; b=\r\n 2 ;") == {"a": ("1", 4, 7), "b": ("2", 11, 16)}  # spans: after "=" up to ";"
+    assert _tags_or_problem(parse_tags, b"v=1; v=1") == ("permerror", "duplicate tag v=")
+    assert _tags_or_problem(parse_tags, b"a=1;; b=2") == ("permerror", "malformed tag list")
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b"b", b"A", b"1", b"_", b"=", b";", b" ", b"\t", b"\r\n", b"\r", b"\n",
+                                 b"\x00", b"\x7f", b"\xc3\xa9", b"\xff", b"v=1", b"bh=", b"; "]),
+                max_size=40).map(b"".join))
+def test_parse_tags_fast_equals_careful_random(data: bytes) -> None:
+    assert _tags_or_problem(parse_tags, data) == _tags_or_problem(parse_tags_careful, data)
+
+
+# -- at_once: gather's meaning, without a task for what needs no waiting -----------
+
+
+def test_at_once_order_concurrency_and_no_tasks() -> None:
+    from fastsmtp.auth.dkim import at_once
+
+    started: list[int] = []
+
+    async def quick(n: int) -> int:
+        started.append(n)
+        return n
+
+    async def slow(n: int, fut: asyncio.Future[int]) -> int:
+        started.append(n)
+        await asyncio.sleep(0)  # a bare yield
+        return n + await fut  # a future shared by two waiters
+
+    async def main() -> tuple[list[int], list[int], int]:
+        loop = asyncio.get_running_loop()
+        before = len(asyncio.all_tasks())
+        quick_only = await at_once([quick(1), quick(2)])
+        assert len(asyncio.all_tasks()) == before  # nothing was scheduled
+        fut: asyncio.Future[int] = loop.create_future()
+        loop.call_later(0.01, fut.set_result, 100)
+        mixed = await at_once([slow(3, fut), quick(4), slow(5, fut)])
+        return quick_only, mixed, len(started)
+
+    assert asyncio.run(asyncio.wait_for(main(), 5)) == ([1, 2], [103, 4, 105], 5)
+    assert started == [1, 2, 3, 4, 5]  # every one started before any was awaited
+
+
+def test_at_once_errors_and_cancellation() -> None:
+    from fastsmtp.auth.dkim import at_once
+
+    async def boom() -> int:
+        await asyncio.sleep(0)
+        raise ValueError("x")
+
+    async def forever(fut: asyncio.Future[int]) -> int:
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    cancelled: list[bool] = []
+
+    async def main() -> None:
+        with pytest.raises(ValueError):
+            await at_once([boom()])
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(at_once([forever(fut), forever(fut)]), 0.01)
+        await asyncio.sleep(0)
+        assert cancelled == [True, True]  # each waiting coroutine saw the cancellation
+
+    asyncio.run(asyncio.wait_for(main(), 5))

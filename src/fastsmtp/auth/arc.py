@@ -17,19 +17,18 @@ Rules of this module:
 
 from __future__ import annotations
 
-import asyncio
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Sequence
 
 from ..dns import Lookups
-from .canon import BodyHashes, header_relaxed
+from .canon import BodyHashes, headers_relaxed
 from .dkimsig import Key, Problem, Signature, check_key, check_signature, parse_signature, split_tags
 
 if TYPE_CHECKING:
     from .dkim import Verifier
 
-__all__ = ["ARCResult", "ARCPlan", "MAX_INSTANCES"]
+__all__ = ["ARCResult", "ARCPlan", "MAX_INSTANCES", "NO_ARC"]
 
 #: §4.2.1: instance values run from 1 to 50.
 MAX_INSTANCES: Final = 50
@@ -47,6 +46,10 @@ class ARCResult:
     instances: int  # N, the number of ARC sets (0 for none)
     reason: str = ""
     domain: str = ""  # d= of the newest AMS
+
+
+#: The result for a message without ARC header fields (frozen, so shared).
+NO_ARC: Final = ARCResult("none", 0)
 
 
 def _instance(field: bytes, name: bytes) -> int:
@@ -133,26 +136,26 @@ class ARCPlan:
         parts: list[bytes] = []
         for j in range(1, i + 1):
             aar, ams, seal = self.sets[j]
-            parts.append(header_relaxed(headers[aar][1]))
-            parts.append(header_relaxed(headers[ams][1]))
+            parts.append(headers[aar][1])
+            parts.append(headers[ams][1])
             if j < i:
-                parts.append(header_relaxed(headers[seal][1]))
-        parts.append(header_relaxed(self.seals[i].field_no_b)[:-2])
-        return b"".join(parts)
+                parts.append(headers[seal][1])
+        parts.append(self.seals[i].field_no_b)
+        return headers_relaxed(parts)[:-2]  # header_relaxed of each, the last without its CRLF
 
     async def validate(self, verifier: Verifier, lookups: Lookups, now: float) -> ARCResult:
         """§5.2 steps 5 and 7, after the structure checks made at construction."""
-        from .dkim import verify
+        from .dkim import at_once, verify
 
         if self.instances == 0:
-            return ARCResult("none", 0)
+            return NO_ARC
         if self.problem is not None:
             return ARCResult("fail", self.instances, self.problem.reason, self.domain)
         ams = self.ams
         assert ams is not None
         n = self.instances
         order = [ams] + [self.seals[i] for i in range(n, 0, -1)]
-        keys = await asyncio.gather(*(verifier.key(lookups, s.key_name) for s in order))
+        keys = await at_once([verifier.key(lookups, s.key_name) for s in order])
         try:
             key = _usable(keys[0], f"AMS i={n}")
             try:

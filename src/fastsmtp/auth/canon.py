@@ -4,7 +4,9 @@ Rules of this module:
 - Header fields are canonicalised whole (they are small and already split
   by the lead's parser): ``header_simple`` / ``header_relaxed`` take the raw
   field (name, colon, folded value, final CRLF) and give the bytes that go
-  into the header hash, final CRLF included (§3.4.1, §3.4.2).
+  into the header hash, final CRLF included (§3.4.1, §3.4.2);
+  ``headers_relaxed`` does a signature's fields together, with the same
+  result as one ``header_relaxed`` each.
 - The body is never joined.  ``BodyHashes`` streams it: one canonicaliser
   per body canonicalisation ("simple", "relaxed") actually asked for, each
   feeding one running hash per (algorithm, l=) key.  Every signature (DKIM,
@@ -31,13 +33,14 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Callable, Final, NamedTuple, Sequence
 
 __all__ = [
     "SIMPLE",
     "RELAXED",
     "header_simple",
     "header_relaxed",
+    "headers_relaxed",
     "canon_header",
     "BodyKey",
     "BodyCanon",
@@ -52,8 +55,9 @@ _CRLF: Final = b"\r\n"
 # and no allocation proportional to the run.
 _CRLF_BLOCK: Final = b"\r\n" * 4096
 _WSP_RUN: Final = re.compile(rb"[ \t]+")
+# The direct constructors: hashlib.new(name) looks the name up each time.
+_HASHES: Final[dict[str, Callable[[], Any]]] = {"sha256": hashlib.sha256, "sha1": hashlib.sha1}
 _MULTI_SP: Final = re.compile(rb"  +")
-_FOLD: Final = re.compile(rb"\r\n")
 
 
 # -- header fields ----------------------------------------------------------
@@ -71,8 +75,50 @@ def header_relaxed(field: bytes) -> bytes:
     # WSP runs become one SP and the value's ends lose theirs.  A CRLF not
     # followed by WSP cannot be inside a parsed field; removing it too keeps
     # odd input harmless.
-    value = _WSP_RUN.sub(b" ", _FOLD.sub(b"", value)).strip(b" ")
+    value = value.replace(b"\r\n", b"")
+    if b"\r" in value or b"\n" in value or b"\x0b" in value or b"\x0c" in value:
+        # bytes.split() would cut at these too, but only SP and HTAB are WSP.
+        value = _WSP_RUN.sub(b" ", value).strip(b" ")
+    else:
+        # Left with SP and HTAB as the only whitespace: split() and join
+        # make each run one SP and drop the ends' runs, in C.
+        value = b" ".join(value.split())
     return name.rstrip(b" \t").lower() + b":" + value + _CRLF
+
+
+def headers_relaxed(fields: Sequence[bytes]) -> bytes:
+    """The fields' ``header_relaxed`` forms, concatenated: the same octets, fewer passes.
+
+    A signature's hash input is a handful of short fields, where the work
+    per call, not per octet, is the cost.  So the fields are joined and
+    unfolded (§3.4.2) together; each line is then one field.  That holds
+    when every CR and LF is in a CRLF, every field ends in one, and no
+    other CRLF is left after unfolding (no field starts with WSP, no bare
+    line break inside one), and each field has its colon: checked in C
+    (the colon as each line is split), else field by field.
+    """
+    blob = b"".join(fields)
+    crlfs = blob.count(b"\r\n")
+    if (
+        b"\x0b" in blob
+        or b"\x0c" in blob
+        or blob.count(b"\r") != crlfs
+        or blob.count(b"\n") != crlfs
+        or b"".join([f[-2:] for f in fields]) != _CRLF * len(fields)
+    ):
+        return b"".join([header_relaxed(f) for f in fields])
+    lines = blob.replace(b"\r\n ", b" ").replace(b"\r\n\t", b"\t").split(b"\r\n")
+    if len(lines) != len(fields) + 1:
+        return b"".join([header_relaxed(f) for f in fields])
+    out = []
+    for line in lines[:-1]:  # the last is the empty rest after the final CRLF
+        name, colon, value = line.partition(b":")
+        if not colon:  # no name (odd input): header_relaxed keeps the CRLFs in it
+            return b"".join([header_relaxed(f) for f in fields])
+        # Only SP and HTAB are left: split() and join make runs one SP, ends none.
+        out.append(name.rstrip(b" \t").lower() + b":" + b" ".join(value.split()))
+    out.append(b"")
+    return _CRLF.join(out)
 
 
 def canon_header(field: bytes, canon: str) -> bytes:
@@ -83,9 +129,11 @@ def canon_header(field: bytes, canon: str) -> bytes:
 # -- body -------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class BodyKey:
-    """What a body hash depends on: c= (body part), the hash of a=, and l=."""
+class BodyKey(NamedTuple):
+    """What a body hash depends on: c= (body part), the hash of a=, and l=.
+
+    A tuple, so hashing and comparing it (a dict key per message) is C work.
+    """
 
     canon: str  # "simple" | "relaxed"
     algorithm: str  # a hashlib name: "sha256" (or "sha1", which RFC 8301 refuses upstream)
@@ -252,7 +300,8 @@ class BodyHashes:
         canon = self._canons.get(key.canon)
         if canon is None:
             canon = self._canons[key.canon] = BodyCanon(relaxed=key.canon == RELAXED)
-        sink = _Sink(hashlib.new(key.algorithm), key.limit)
+        new = _HASHES.get(key.algorithm)
+        sink = _Sink(new() if new is not None else hashlib.new(key.algorithm), key.limit)
         canon.sinks.append(sink)
         self._sinks[key] = sink
 

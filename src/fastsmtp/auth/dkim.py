@@ -9,6 +9,11 @@ Rules of this module:
   first.  The key lookups of all signatures run at once (one per distinct
   name); each signature's trouble is its own result, and nothing raises
   out of ``dkim()`` or ``arc()``.
+- No task per message where none is needed: ``at_once`` starts every
+  check before awaiting any, as ``asyncio.gather`` would, but a check that
+  finishes at its first step (the resolver had the key's TXT cached) runs
+  inline; only checks that really wait on DNS become tasks.  A task and a
+  gather cost more than all the parsing of a signature.
 - Choices where RFC 6376 leaves room, each cited where it is made:
   rsa-sha1 and RSA keys under 1024 bits fail (RFC 8301 §3.1, §3.2); an
   unknown a= is permerror; x= in the past beyond ``CLOCK_SKEW`` fails
@@ -22,9 +27,10 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Sequence
+from typing import Any, Coroutine, Final, Sequence, TypeVar
 
 from ..dns import Lookups
+from .arc import NO_ARC, ARCPlan, ARCResult  # arc.py imports this module only when validating
 from .canon import BodyHashes
 from .dkimsig import (
     KEY_CACHE,
@@ -41,10 +47,9 @@ from .dkimsig import (
     split_tags,
 )
 
-if TYPE_CHECKING:
-    from .arc import ARCResult
+__all__ = ["Header", "DKIMResult", "Verifier", "CLOCK_SKEW", "at_once"]
 
-__all__ = ["Header", "DKIMResult", "Verifier", "CLOCK_SKEW"]
+_T = TypeVar("_T")
 
 Header = tuple[bytes, bytes]
 
@@ -74,13 +79,27 @@ class _Entry:
     problem: Problem | None = None
 
 
-def _result(entry: _Entry, result: str, reason: str = "", testing: bool = False) -> DKIMResult:
-    def tag(name: str) -> str:
-        item = entry.tags.get(name)
-        return item[0][:256] if item else ""
+_NO_TAG: Final = ("", 0, 0)
 
-    b = "".join(tag("b").split())[:12]
-    return DKIMResult(result, tag("d").lower(), tag("s").lower(), tag("i"), tag("a").lower(), b, reason, testing)
+
+def _result(entry: _Entry, result: str, reason: str = "", testing: bool = False) -> DKIMResult:
+    # Each value as the tag gave it, cut to 256 characters (an A-R is no
+    # place for more); b= without its FWS, its first 12 characters (RFC 6008).
+    tags = entry.tags
+    b_text = tags.get("b", _NO_TAG)[0]
+    b = "".join(b_text[:24].split())[:12]
+    if len(b) < 12:
+        b = "".join(b_text[:256].split())[:12]  # much FWS near its start
+    return DKIMResult(
+        result,
+        tags.get("d", _NO_TAG)[0][:256].lower(),
+        tags.get("s", _NO_TAG)[0][:256].lower(),
+        tags.get("i", _NO_TAG)[0][:256],
+        tags.get("a", _NO_TAG)[0][:256].lower(),
+        b,
+        reason,
+        testing,
+    )
 
 
 def _dkim_signature(field: bytes, position: int) -> _Entry:
@@ -109,29 +128,94 @@ def _dkim_signature(field: bytes, position: int) -> _Entry:
     return entry
 
 
+async def at_once(coros: Sequence[Coroutine[Any, Any, _T]]) -> list[_T]:
+    """The coroutines' results in order, all started before any is awaited (as gather).
+
+    Each is stepped once here; one that returns at that step cost no task.
+    Those that wait are driven on by a task each, gathered.
+    """
+    results: list[Any] = [None] * len(coros)
+    waiting: list[tuple[int, asyncio.Future[Any]]] = []
+    started = 0
+    try:
+        for i, coro in enumerate(coros):
+            started = i + 1
+            try:
+                step = _taken(coro.send(None))
+            except StopIteration as done:
+                results[i] = done.value
+            else:
+                waiting.append((i, asyncio.ensure_future(_drive(coro, step))))
+        if waiting:
+            for (i, _), value in zip(waiting, await asyncio.gather(*(t for _, t in waiting))):
+                results[i] = value
+    except BaseException:
+        for coro in coros[started:]:
+            coro.close()  # never started: no "never awaited" warning
+        for _, task in waiting:
+            task.cancel()
+        raise
+    return results
+
+
+def _taken(step: Any) -> Any:
+    """Receive what a coroutine yielded, as a Task does (asyncio's Future protocol).
+
+    A future yielded by ``await`` carries a "blocking" mark that its
+    receiver must clear at once: while it is set, any other ``await`` of
+    the same future (another signature waiting for the same key) fails.
+    """
+    if step is not None:
+        step._asyncio_future_blocking = False
+    return step
+
+
+async def _drive(coro: Coroutine[Any, Any, _T], step: Any) -> _T:
+    """Go on with coro from a suspension that yielded step, as its own Task would."""
+    while True:
+        error: BaseException | None = None
+        try:
+            if step is None:
+                await asyncio.sleep(0)  # a bare yield asks for one turn of the loop
+            else:
+                await step  # the future coro waits on; coro reads its outcome itself
+        except BaseException as e:  # the future's exception, or our cancellation: coro's to handle
+            error = e
+        try:
+            step = _taken(coro.send(None) if error is None else coro.throw(error))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+
 class Verifier:
     """One message's DKIM-Signature fields and ARC sets: the body hashes they need, then the checks."""
 
-    __slots__ = ("headers", "needs_body", "_hashes", "_index", "_entries", "_arc", "_cache", "_ended", "_keys")
+    __slots__ = ("headers", "needs_body", "_hashes", "_index", "_entries", "_arc", "_cache", "_ended", "_keys", "_shared")
 
     def __init__(
         self, headers: Sequence[Header], *, max_signatures: int = 10, key_cache: KeyCache | None = None
     ) -> None:
-        from .arc import ARCPlan  # arc.py builds on this module
-
         self.headers = headers
         self._cache = key_cache if key_cache is not None else KEY_CACHE
         self._hashes = BodyHashes()
         self._ended = False
-        self._keys: dict[str, asyncio.Future[Key | Problem]] = {}
+        self._keys: dict[str, asyncio.Future[Key | Problem]] = {}  # by name, fetched or being fetched
+        # Field names in lower case, all in one lower(): names hold no LF
+        # (RFC 5322 §3.6.8 ftext), so LF can join and split them.
+        names = b"\n".join([name for name, _ in headers]).lower()
+        if b" \n" in names or b"\t\n" in names or names.endswith((b" ", b"\t")):
+            lnames = [n.rstrip(b" \t") for n in names.split(b"\n")]  # "From :" is From
+        else:
+            lnames = names.split(b"\n")
         index: dict[bytes, list[int]] = {}
-        signatures: list[int] = []
-        for pos, (name, _) in enumerate(headers):
-            lname = name.rstrip(b" \t").lower()
-            index.setdefault(lname, []).append(pos)
-            if lname == b"dkim-signature":
-                signatures.append(pos)
+        for pos, lname in enumerate(lnames):
+            got = index.get(lname)
+            if got is None:
+                index[lname] = [pos]
+            else:
+                got.append(pos)
         self._index = index
+        signatures = index.get(b"dkim-signature", ())
         self._entries: list[_Entry] = []
         for n, pos in enumerate(signatures):
             if n >= max_signatures:
@@ -148,6 +232,9 @@ class Verifier:
             self._entries.append(entry)
         self._arc = ARCPlan(headers, index, self._hashes)
         self.needs_body = len(self._hashes) > 0
+        # Whether two checks may want the same key: if not, key() needs no
+        # shared future (one DKIM signature and no ARC, the common case).
+        self._shared = len(self._entries) > 1 or self._arc.instances > 0
 
     @property
     def body_hashes(self) -> BodyHashes:
@@ -166,10 +253,22 @@ class Verifier:
 
     async def key(self, lookups: Lookups, name: str) -> Key | Problem:
         """The key at name, asked once per message however many signatures need it."""
+        if not self._shared:
+            return await fetch_key(lookups, name, self._cache)
         fut = self._keys.get(name)
-        if fut is None:
-            fut = self._keys[name] = asyncio.ensure_future(fetch_key(lookups, name, self._cache))
-        return await fut
+        if fut is not None:
+            return await fut
+        # The first asker fetches in its own coroutine (no task); later
+        # askers wait on the future it fills.
+        fut = self._keys[name] = asyncio.get_running_loop().create_future()
+        try:
+            key = await fetch_key(lookups, name, self._cache)
+        except BaseException:  # cancelled: the next asker fetches afresh
+            del self._keys[name]
+            fut.cancel()
+            raise
+        fut.set_result(key)
+        return key
 
     async def dkim(self, lookups: Lookups, now: float) -> list[DKIMResult]:
         """One result per DKIM-Signature field, top first."""
@@ -182,7 +281,9 @@ class Verifier:
             except Exception:
                 return _result(entry, "permerror", "internal error")
 
-        return list(await asyncio.gather(*(one(e) for e in entries)))
+        if len(entries) == 1:
+            return [await one(entries[0])]  # the common case: nothing to run alongside
+        return await at_once([one(e) for e in entries])
 
     async def _verify(self, entry: _Entry, lookups: Lookups, now: float) -> DKIMResult:
         if entry.problem is not None:
@@ -208,8 +309,8 @@ class Verifier:
 
     async def arc(self, lookups: Lookups, now: float) -> ARCResult:
         """The ARC chain's validation status (RFC 8617 §5.2)."""
-        from .arc import ARCResult
-
+        if self._arc.instances == 0:
+            return NO_ARC  # no ARC header field at all: nothing to wait for
         self.end()
         try:
             return await self._arc.validate(self, lookups, now)

@@ -9,11 +9,10 @@ Rules of this module:
   first.  The key lookups of all signatures run at once (one per distinct
   name); each signature's trouble is its own result, and nothing raises
   out of ``dkim()`` or ``arc()``.
-- No task per message where none is needed: ``at_once`` starts every
-  check before awaiting any, as ``asyncio.gather`` would, but a check that
-  finishes at its first step (the resolver had the key's TXT cached) runs
-  inline; only checks that really wait on DNS become tasks.  A task and a
-  gather cost more than all the parsing of a signature.
+- No task per message where none is needed: ``at_once`` awaits a lone
+  check in place and gathers several (their key lookups then run at
+  once).  A task and a gather cost more than all the parsing of a
+  signature.
 - Choices where RFC 6376 leaves room, each cited where it is made:
   rsa-sha1 and RSA keys under 1024 bits fail (RFC 8301 §3.1, §3.2); an
   unknown a= is permerror; x= in the past beyond ``CLOCK_SKEW`` fails
@@ -129,62 +128,14 @@ def _dkim_signature(field: bytes, position: int) -> _Entry:
 
 
 async def at_once(coros: Sequence[Coroutine[Any, Any, _T]]) -> list[_T]:
-    """The coroutines' results in order, all started before any is awaited (as gather).
+    """The coroutines' results in order, run concurrently, as ``asyncio.gather``.
 
-    Each is stepped once here; one that returns at that step cost no task.
-    Those that wait are driven on by a task each, gathered.
+    One coroutine (the common case: one signature) is awaited in place: a
+    task and a gather cost more than all the parsing of a signature.
     """
-    results: list[Any] = [None] * len(coros)
-    waiting: list[tuple[int, asyncio.Future[Any]]] = []
-    started = 0
-    try:
-        for i, coro in enumerate(coros):
-            started = i + 1
-            try:
-                step = _taken(coro.send(None))
-            except StopIteration as done:
-                results[i] = done.value
-            else:
-                waiting.append((i, asyncio.ensure_future(_drive(coro, step))))
-        if waiting:
-            for (i, _), value in zip(waiting, await asyncio.gather(*(t for _, t in waiting))):
-                results[i] = value
-    except BaseException:
-        for coro in coros[started:]:
-            coro.close()  # never started: no "never awaited" warning
-        for _, task in waiting:
-            task.cancel()
-        raise
-    return results
-
-
-def _taken(step: Any) -> Any:
-    """Receive what a coroutine yielded, as a Task does (asyncio's Future protocol).
-
-    A future yielded by ``await`` carries a "blocking" mark that its
-    receiver must clear at once: while it is set, any other ``await`` of
-    the same future (another signature waiting for the same key) fails.
-    """
-    if step is not None:
-        step._asyncio_future_blocking = False
-    return step
-
-
-async def _drive(coro: Coroutine[Any, Any, _T], step: Any) -> _T:
-    """Go on with coro from a suspension that yielded step, as its own Task would."""
-    while True:
-        error: BaseException | None = None
-        try:
-            if step is None:
-                await asyncio.sleep(0)  # a bare yield asks for one turn of the loop
-            else:
-                await step  # the future coro waits on; coro reads its outcome itself
-        except BaseException as e:  # the future's exception, or our cancellation: coro's to handle
-            error = e
-        try:
-            step = _taken(coro.send(None) if error is None else coro.throw(error))
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+    if len(coros) == 1:
+        return [await coros[0]]
+    return list(await asyncio.gather(*coros))
 
 
 class Verifier:

@@ -330,6 +330,10 @@ def start_server(
         # No greeting delay unless a test asks for one: most tests connect
         # hundreds of times and only test_hostile.py is about early talkers.
         "--greeting-delay", "0",
+        # The tests ask no DNS server they did not start: a test that needs
+        # one names its own after this, and a client outside the trusted
+        # networks (a PROXY header's) meets a port that refuses at once.
+        "--dns-server", "127.0.0.1:9",
         *args,
     ]
     proc = subprocess.Popen(

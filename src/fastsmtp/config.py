@@ -115,6 +115,15 @@ class Config:
     log_file: str = ""
     min_data_rate: int = 500
     metrics: str = ""
+    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    spf: str = "tag"
+    spf_reject_at: str = "data"
+    dkim: str = "tag"
+    dmarc: str = "tag"
+    arc: str = "tag"
+    auth_timeout: float = 10.0
+    dns_server: tuple[str, ...] = ()
+    dns_timeout: float = 3.0
 
     def validate(self) -> "Config":
         """Return a checked copy, with derived defaults filled in.

@@ -131,7 +131,8 @@ class Handlers:
         if not self._conn.is_open():
             return  # the client was told 421 (idle timeout, shutdown) meanwhile
         reply = then(verdict)
-        self._conn.flow.release("stage")
+        if self.step is None:  # else ``then`` asked the next step's stages: still held
+            self._conn.flow.release("stage")
         if reply is not None:
             self._conn.answer(reply)
 
@@ -160,11 +161,25 @@ class Handlers:
         no_room = self._server.free_space.refusal(event.size)
         if no_room is not None:
             return no_room
-        self.txn = Transaction(self._server, self._loop, conn.session, conn.peer, conn.too_slow)
-        calls = self._server.stages.on_mail
+        server = self._server
+        txn = self.txn = Transaction(server, self._loop, conn.session, conn.peer, conn.too_slow)
+        calls = server.stages.on_mail
+        auth = server.auth.begin(conn.peer, _text(conn.session.helo or b""), event.address)
+        if auth is not None:
+            txn.auth = auth
+            if server.auth.spf_at_mail:
+                calls = (StepCall("spf on_mail", auth.at_mail, True, server.auth.budget + 1.0),) + calls
         if not calls:
             return MAIL_OK
-        return self._ask(calls, (self._info(), event.address), lambda v: v.reply or MAIL_OK)
+        return self._ask(calls, (self._info(), event.address), lambda v: self._mail_answered(txn, v))
+
+    def _mail_answered(self, txn: Transaction, verdict: Verdict) -> Reply:
+        if verdict.reply is None:
+            return MAIL_OK
+        if self.txn is txn:
+            self.txn = None
+        txn.discard()  # stops its checks
+        return verdict.reply
 
     def _on_rcpt(self, event: RcptTo) -> Reply | None:
         txn = self.txn
@@ -198,12 +213,32 @@ class Handlers:
     def _on_end_of_message(self, event: EndOfMessage) -> Reply | None:
         txn = self.txn
         assert txn is not None
-        calls = self._server.stages.on_message
-        if event.refusal is not None or not txn.receiving or not calls:
+        if event.refusal is not None or not txn.receiving:
             return self._end_message(txn, event, None)
+        auth = txn.auth
+        if auth is not None:
+            # Authentication first: its results are what the later stages
+            # (the policy's on_message) see.
+            call = StepCall("authentication", auth.finish, True, self._server.auth.budget + 1.0)
+            return self._ask((call,), (), lambda v: self._authenticated(txn, event, v))
+        return self._stages_at_end(txn, event, None)
+
+    def _authenticated(self, txn: Transaction, event: EndOfMessage, verdict: Verdict) -> Reply | None:
+        if verdict.reply is not None:
+            return self._end_message(txn, event, verdict)
+        if txn.auth is not None and txn.auth.quarantine:
+            txn.quarantine()
+        return self._stages_at_end(txn, event, verdict)
+
+    def _stages_at_end(self, txn: Transaction, event: EndOfMessage, before: Verdict | None) -> Reply | None:
+        calls = self._server.stages.on_message
+        if not calls:
+            return self._end_message(txn, event, before)
         # The spool stays ours while the stages think: a client leaving
         # meanwhile has it discarded (lost()).
-        return self._ask(calls, (self._info(), txn.info(event.size)), lambda v: self._end_message(txn, event, v))
+        return self._ask(
+            calls, (self._info(), txn.info(event.size)), lambda v: self._end_message(txn, event, _above(v, before))
+        )
 
     def _end_message(self, txn: Transaction, event: EndOfMessage, verdict: Verdict | None) -> Reply | None:
         refusal = event.refusal or (verdict.reply if verdict is not None else None)
@@ -233,6 +268,13 @@ class Handlers:
             self._server.meter.time_to_250(self._loop.time() - txn.data_ended)
         conn.flow.release("commit")
         conn.answer(reply)
+
+
+def _above(later: Verdict, earlier: Verdict | None) -> Verdict:
+    """A later stage's verdict, with an earlier one's headers below its own."""
+    if earlier is None or not earlier.headers or later.reply is not None:
+        return later
+    return Verdict(None, later.headers + earlier.headers)
 
 
 def _text(raw: bytes) -> str:

@@ -26,11 +26,14 @@ import importlib.util
 import os
 import sys
 from dataclasses import dataclass
-from typing import Awaitable, Protocol
+from typing import TYPE_CHECKING, Awaitable, Protocol
 
 from .config import ConfigError
 from .events import Address, Reply
 from .stages import STAGE_FAILED
+
+if TYPE_CHECKING:
+    from .auth.results import AuthResults
 
 __all__ = [
     "Policy",
@@ -65,12 +68,19 @@ class SessionInfo:
 
 @dataclass(frozen=True, slots=True)
 class MessageInfo:
-    """The message at end of data: its envelope and size (never its content)."""
+    """The message at end of data: its envelope and size (never its content).
+
+    ``auth`` holds what SPF, DKIM, DMARC and ARC found (auth/results.py),
+    None when the checks did not run (all off, or a trusted client).  The
+    Authentication-Results field is already decided: a hook may still
+    refuse the message on the results.
+    """
 
     queue_id: str
     sender: Address | None
     recipients: tuple[Address, ...]
     size: int
+    auth: AuthResults | None = None
 
 
 HookResult = Reply | None

@@ -220,28 +220,38 @@ class EventLog:
         size: int,
         code: int,
         ms: int,
+        auth: tuple[tuple[str, str], ...] = (),
     ) -> None:
-        """``queued`` or ``refused``: sender and recipients are raw addresses, without ``<>``."""
+        """``queued`` or ``refused``: sender and recipients are raw addresses, without ``<>``.
+
+        ``auth`` holds the (check, result) pairs of the authentication
+        checks, logged after the recipients as spf=, dkim=, dmarc=, arc=.
+        """
         if not self._logger.isEnabledFor(logging.INFO):
             return
         if not self._bound():
-            self._logger.info(word, extra={"fields": {
+            fields: dict[str, object] = {
                 "id": queue_id, "client": client, "helo": helo, "from": b"<" + sender + b">",
-                "to": [b"<" + r + b">" for r in recipients], "size": size, "code": code, "ms": ms,
-            }})  # fmt: skip
+                "to": [b"<" + r + b">" for r in recipients],
+            }  # fmt: skip
+            fields.update(auth)
+            fields.update(size=size, code=code, ms=ms)
+            self._logger.info(word, extra={"fields": fields})
             return
         value, address = self._value, self._address
         if self._json:
+            checks = "".join([f", \"{check}\": \"{result}\"" for check, result in auth])
             line = (
                 f"{self._stamp()}{_json_str(word)}, \"id\": {_json_str(queue_id)}, \"client\": {value(client)}"
                 f", \"helo\": {value(helo)}, \"from\": {address(sender)}"
-                f", \"to\": [{', '.join([address(r) for r in recipients])}]"
+                f", \"to\": [{', '.join([address(r) for r in recipients])}]{checks}"
                 f", \"size\": {size:d}, \"code\": {code:d}, \"ms\": {ms:d}}}{self._end}"
             )
         else:
+            checks = "".join([f" {check}={result}" for check, result in auth])
             line = (
                 f"{self._stamp()}{word} id={_field(queue_id)} client={value(client)} helo={value(helo)}"
-                f" from={address(sender)} to={','.join([address(r) for r in recipients])}"
+                f" from={address(sender)} to={','.join([address(r) for r in recipients])}{checks}"
                 f" size={size:d} code={code:d} ms={ms:d}{self._end}"
             )
         self._add(line)

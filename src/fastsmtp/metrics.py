@@ -99,6 +99,16 @@ JOURNAL_BYTES = _take()
 JOURNAL_SEGMENTS = _take()
 DELIVERY_PENDING = _take()
 GAUGE_SLOTS = (JOURNAL_BYTES, JOURNAL_SEGMENTS, DELIVERY_PENDING)
+# Authentication (auth/): one slot per check and result (RFC 8601 §2.7).
+AUTH_CHECKS = ("spf", "dkim", "dmarc", "arc")
+AUTH_WORDS = ("none", "pass", "fail", "softfail", "neutral", "policy", "temperror", "permerror")
+AUTH_RESULTS = _take(len(AUTH_CHECKS) * len(AUTH_WORDS))
+#: (check, result) -> its slot; a word outside the table counts as permerror.
+AUTH_SLOT = {
+    (check, word): AUTH_RESULTS + i * len(AUTH_WORDS) + j
+    for i, check in enumerate(AUTH_CHECKS)
+    for j, word in enumerate(AUTH_WORDS)
+}
 
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_SIZE = Histogram((1, 2, 4, 8, 16, 32, 64, 128, 256, 512), 1)
@@ -153,6 +163,13 @@ class Meter:
     def tls(self, ok: bool) -> None:
         self._row[TLS_OK if ok else TLS_FAILED] += 1
 
+    def auth_results(self, pairs: tuple[tuple[str, str], ...]) -> None:
+        """One message's (check, result) pairs."""
+        row = self._row
+        for pair in pairs:
+            slot = AUTH_SLOT.get(pair)
+            row[slot if slot is not None else AUTH_SLOT[(pair[0], "permerror")]] += 1
+
 
 class _NoMeter(Meter):
     __slots__ = ()
@@ -182,6 +199,9 @@ class _NoMeter(Meter):
         pass
 
     def tls(self, ok: bool) -> None:
+        pass
+
+    def auth_results(self, pairs: tuple[tuple[str, str], ...]) -> None:
         pass
 
 
@@ -248,6 +268,8 @@ _COUNTERS: list[tuple[str, str, int, list[str] | None]] = [
     ("fastsmtp_recovered_total", "Journal records replayed into new/ by recovery at start.", RECOVERED, None),
     ("fastsmtp_set_aside_total", "Damaged journal records and undeliverable messages set aside by recovery.",
      SET_ASIDE, None),
+    ("fastsmtp_auth_results_total", "Messages by authentication check and result (DKIM: pass if any signature "
+     "passed).", AUTH_RESULTS, [f'check="{c}",result="{w}"' for c in AUTH_CHECKS for w in AUTH_WORDS]),
 ]
 _GAUGES: list[tuple[str, str, int]] = [
     ("fastsmtp_journal_bytes", "Octets in journal segments not yet retired.", JOURNAL_BYTES),

@@ -16,6 +16,7 @@ import ssl
 from typing import TYPE_CHECKING
 
 from .anvil import AnvilRow, client_key
+from .auth.stage import Authenticator
 from .config import Config
 from .events import Reply
 from .hooks import load_policy
@@ -58,6 +59,9 @@ class Server:
         self.stages: Stages = NO_STAGES
         if config.policy:
             self.stages = resolve([("policy", load_policy(config.policy), config.policy_timeout)])
+        # SPF, DKIM, DMARC and ARC (auth/stage.py): before the policy's
+        # on_message, which sees their results.
+        self.auth = Authenticator(config, self.meter)
         self.limits = Limits(
             max_command_line=config.max_command_line,
             max_message_size=config.max_message_size,

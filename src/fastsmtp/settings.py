@@ -53,6 +53,8 @@ __all__ = [
     "LOOP_CHOICES",
     "LOG_LEVELS",
     "LOG_FORMATS",
+    "AUTH_MODES",
+    "SPF_REJECT_AT",
 ]
 
 FSYNC_CHOICES = ("batch", "always", "off")
@@ -60,6 +62,8 @@ BARE_LF_CHOICES = ("reject", "normalize")
 LOOP_CHOICES = ("uvloop", "asyncio")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+AUTH_MODES = ("off", "tag", "enforce")
+SPF_REJECT_AT = ("data", "mail")
 
 MiB = 1024 * 1024
 
@@ -178,12 +182,35 @@ def _listen(value: tuple[str, int]) -> str | None:
     return None
 
 
-def _networks(value: tuple[str, ...]) -> str | None:
-    for net in value:
+def _networks(key: str) -> Check:
+    def check(value: tuple[str, ...]) -> str | None:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                return f"{key}: {net!r} is not an address or network"
+        return None
+
+    return check
+
+
+def _dns_servers(value: tuple[str, ...]) -> str | None:
+    for server in value:
+        host, port = server, "53"
+        if server.startswith("["):
+            host, _, rest = server[1:].partition("]")
+            if rest:
+                if not rest.startswith(":"):
+                    return f"dns-server: {server!r} is not HOST, HOST:PORT or [IPv6]:PORT"
+                port = rest[1:]
+        elif server.count(":") == 1:
+            host, port = server.split(":")
         try:
-            ipaddress.ip_network(net, strict=False)
+            ipaddress.ip_address(host)
         except ValueError:
-            return f"proxy-trusted: {net!r} is not an address or network"
+            return f"dns-server: {host!r} in {server!r} is not an IP address"
+        if not port.isdigit() or not 0 < int(port) <= 65535:
+            return f"dns-server: the port of {server!r} is not between 1 and 65535"
     return None
 
 
@@ -336,6 +363,9 @@ _POLICY = "policy hooks"
 _TLS = "TLS (RFC 3207, RFC 8314)"
 _PROXY = "PROXY protocol"
 _ABUSE = "abusive clients"
+_TRUST = "trusted networks"
+_AUTH = "authentication (SPF, DKIM, DMARC, ARC)"
+_DNS = "DNS"
 _MONITORING = "monitoring"
 
 SETTINGS: tuple[Setting, ...] = (
@@ -551,7 +581,7 @@ SETTINGS: tuple[Setting, ...] = (
         comment="A second listener with implicit TLS, e.g. \"0.0.0.0:465\" (RFC 8314 §3.3); \"\" for none.  "
                 "Needs tls-cert and tls-key."),
     Setting(
-        "proxy-trusted", Kind.STRINGS, (), _PROXY, metavar="CIDR", check=_networks, shown_default="none",
+        "proxy-trusted", Kind.STRINGS, (), _PROXY, metavar="CIDR", check=_networks("proxy-trusted"), shown_default="none",
         help="expect a PROXY protocol v1/v2 header from these networks (e.g. HAProxy)",
         doc="expect a PROXY protocol v1/v2 header, before the greeting, from peers in these networks (see "
             "More than one host)",
@@ -592,6 +622,69 @@ SETTINGS: tuple[Setting, ...] = (
             "`421` (`0`: off)",
         comment="Bytes per second: message data slower than this (after a 16 KiB allowance) is cut off with 421 "
                 "(Postfix's smtpd_min_data_rate); 0: off."),
+    Setting(
+        "trusted-networks", Kind.STRINGS, ("127.0.0.0/8", "::1/128"), _TRUST, metavar="CIDR",
+        check=_networks("trusted-networks"), shown_default="`127.0.0.0/8 ::1/128`",
+        help="clients in these networks skip the authentication checks (default: loopback)",
+        doc="clients in these networks (local relays, monitoring) skip the SPF, DKIM, DMARC and ARC checks, "
+            "as OpenDMARC's IgnoreHosts; line, size, error and time limits still apply",
+        comment="Networks whose clients are ours (local relays, probes): they skip the SPF, DKIM, DMARC and ARC "
+                "checks.  Limits on lines, sizes, errors and time still apply.  [] trusts no one."),
+    Setting(
+        "spf", Kind.TEXT, "tag", _AUTH, choices=AUTH_MODES,
+        help="SPF (RFC 7208) for MAIL FROM and HELO: off, tag or enforce (default: %(default)s)",
+        doc="SPF (RFC 7208) of the MAIL FROM and HELO identities: `off`, `tag` (reported in "
+            "Authentication-Results) or `enforce` (fail gets `550 5.7.23`, temperror `451 4.7.24`)",
+        comment="SPF (RFC 7208) of MAIL FROM and HELO: \"off\", \"tag\" (reported in Authentication-Results) "
+                "or \"enforce\" (fail: 550 5.7.23; temperror: 451 4.7.24)."),
+    Setting(
+        "spf-reject-at", Kind.TEXT, "data", _AUTH, choices=SPF_REJECT_AT,
+        help="when spf=enforce refuses an SPF fail: at the end of data, or at MAIL (default: %(default)s)",
+        doc="with `--spf enforce`: refuse an SPF fail at the end of `data` (after the content) or already at "
+            "`mail`",
+        comment="With spf = \"enforce\": refuse an SPF fail at the end of \"data\", or already at \"mail\" "
+                "FROM."),
+    Setting(
+        "dkim", Kind.TEXT, "tag", _AUTH, choices=AUTH_MODES,
+        help="DKIM (RFC 6376) signatures: off, tag or enforce (default: %(default)s)",
+        doc="DKIM (RFC 6376, 8301, 8463) verification of every signature: `off`, `tag` or `enforce` (a signed "
+            "message none of whose signatures passes gets `550 5.7.20`; temperror `451 4.7.5`)",
+        comment="DKIM (RFC 6376) verification of every signature: \"off\", \"tag\" or \"enforce\" (signed "
+                "but no signature passes: 550 5.7.20; temperror: 451 4.7.5; unsigned mail passes)."),
+    Setting(
+        "dmarc", Kind.TEXT, "tag", _AUTH, choices=AUTH_MODES,
+        help="DMARC (RFC 7489) of the From: domain: off, tag or enforce (default: %(default)s)",
+        doc="DMARC (RFC 7489) of the From: domain: `off`, `tag` or `enforce` (p=reject gets `550 5.7.1`, "
+            "p=quarantine goes into the mailbox's `.Junk` folder when it has one; temperror `451 4.7.1`)",
+        comment="DMARC (RFC 7489) of the From: domain: \"off\", \"tag\" or \"enforce\" (p=reject: 550 "
+                "5.7.1; p=quarantine: stored with X-Quarantine, into the mailbox's .Junk folder when there is "
+                "one; temperror: 451 4.7.1)."),
+    Setting(
+        "arc", Kind.TEXT, "tag", _AUTH, choices=AUTH_MODES,
+        help="ARC (RFC 8617) chain validation: off, tag or enforce (default: %(default)s)",
+        doc="ARC (RFC 8617) chain validation, reported as `arc=` (cv): `off`, `tag` or `enforce` (a failed "
+            "chain gets `550 5.7.29`)",
+        comment="ARC (RFC 8617) chain validation: \"off\", \"tag\" or \"enforce\" (a failed chain: 550 "
+                "5.7.29)."),
+    Setting(
+        "auth-timeout", Kind.SECONDS, 10.0, _AUTH, metavar="SECONDS",
+        check=_seconds("auth-timeout", positive=True),
+        help="the most one message's checks may wait for DNS (default: %(default)s)",
+        doc="the budget of one message's checks: what has not answered by then is `temperror`",
+        comment="Seconds one message's checks may take in all; what has not answered by then is temperror."),
+    Setting(
+        "dns-server", Kind.STRINGS, (), _DNS, metavar="HOST:PORT", check=_dns_servers,
+        shown_default="/etc/resolv.conf",
+        help="DNS servers to ask, in order (default: those of /etc/resolv.conf)",
+        doc="DNS servers (`HOST`, `HOST:PORT`, `[IPv6]:PORT`) the checks ask, in order; none: those of "
+            "`/etc/resolv.conf`",
+        comment="DNS servers to ask, in order, e.g. [\"127.0.0.1:53\"] (a local caching resolver is best); [] "
+                "uses /etc/resolv.conf."),
+    Setting(
+        "dns-timeout", Kind.SECONDS, 3.0, _DNS, metavar="SECONDS", check=_seconds("dns-timeout", positive=True),
+        help="the most one DNS question may take, retries included (default: %(default)s)",
+        doc="the most one DNS question may take, retries and the TCP fallback included",
+        comment="Seconds one DNS question may take, retries and TCP fallback included."),
     Setting(
         "metrics", Kind.ENDPOINT, "", _MONITORING, metavar="HOST:PORT", shown_default="off",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; "

@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import TYPE_CHECKING, Callable
 
 from .errors import StorageError
 from .events import Address, Reply
+from .auth.results import summary
 from .hooks import MessageInfo
 from .store import MessageSpool
 
 if TYPE_CHECKING:
+    from .auth.stage import MessageAuth
     from .server import Server
     from .session import Session
 
@@ -45,7 +48,7 @@ class Transaction:
 
     __slots__ = (
         "_server", "_loop", "_session", "_peer", "_too_slow", "mailboxes", "spool", "started",
-        "data_started", "data_ended", "_octets", "size", "_rate_timer",
+        "data_started", "data_ended", "_octets", "size", "_rate_timer", "auth", "_sink",
     )
 
     def __init__(
@@ -69,6 +72,10 @@ class Transaction:
         #: Content octets of the finished message, as the session counted them.
         self.size = 0
         self._rate_timer: asyncio.TimerHandle | None = None
+        #: The authentication checks (auth/stage.py), None when none run.
+        self.auth: MessageAuth | None = None
+        # Where content goes: the spool, or the checks' tap in front of it.
+        self._sink: Callable[[bytes], None] | None = None
 
     # -- recipients ---------------------------------------------------------------
 
@@ -108,6 +115,7 @@ class Transaction:
             )
         )
         self.spool = spool
+        self._sink = self.auth.tap(spool.write).write if self.auth is not None else spool.write
 
     @property
     def receiving(self) -> bool:
@@ -120,13 +128,15 @@ class Transaction:
             self._octets += n
 
     def write(self, content: bytes) -> None:
-        """Unstuffed content for the spool."""
-        assert self.spool is not None
-        self.spool.write(content)
+        """Unstuffed content for the spool (through the checks' tap, when they run)."""
+        assert self._sink is not None
+        self._sink(content)
 
     def discard(self) -> None:
         """Drop the content (RSET between BDAT chunks, a refused chunk, a lost client)."""
         self._stop_clock()
+        if self.auth is not None:
+            self.auth.abandon()
         if self.spool is not None:
             self.spool.discard()
             self.spool = None
@@ -156,7 +166,12 @@ class Transaction:
         """What the message stages see: the envelope and size, never the content."""
         assert self.spool is not None
         env = self._session.envelope
-        return MessageInfo(self.spool.queue_id, env.mail_from, tuple(env.rcpt_to), size)
+        auth = self.auth.results if self.auth is not None else None
+        return MessageInfo(self.spool.queue_id, env.mail_from, tuple(env.rcpt_to), size, auth)
+
+    def quarantine(self) -> None:
+        """Deliver into each mailbox's ``.Junk`` folder, where it has one (Maildir++)."""
+        self.mailboxes = [_junk(m) for m in self.mailboxes]
 
     def refuse(self, reply: Reply, size: int) -> Reply:
         """The end of data, refused (too big, bare LF, a stage): nothing is stored."""
@@ -167,6 +182,8 @@ class Transaction:
         if spool is not None:
             queue_id = spool.queue_id
             spool.discard()
+        if self.auth is not None:
+            self.auth.abandon()
         self.log(queue_id, reply.code)
         self._server.meter.message_refused(reply.code)
         return reply
@@ -217,4 +234,13 @@ class Transaction:
             self.size,
             code,
             round((self._loop.time() - self.started) * 1000),
+            summary(self.auth.results) if self.auth is not None and self.auth.results is not None else (),
         )
+
+
+def _junk(maildir: str) -> str:
+    """``MAILDIR/.Junk`` when it is a Maildir (Maildir++ subfolder), else ``maildir``."""
+    junk = os.path.join(maildir, ".Junk")
+    if all(os.path.isdir(os.path.join(junk, sub)) for sub in ("tmp", "new", "cur")):
+        return junk
+    return maildir

@@ -1,0 +1,337 @@
+"""Authentication as a stage: SPF from MAIL on, DKIM and ARC as the content streams, DMARC at the end.
+
+Rules of this module:
+- ``Authenticator`` is built once per worker: the modes, the trusted
+  networks, the one shared resolver (dns.py), the counters.  A
+  ``MessageAuth`` is one transaction's checks, made at MAIL FROM.
+- Each check (spf, dkim, dmarc, arc) is ``off`` (not run, not reported),
+  ``tag`` (reported in Authentication-Results, the default) or ``enforce``
+  (reported, and its failures refused, as the table below says).  DMARC
+  uses the SPF and DKIM results; with either off, DMARC sees it as none.
+- Work starts as early as it can, and never blocks the loop: the SPF
+  checks (MAIL FROM and HELO) start at MAIL as a task and run while RCPT
+  and DATA go on; the DKIM and ARC body hashes are updated chunk by chunk
+  as the content passes to the spool (``tap``), so the body is read once;
+  at the end of data the key lookups run concurrently, then DMARC.
+- One message's checks have a budget (``--auth-timeout``): what has not
+  answered by then is temperror, as a DNS timeout would be.
+- Clients in the trusted networks are not checked (OpenDMARC's
+  IgnoreHosts): their messages get no field and wait for no DNS.
+- Authentication-Results fields already in the message that claim our
+  authserv-id are removed (RFC 8601 §5); all others are kept.
+
+Enforcement (each only when its check is ``enforce``):
+
+============================  ==========================================
+SPF fail                      ``550 5.7.23`` (RFC 7372), at the end of data,
+                              or at MAIL with ``--spf-reject-at mail``
+SPF temperror                 ``451 4.7.24``
+DKIM: every signature fails   ``550 5.7.20`` (unsigned mail passes)
+DKIM temperror                ``451 4.7.5``
+DMARC fail, p=reject          ``550 5.7.1``
+DMARC fail, p=quarantine      stored with X-Quarantine, into ``.Junk``
+DMARC temperror               ``451 4.7.1``
+ARC fail                      ``550 5.7.29`` (RFC 8617 §?)
+============================  ==========================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
+
+from ..events import Address, Reply
+from ..stages import CONTINUE, Verdict
+from . import dmarc as dmarc_check
+from .arc import ARCResult
+from .dkim import DKIMResult, Verifier
+from .dmarc import DMARCResult
+from .headers import Header, HeaderTap, authserv_id
+from .results import AuthResults, render, summary
+from .spf import SPFResult, check_helo, check_mailfrom
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..dns import Lookups
+    from ..metrics import Meter
+
+__all__ = ["Authenticator", "MessageAuth", "MODES"]
+
+log = logging.getLogger("fastsmtp")
+
+MODES = ("off", "tag", "enforce")
+
+_T = TypeVar("_T")
+_L = TypeVar("_L")
+
+_AR = b"authentication-results"
+
+
+class Authenticator:
+    """One worker's authentication: modes, trusted networks, the resolver."""
+
+    def __init__(self, config: Config, meter: Meter, lookups: Lookups | None = None) -> None:
+        self.spf = config.spf
+        self.dkim = config.dkim
+        self.dmarc = config.dmarc
+        self.arc = config.arc
+        self.active = any(m != "off" for m in (self.spf, self.dkim, self.dmarc, self.arc))
+        self.spf_at_mail = config.spf_reject_at == "mail" and self.spf == "enforce"
+        self.budget = config.auth_timeout
+        self.hostname = config.hostname
+        self._id = config.hostname.lower()
+        self.meter = meter
+        self._trusted = [ipaddress.ip_network(n, strict=False) for n in config.trusted_networks]
+        self._trust: dict[str, bool] = {}
+        self._lookups = lookups
+        self._servers = config.dns_server
+        self._dns_timeout = config.dns_timeout
+
+    @property
+    def lookups(self) -> Lookups:
+        """The resolver, made on first use (after the fork: its sockets are this worker's)."""
+        if self._lookups is None:
+            from ..dns import Resolver
+
+            self._lookups = Resolver.from_config(self._servers, timeout=self._dns_timeout)
+        return self._lookups
+
+    def trusts(self, peer: str) -> bool:
+        """Whether ``peer`` is in the trusted networks (remembered per address)."""
+        known = self._trust.get(peer)
+        if known is None:
+            try:
+                address = ipaddress.ip_address(peer)
+                known = any(address in net for net in self._trusted)
+            except ValueError:
+                known = False  # not an IP address (a test's fake peer): checked
+            if len(self._trust) > 4096:
+                self._trust.clear()
+            self._trust[peer] = known
+        return known
+
+    def begin(self, peer: str, helo: str, sender: Address | None) -> MessageAuth | None:
+        """The checks of one transaction, started at MAIL; None: nothing to check."""
+        if not self.active or self.trusts(peer):
+            return None
+        return MessageAuth(self, peer, helo, sender)
+
+    def drops(self, name: bytes, raw: bytes) -> bool:
+        """RFC 8601 §5: an Authentication-Results field claiming to be ours goes."""
+        return name.lower() == _AR and authserv_id(raw) == self._id
+
+
+class MessageAuth:
+    """One transaction's checks, from MAIL to the end of data."""
+
+    __slots__ = (
+        "_auth", "_peer", "_helo", "_sender", "_spf", "_tap", "_verifier", "_from", "results", "quarantine",
+        "_deadline",
+    )
+
+    def __init__(self, auth: Authenticator, peer: str, helo: str, sender: Address | None) -> None:
+        self._auth = auth
+        self._peer = peer
+        self._helo = helo
+        self._sender = sender
+        self._tap: HeaderTap | None = None
+        self._verifier: Verifier | None = None
+        self._from: list[bytes] = []
+        self.results: AuthResults | None = None
+        #: Set by a DMARC quarantine that is enforced: deliver into .Junk.
+        self.quarantine = False
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + auth.budget
+        self._spf: asyncio.Task[tuple[SPFResult | None, SPFResult | None]] | None = None
+        if auth.spf != "off" or auth.dmarc != "off":
+            self._spf = loop.create_task(self._check_spf())
+
+    # -- SPF, from MAIL on -------------------------------------------------------
+
+    async def _check_spf(self) -> tuple[SPFResult | None, SPFResult | None]:
+        """MAIL FROM's check, then HELO's (RFC 7208 §2.3, §2.4).
+
+        One after the other in one task: with the answers cached both end
+        at their first step, and a second task would cost more than the
+        check.  The HELO check runs only when SPF is reported.
+        """
+        auth = self._auth
+        lookups = auth.lookups
+        sender = self._sender
+        address = "" if sender is None else _text(sender.local) + "@" + _text(sender.domain)
+        domain = _domain_of(address, self._helo)
+        mailfrom = await _bounded(
+            lambda: check_mailfrom(lookups, self._peer, address, self._helo, auth.hostname), self._deadline,
+            lambda: SPFResult("temperror", "mailfrom", domain, "timed out"))
+        helo = None
+        if auth.spf != "off":
+            helo = await _bounded(
+                lambda: check_helo(lookups, self._peer, self._helo, auth.hostname), self._deadline,
+                lambda: SPFResult("temperror", "helo", self._helo, "timed out"))
+        return mailfrom, helo
+
+    async def at_mail(self, info: object, address: object) -> Verdict:
+        """``--spf-reject-at mail``: MAIL FROM waits for SPF and is refused on fail."""
+        assert self._spf is not None
+        mailfrom, _helo = await asyncio.shield(self._spf)
+        return _spf_verdict(mailfrom) or CONTINUE
+
+    # -- the content -------------------------------------------------------------
+
+    def tap(self, sink: Callable[[bytes | bytearray | memoryview], None]) -> HeaderTap:
+        """What the transaction writes the content to: fields split, body hashed, then ``sink``."""
+        self._tap = HeaderTap(sink, self._auth.drops, self._headers_done)
+        return self._tap
+
+    def _headers_done(self, headers: list[Header]) -> Callable[[bytes | bytearray | memoryview], None] | None:
+        self._from = [raw[raw.find(b":") + 1:] for name, raw in headers if name.lower() == b"from"]
+        auth = self._auth
+        if auth.dkim == "off" and auth.arc == "off" and auth.dmarc == "off":
+            return None
+        verifier = Verifier(headers)
+        self._verifier = verifier
+        return verifier.body if verifier.needs_body else None
+
+    def abandon(self) -> None:
+        """The transaction ended without a message (RSET, a refusal, a lost client)."""
+        if self._spf is not None and not self._spf.done():
+            self._spf.cancel()
+
+    # -- the end of data ---------------------------------------------------------
+
+    async def finish(self) -> Verdict:
+        """Every check's result, the Authentication-Results field, and the verdict."""
+        auth = self._auth
+        tap = self._tap
+        if tap is not None:
+            tap.end()
+        mailfrom = helo = None
+        if self._spf is not None:
+            mailfrom, helo = await asyncio.shield(self._spf)
+        now = time.time()
+        dkim: list[DKIMResult] = []
+        arc: ARCResult | None = None
+        verifier = self._verifier
+        overflow = tap is not None and tap.overflow
+        run_dkim = auth.dkim != "off" or auth.dmarc != "off"
+        if verifier is not None:
+            verifier.end()
+            lookups = auth.lookups
+            # One after the other: the keys are in the resolver's cache for
+            # nearly every message, and ARC without ARC fields costs nothing.
+            if run_dkim:
+                found = await _bounded(lambda: verifier.dkim(lookups, now), self._deadline, lambda: None)
+                dkim = found if found is not None else [_timed_out(h) for h in self._signatures()]
+            if auth.arc != "off":
+                sealed = await _bounded(lambda: verifier.arc(lookups, now), self._deadline, lambda: None)
+                arc = sealed if sealed is not None else ARCResult("fail", 0, "timed out")
+        elif overflow and auth.arc != "off":
+            arc = ARCResult("none", 0, "header section too large")
+        verdict_dmarc: DMARCResult | None = None
+        if auth.dmarc != "off":
+            if overflow:
+                verdict_dmarc = DMARCResult("permerror", reason="header section too large")
+            else:
+                spf_domain = mailfrom.domain if mailfrom is not None else ""
+                spf_word = mailfrom.result if (mailfrom is not None and auth.spf != "off") else "none"
+                passed = [d.domain for d in dkim if d.result == "pass"] if auth.dkim != "off" else []
+                verdict_dmarc = await _bounded(
+                    lambda: dmarc_check.check(auth.lookups, self._from, spf_domain, spf_word, passed), self._deadline,
+                    lambda: DMARCResult("temperror", reason="timed out"),
+                )
+        results = AuthResults(
+            spf=mailfrom if auth.spf != "off" else None,
+            helo=helo if auth.spf != "off" else None,
+            dkim=tuple(dkim) if auth.dkim != "off" else (),
+            dkim_checked=auth.dkim != "off",
+            arc=arc,
+            dmarc=verdict_dmarc,
+        )
+        header = render(auth.hostname, results, self._peer)
+        self.results = AuthResults(results.spf, results.helo, results.dkim, results.dkim_checked, results.arc,
+                                   results.dmarc, header)
+        auth.meter.auth_results(summary(results))
+        refusal = self._enforce(results)
+        if refusal is not None:
+            return Verdict(refusal)
+        headers = header
+        if self.quarantine:
+            assert verdict_dmarc is not None
+            headers = (f"X-Quarantine: DMARC policy of {verdict_dmarc.domain} is quarantine\r\n").encode(
+                "ascii", "replace") + headers
+        return Verdict(None, headers)
+
+    def _signatures(self) -> list[bytes]:
+        tap = self._tap
+        if tap is None:
+            return []
+        return [raw for name, raw in tap.headers if name.lower() == b"dkim-signature"]
+
+    def _enforce(self, results: AuthResults) -> Reply | None:
+        auth = self._auth
+        if auth.spf == "enforce" and not auth.spf_at_mail:
+            refusal = _spf_verdict(results.spf)
+            if refusal is not None:
+                return refusal.reply
+        if auth.dkim == "enforce" and results.dkim:
+            words = {d.result for d in results.dkim}
+            if "pass" not in words:
+                if "temperror" in words:
+                    return Reply(451, "4.7.5", "DKIM: temporary error verifying a signature, try again later")
+                return Reply(550, "5.7.20", "DKIM: no passing signature found")
+        if auth.dmarc == "enforce" and results.dmarc is not None:
+            m = results.dmarc
+            if m.result == "temperror":
+                return Reply(451, "4.7.1", f"DMARC: temporary error for {m.domain or 'the From: domain'}, try again later")
+            if m.result == "fail" and m.disposition == "reject":
+                return Reply(550, "5.7.1", f"DMARC: message rejected by the policy of {m.domain}")
+            if m.result == "fail" and m.disposition == "quarantine":
+                self.quarantine = True
+        if auth.arc == "enforce" and results.arc is not None and results.arc.result == "fail":
+            return Reply(550, "5.7.29", "ARC: validation of the chain failed")
+        return None
+
+
+def _spf_verdict(result: SPFResult | None) -> Verdict | None:
+    if result is None:
+        return None
+    if result.result == "fail":
+        why = result.explanation or f"SPF of {result.domain} does not allow this client"
+        return Verdict(Reply(550, "5.7.23", _printable(why)))
+    if result.result == "temperror":
+        return Verdict(Reply(451, "4.7.24", f"SPF: temporary error for {result.domain}, try again later"))
+    return None
+
+
+def _timed_out(raw: bytes) -> DKIMResult:
+    return DKIMResult("temperror", "", "", "", "", "", "timed out")
+
+
+async def _bounded(job: Callable[[], Awaitable[_T]], deadline: float, late: Callable[[], _L]) -> _T | _L:
+    """``job()``'s answer, or ``late()``'s once the message's budget (loop time) is spent.
+
+    ``asyncio.timeout_at`` arms a timer and makes no task: the answer
+    comes at once when the lookups are cached.  ``job`` is made here, so a
+    check cancelled before it starts leaves no coroutine unawaited.
+    """
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await job()
+    except TimeoutError:
+        return late()
+
+
+def _domain_of(address: str, helo: str) -> str:
+    return address.rpartition("@")[2] if address else helo
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
+def _printable(text: str) -> str:
+    """A sender's explanation goes into our reply: printable ASCII, bounded."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)[:400]

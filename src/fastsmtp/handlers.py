@@ -168,7 +168,7 @@ class Handlers:
         if auth is not None:
             txn.auth = auth
             if server.auth.spf_at_mail:
-                calls = (StepCall("spf on_mail", auth.at_mail, True, server.auth.budget + 1.0),) + calls
+                calls = (StepCall("spf on_mail", auth.at_mail, True, None),) + calls
         if not calls:
             return MAIL_OK
         return self._ask(calls, (self._info(), event.address), lambda v: self._mail_answered(txn, v))
@@ -219,7 +219,7 @@ class Handlers:
         if auth is not None:
             # Authentication first: its results are what the later stages
             # (the policy's on_message) see.
-            call = StepCall("authentication", auth.finish, True, self._server.auth.budget + 1.0)
+            call = StepCall("authentication", auth.finish, True, None)  # bounded by --auth-timeout
             return self._ask((call,), (), lambda v: self._authenticated(txn, event, v))
         return self._stages_at_end(txn, event, None)
 

@@ -61,7 +61,9 @@ class StepCall:
     name: str
     call: Callable[..., Any]
     is_async: bool
-    timeout: float
+    #: None: the call bounds itself (the authentication stage's budget),
+    #: and is awaited without wait_for's task.
+    timeout: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +166,8 @@ class StepRun:
     async def _async(self, call: StepCall) -> Verdict:
         try:
             answer: Awaitable[object] = call.call(*self._args)
+            if call.timeout is None:
+                return _verdict(call, await answer)
             return _verdict(call, await asyncio.wait_for(answer, call.timeout))
         except asyncio.TimeoutError:
             log.error("%s gave no answer for %s in %g s", call.name, self._peer, call.timeout)

@@ -217,9 +217,9 @@ async def check(
     if roll is None:
         roll = random.random()
     spf_pass = spf_result == "pass"
+    if len(domains) == 1:  # the common case, without gather's tasks
+        return await _one(lookups, domains[0], spf_domain, spf_pass, dkim_passed, roll)
     results = await asyncio.gather(*[_one(lookups, d, spf_domain, spf_pass, dkim_passed, roll) for d in domains])
-    if len(results) == 1:
-        return results[0]
     # §6.6.1: each author domain is checked; the strictest failing policy wins.
     failed = [r for r in results if r.result == "fail"]
     if failed:

@@ -12,9 +12,12 @@ Rules of this module:
   checks (MAIL FROM and HELO) start at MAIL as a task and run while RCPT
   and DATA go on; the DKIM and ARC body hashes are updated chunk by chunk
   as the content passes to the spool (``tap``), so the body is read once;
-  at the end of data the key lookups run concurrently, then DMARC.
-- One message's checks have a budget (``--auth-timeout``): what has not
-  answered by then is temperror, as a DNS timeout would be.
+  at the end of data DKIM (the key lookups of several signatures at
+  once), ARC, then DMARC.
+- The checks have a budget (``--auth-timeout``): SPF from MAIL on, and
+  what runs at the end of data from then on, so the client waits at most
+  that long after its data.  What has not answered by then is temperror,
+  as a DNS timeout would be.
 - Clients in the trusted networks are not checked (OpenDMARC's
   IgnoreHosts): their messages get no field and wait for no DNS.
 - Authentication-Results fields already in the message that claim our
@@ -31,7 +34,7 @@ DKIM temperror                ``451 4.7.5``
 DMARC fail, p=reject          ``550 5.7.1``
 DMARC fail, p=quarantine      stored with X-Quarantine, into ``.Junk``
 DMARC temperror               ``451 4.7.1``
-ARC fail                      ``550 5.7.29`` (RFC 8617 §?)
+ARC fail                      ``550 5.7.29`` (ARC validation failure, RFC 8617)
 ============================  ==========================================
 """
 
@@ -41,7 +44,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable
 
 from ..events import Address, Reply
 from ..stages import CONTINUE, Verdict
@@ -63,9 +66,6 @@ __all__ = ["Authenticator", "MessageAuth", "MODES"]
 log = logging.getLogger("fastsmtp")
 
 MODES = ("off", "tag", "enforce")
-
-_T = TypeVar("_T")
-_L = TypeVar("_L")
 
 _AR = b"authentication-results"
 
@@ -162,21 +162,24 @@ class MessageAuth:
         lookups = auth.lookups
         sender = self._sender
         address = "" if sender is None else _text(sender.local) + "@" + _text(sender.domain)
-        domain = _domain_of(address, self._helo)
-        mailfrom = await _bounded(
-            lambda: check_mailfrom(lookups, self._peer, address, self._helo, auth.hostname), self._deadline,
-            lambda: SPFResult("temperror", "mailfrom", domain, "timed out"))
-        helo = None
-        if auth.spf != "off":
-            helo = await _bounded(
-                lambda: check_helo(lookups, self._peer, self._helo, auth.hostname), self._deadline,
-                lambda: SPFResult("temperror", "helo", self._helo, "timed out"))
+        mailfrom = helo = None
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                mailfrom = await check_mailfrom(lookups, self._peer, address, self._helo, auth.hostname)
+                if auth.spf != "off":
+                    helo = await check_helo(lookups, self._peer, self._helo, auth.hostname)
+        except TimeoutError:
+            pass
+        if mailfrom is None:
+            mailfrom = SPFResult("temperror", "mailfrom", _domain_of(address, self._helo), "timed out")
+        if helo is None and auth.spf != "off":
+            helo = SPFResult("temperror", "helo", self._helo, "timed out")
         return mailfrom, helo
 
     async def at_mail(self, info: object, address: object) -> Verdict:
         """``--spf-reject-at mail``: MAIL FROM waits for SPF and is refused on fail."""
         assert self._spf is not None
-        mailfrom, _helo = await asyncio.shield(self._spf)
+        mailfrom, _helo = await self._spf
         return _spf_verdict(mailfrom) or CONTINUE
 
     # -- the content -------------------------------------------------------------
@@ -210,38 +213,41 @@ class MessageAuth:
             tap.end()
         mailfrom = helo = None
         if self._spf is not None:
-            mailfrom, helo = await asyncio.shield(self._spf)
+            mailfrom, helo = await self._spf  # bounded by the same budget
         now = time.time()
-        dkim: list[DKIMResult] = []
-        arc: ARCResult | None = None
+        deadline = asyncio.get_running_loop().time() + auth.budget
         verifier = self._verifier
         overflow = tap is not None and tap.overflow
         run_dkim = auth.dkim != "off" or auth.dmarc != "off"
-        if verifier is not None:
-            verifier.end()
-            lookups = auth.lookups
-            # One after the other: the keys are in the resolver's cache for
-            # nearly every message, and ARC without ARC fields costs nothing.
-            if run_dkim:
-                found = await _bounded(lambda: verifier.dkim(lookups, now), self._deadline, lambda: None)
-                dkim = found if found is not None else [_timed_out(h) for h in self._signatures()]
-            if auth.arc != "off":
-                sealed = await _bounded(lambda: verifier.arc(lookups, now), self._deadline, lambda: None)
-                arc = sealed if sealed is not None else ARCResult("fail", 0, "timed out")
-        elif overflow and auth.arc != "off":
-            arc = ARCResult("none", 0, "header section too large")
+        dkim: list[DKIMResult] | None = [] if verifier is None or not run_dkim else None
+        arc: ARCResult | None = None
         verdict_dmarc: DMARCResult | None = None
-        if auth.dmarc != "off":
-            if overflow:
-                verdict_dmarc = DMARCResult("permerror", reason="header section too large")
-            else:
-                spf_domain = mailfrom.domain if mailfrom is not None else ""
-                spf_word = mailfrom.result if (mailfrom is not None and auth.spf != "off") else "none"
-                passed = [d.domain for d in dkim if d.result == "pass"] if auth.dkim != "off" else []
-                verdict_dmarc = await _bounded(
-                    lambda: dmarc_check.check(auth.lookups, self._from, spf_domain, spf_word, passed), self._deadline,
-                    lambda: DMARCResult("temperror", reason="timed out"),
-                )
+        spf_domain = mailfrom.domain if mailfrom is not None else ""
+        spf_word = mailfrom.result if (mailfrom is not None and auth.spf != "off") else "none"
+        # One budget for what is left, and one after the other: the keys
+        # and policies are in the resolver's cache for nearly every
+        # message, and ARC without ARC fields costs nothing.
+        try:
+            async with asyncio.timeout_at(deadline):
+                if verifier is not None:
+                    verifier.end()
+                    lookups = auth.lookups
+                    if run_dkim:
+                        dkim = await verifier.dkim(lookups, now)
+                    if auth.arc != "off":
+                        arc = await verifier.arc(lookups, now)
+                if auth.dmarc != "off" and not overflow:
+                    passed = [d.domain for d in dkim if d.result == "pass"] if dkim and auth.dkim != "off" else []
+                    verdict_dmarc = await dmarc_check.check(auth.lookups, self._from, spf_domain, spf_word, passed)
+        except TimeoutError:
+            pass
+        if dkim is None:
+            dkim = [_timed_out(h) for h in self._signatures()]
+        if auth.arc != "off" and arc is None:
+            arc = ARCResult("none", 0, "header section too large") if overflow else ARCResult("fail", 0, "timed out")
+        if auth.dmarc != "off" and verdict_dmarc is None:
+            verdict_dmarc = (DMARCResult("permerror", reason="header section too large") if overflow
+                             else DMARCResult("temperror", reason="timed out"))
         results = AuthResults(
             spf=mailfrom if auth.spf != "off" else None,
             helo=helo if auth.spf != "off" else None,
@@ -308,20 +314,6 @@ def _spf_verdict(result: SPFResult | None) -> Verdict | None:
 
 def _timed_out(raw: bytes) -> DKIMResult:
     return DKIMResult("temperror", "", "", "", "", "", "timed out")
-
-
-async def _bounded(job: Callable[[], Awaitable[_T]], deadline: float, late: Callable[[], _L]) -> _T | _L:
-    """``job()``'s answer, or ``late()``'s once the message's budget (loop time) is spent.
-
-    ``asyncio.timeout_at`` arms a timer and makes no task: the answer
-    comes at once when the lookups are cached.  ``job`` is made here, so a
-    check cancelled before it starts leaves no coroutine unawaited.
-    """
-    try:
-        async with asyncio.timeout_at(deadline):
-            return await job()
-    except TimeoutError:
-        return late()
 
 
 def _domain_of(address: str, helo: str) -> str:

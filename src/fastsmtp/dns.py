@@ -245,54 +245,42 @@ class Resolver:
         """The servers asked, in order, as (address, port)."""
         return [(ns.address, ns.port) for ns in self._resolver.nameservers]  # type: ignore[union-attr]
 
-    # Each method holds the warm path itself (no second coroutine): a key,
-    # one dict probe and a clock read.  Keys are stored without the final
-    # dot, so "example.com." finds its entry on the second probe, in _miss.
+    # The warm path is a key, one dict probe and a clock read (_warm), with
+    # no second coroutine.  Keys are stored without the final dot, so
+    # "example.com." finds its entry on the second probe, in _miss.
+
+    def _warm(self, ck: tuple[str, int]) -> tuple[Any, ...] | None:
+        entry = self.cache.get(ck)
+        if entry is not None and entry[0] > _now():
+            self.cache.move_to_end(ck)
+            self.hits += 1
+            return entry[1]  # type: ignore[no-any-return]
+        return None
 
     async def txt(self, name: str) -> tuple[bytes, ...]:
         ck = (name.lower(), _TXT)
-        entry = self.cache.get(ck)
-        if entry is not None and entry[0] > _now():
-            self.cache.move_to_end(ck)
-            self.hits += 1
-            return entry[1]
-        return await self._miss(ck)
+        found = self._warm(ck)
+        return found if found is not None else await self._miss(ck)
 
     async def a(self, name: str) -> tuple[str, ...]:
         ck = (name.lower(), _A)
-        entry = self.cache.get(ck)
-        if entry is not None and entry[0] > _now():
-            self.cache.move_to_end(ck)
-            self.hits += 1
-            return entry[1]
-        return await self._miss(ck)
+        found = self._warm(ck)
+        return found if found is not None else await self._miss(ck)
 
     async def aaaa(self, name: str) -> tuple[str, ...]:
         ck = (name.lower(), _AAAA)
-        entry = self.cache.get(ck)
-        if entry is not None and entry[0] > _now():
-            self.cache.move_to_end(ck)
-            self.hits += 1
-            return entry[1]
-        return await self._miss(ck)
+        found = self._warm(ck)
+        return found if found is not None else await self._miss(ck)
 
     async def mx(self, name: str) -> tuple[tuple[int, str], ...]:
         ck = (name.lower(), _MX)
-        entry = self.cache.get(ck)
-        if entry is not None and entry[0] > _now():
-            self.cache.move_to_end(ck)
-            self.hits += 1
-            return entry[1]
-        return await self._miss(ck)
+        found = self._warm(ck)
+        return found if found is not None else await self._miss(ck)
 
     async def ptr(self, address: str) -> tuple[str, ...]:
         ck = (address.lower(), _PTR)
-        entry = self.cache.get(ck)
-        if entry is not None and entry[0] > _now():
-            self.cache.move_to_end(ck)
-            self.hits += 1
-            return entry[1]
-        return await self._miss(ck)
+        found = self._warm(ck)
+        return found if found is not None else await self._miss(ck)
 
     # -- the cold path: the shared query -----------------------------------------
 

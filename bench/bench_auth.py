@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(text)
         if args.write:
-            benchlib.write_section(BENCH / "RESULTS.md", "Authentication: SPF, DKIM, DMARC and ARC", text + "\n")
+            heading = "## Authentication: SPF, DKIM, DMARC and ARC, on vs off (issue 13)"
+            benchlib.write_section(BENCH / "RESULTS.md", heading, heading + "\n\n" + text + "\n")
         return 0
     finally:
         for proc in procs:

@@ -669,9 +669,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "auth-timeout", Kind.SECONDS, 10.0, _AUTH, metavar="SECONDS",
         check=_seconds("auth-timeout", positive=True),
-        help="the most one message's checks may wait for DNS (default: %(default)s)",
-        doc="the budget of one message's checks: what has not answered by then is `temperror`",
-        comment="Seconds one message's checks may take in all; what has not answered by then is temperror."),
+        help="the most the checks may keep a client waiting after its data (default: %(default)s)",
+        doc="the budget of the checks: SPF's from MAIL, the rest's from the end of data; what has not answered "
+            "by then is `temperror`",
+        comment="Seconds the checks may take: SPF's from MAIL on, the rest from the end of data on; what has not "
+                "answered by then is temperror."),
     Setting(
         "dns-server", Kind.STRINGS, (), _DNS, metavar="HOST:PORT", check=_dns_servers,
         shown_default="/etc/resolv.conf",

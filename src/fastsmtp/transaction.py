@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Callable
 
 from .errors import StorageError
 from .events import Address, Reply
-from .auth.results import summary
 from .hooks import MessageInfo
 from .store import MessageSpool
 
@@ -234,7 +233,7 @@ class Transaction:
             self.size,
             code,
             round((self._loop.time() - self.started) * 1000),
-            summary(self.auth.results) if self.auth is not None and self.auth.results is not None else (),
+            self.auth.summary if self.auth is not None else (),
         )
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 from dataclasses import dataclass
 from email.utils import getaddresses
 from functools import lru_cache
@@ -94,18 +95,41 @@ def aligned(a: str, b: str, mode: str) -> bool:
 
 def author_domains(from_values: Sequence[bytes]) -> list[str]:
     """The distinct domains of the From: fields' addresses, in order."""
-    texts = [v.decode("utf-8", "replace").replace("\r\n", "") for v in from_values]
     domains: list[str] = []
-    for _name, address in getaddresses(texts):
-        local, at, domain = address.rpartition("@")
-        domain = domain.strip().rstrip(".").lower()
-        if not at or not local or not domain or "." not in domain:
-            continue
-        if domain not in domains:
-            domains.append(domain)
+    for value in from_values:
+        for domain in _field_domains(value):
+            if domain not in domains:
+                domains.append(domain)
     return domains
 
 
+# The forms nearly every From: field takes: "addr@domain", or a display
+# name (plain or quoted, no specials) and "<addr@domain>".  Anything else
+# (comments, groups, several addresses) is parsed by the email package.
+_SIMPLE_FROM = re.compile(
+    r'\s*(?:(?:"[^"\\]*"|[^<>@",;:()\\\[\]]*)\s*<([^<>@\s"(),;:]+)@([^<>@\s"(),;:\[\]]+)>'
+    r'|([^<>@\s"(),;:]+)@([^<>@\s"(),;:\[\]]+))\s*\Z'
+)
+
+
+@lru_cache(maxsize=4096)
+def _field_domains(value: bytes) -> tuple[str, ...]:
+    """The domains of one From: field's value (remembered: a sender sends many)."""
+    text = value.decode("utf-8", "replace").replace("\r\n", "")
+    m = _SIMPLE_FROM.match(text)
+    if m is not None:
+        pairs = [(m.group(1) or m.group(3), m.group(2) or m.group(4))]
+    else:
+        pairs = [address.rpartition("@")[::2] for _name, address in getaddresses([text])]
+    out: list[str] = []
+    for local, domain in pairs:
+        domain = domain.strip().rstrip(".").lower()
+        if local and domain and "." in domain and domain not in out:
+            out.append(domain)
+    return tuple(out)
+
+
+@lru_cache(maxsize=4096)
 def parse_record(text: bytes) -> Policy | None:
     """A DMARC record (§6.3, §6.4), or None when it is not one that can be used."""
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .arc import ARCResult
 from .dkim import DKIMResult
@@ -58,6 +59,7 @@ _UNSAFE = re.compile(r"[^\x20-\x7e]")
 _MAX_COMMENT = 200
 
 
+@lru_cache(maxsize=8192)
 def _value(text: str) -> str:
     text = _UNSAFE.sub("?", text)[:255]
     if text and _TOKEN.match(text):
@@ -65,6 +67,7 @@ def _value(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+@lru_cache(maxsize=8192)
 def _comment(text: str) -> str:
     if not text:
         return ""

@@ -107,7 +107,7 @@ class Authenticator:
                 address = ipaddress.ip_address(peer)
                 known = any(address in net for net in self._trusted)
             except ValueError:
-                known = False  # not an IP address (a test's fake peer): checked
+                known = True  # not an IP address: SPF has nothing to check, so nothing is
             if len(self._trust) > 4096:
                 self._trust.clear()
             self._trust[peer] = known
@@ -128,8 +128,8 @@ class MessageAuth:
     """One transaction's checks, from MAIL to the end of data."""
 
     __slots__ = (
-        "_auth", "_peer", "_helo", "_sender", "_spf", "_tap", "_verifier", "_from", "results", "quarantine",
-        "_deadline",
+        "_auth", "_peer", "_helo", "_sender", "_spf", "_tap", "_verifier", "_from", "results", "summary",
+        "quarantine", "_deadline",
     )
 
     def __init__(self, auth: Authenticator, peer: str, helo: str, sender: Address | None) -> None:
@@ -141,6 +141,8 @@ class MessageAuth:
         self._verifier: Verifier | None = None
         self._from: list[bytes] = []
         self.results: AuthResults | None = None
+        #: (check, result) pairs for the log line and the counters, once known.
+        self.summary: tuple[tuple[str, str], ...] = ()
         #: Set by a DMARC quarantine that is enforced: deliver into .Junk.
         self.quarantine = False
         loop = asyncio.get_running_loop()
@@ -156,30 +158,35 @@ class MessageAuth:
 
         One after the other in one task: with the answers cached both end
         at their first step, and a second task would cost more than the
-        check.  The HELO check runs only when SPF is reported.
+        check.  The HELO check runs only when SPF is reported.  The budget
+        is kept by whoever waits for this task (at MAIL or at the end of
+        data), so that a message pays for one timer, not two.
         """
         auth = self._auth
         lookups = auth.lookups
         sender = self._sender
         address = "" if sender is None else _text(sender.local) + "@" + _text(sender.domain)
-        mailfrom = helo = None
-        try:
-            async with asyncio.timeout_at(self._deadline):
-                mailfrom = await check_mailfrom(lookups, self._peer, address, self._helo, auth.hostname)
-                if auth.spf != "off":
-                    helo = await check_helo(lookups, self._peer, self._helo, auth.hostname)
-        except TimeoutError:
-            pass
-        if mailfrom is None:
-            mailfrom = SPFResult("temperror", "mailfrom", _domain_of(address, self._helo), "timed out")
-        if helo is None and auth.spf != "off":
-            helo = SPFResult("temperror", "helo", self._helo, "timed out")
+        mailfrom = await check_mailfrom(lookups, self._peer, address, self._helo, auth.hostname)
+        helo = None
+        if auth.spf != "off":
+            helo = await check_helo(lookups, self._peer, self._helo, auth.hostname)
         return mailfrom, helo
+
+    def _spf_late(self) -> tuple[SPFResult, SPFResult | None]:
+        """What the SPF checks are when the budget ran out first."""
+        sender = self._sender
+        domain = self._helo if sender is None else _text(sender.domain)
+        helo = SPFResult("temperror", "helo", self._helo, "timed out") if self._auth.spf != "off" else None
+        return SPFResult("temperror", "mailfrom", domain, "timed out"), helo
 
     async def at_mail(self, info: object, address: object) -> Verdict:
         """``--spf-reject-at mail``: MAIL FROM waits for SPF and is refused on fail."""
         assert self._spf is not None
-        mailfrom, _helo = await self._spf
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                mailfrom, _helo = await self._spf
+        except TimeoutError:
+            mailfrom, _helo = self._spf_late()
         return _spf_verdict(mailfrom) or CONTINUE
 
     # -- the content -------------------------------------------------------------
@@ -211,11 +218,20 @@ class MessageAuth:
         tap = self._tap
         if tap is not None:
             tap.end()
-        mailfrom = helo = None
-        if self._spf is not None:
-            mailfrom, helo = await self._spf  # bounded by the same budget
+        mailfrom: SPFResult | None = None
+        helo: SPFResult | None = None
         now = time.time()
+        # SPF's own budget ran from MAIL; the rest has its own from now.
         deadline = asyncio.get_running_loop().time() + auth.budget
+        spf = self._spf
+        if spf is not None:
+            if not spf.done():
+                try:
+                    async with asyncio.timeout_at(self._deadline):
+                        await spf
+                except TimeoutError:
+                    pass
+            mailfrom, helo = spf.result() if spf.done() and not spf.cancelled() else self._spf_late()
         verifier = self._verifier
         overflow = tap is not None and tap.overflow
         run_dkim = auth.dkim != "off" or auth.dmarc != "off"
@@ -259,7 +275,8 @@ class MessageAuth:
         header = render(auth.hostname, results, self._peer)
         self.results = AuthResults(results.spf, results.helo, results.dkim, results.dkim_checked, results.arc,
                                    results.dmarc, header)
-        auth.meter.auth_results(summary(results))
+        self.summary = summary(results)
+        auth.meter.auth_results(self.summary)
         refusal = self._enforce(results)
         if refusal is not None:
             return Verdict(refusal)
@@ -314,10 +331,6 @@ def _spf_verdict(result: SPFResult | None) -> Verdict | None:
 
 def _timed_out(raw: bytes) -> DKIMResult:
     return DKIMResult("temperror", "", "", "", "", "", "timed out")
-
-
-def _domain_of(address: str, helo: str) -> str:
-    return address.rpartition("@")[2] if address else helo
 
 
 def _text(raw: bytes) -> str:

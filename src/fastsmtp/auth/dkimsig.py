@@ -219,10 +219,9 @@ class Signature:
     timestamp: int | None
     expires: int | None
     field_no_b: bytes  # the field with b='s value emptied (§3.7)
-
-    @property
-    def body_key(self) -> BodyKey:
-        return BodyKey(self.body_canon, self.hash_name, self.limit)
+    # c= (body), a='s hash, l=: made once, as the body hashes are asked for
+    # and read by it (a NamedTuple costs a Python-level __new__ each time).
+    body_key: BodyKey
 
     @property
     def key_name(self) -> str:
@@ -297,6 +296,7 @@ def parse_signature(field: bytes, position: int, tags: Tags, offset: int, *, arc
     return Signature(
         position, tags, algorithm, key_type, hash_name, domain, selector, "", b, b_text, bh,
         header_canon, body_canon, signed, limit, timestamp, expires, field_no_b,
+        BodyKey(body_canon, hash_name, limit),
     )  # fmt: skip
 
 

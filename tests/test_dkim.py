@@ -541,3 +541,27 @@ def test_at_once_errors_and_cancellation() -> None:
         assert cancelled == [True, True]  # each waiting coroutine saw the cancellation
 
     asyncio.run(asyncio.wait_for(main(), 5))
+
+
+def test_parse_signature_missing_tags_in_order_and_h_lowered() -> None:
+    from fastsmtp.auth.dkimsig import parse_signature, split_tags
+
+    full = b"v=1; a=rsa-sha256; d=example.com; s=sel; h=From : TO;\r\n bh=AAAA; b=QUJD"
+
+    def parse(value: bytes) -> object:
+        field = b"DKIM-Signature: " + value + b"\r\n"
+        tags, offset = split_tags(field)
+        try:
+            return parse_signature(field, 0, tags, offset)
+        except Problem as p:
+            return p.reason
+
+    for drop in ([b"a"], [b"b"], [b"d"], [b"s"], [b"s", b"d"], [b"b", b"s", b"d"], [b"a", b"s"], [b"h"], [b"bh"]):
+        value = b";".join(spec for spec in full.split(b";") if spec.split(b"=")[0].strip() not in drop)
+        first = next(name for name in (b"a", b"b", b"d", b"s", b"bh", b"h") if name in drop)
+        assert parse(value) == f"missing {first.decode()}=", drop
+    sig = parse(full)
+    assert sig.signed == ("from", "to")  # type: ignore[union-attr]
+    # Non-ASCII names are lowered one by one (a final sigma depends on its neighbours).
+    sig = parse(full.replace(b"TO", "A\u03a3:B".encode()))
+    assert sig.signed == ("from", "a\u03c2", "b")  # type: ignore[union-attr]

@@ -252,9 +252,15 @@ def parse_signature(field: bytes, position: int, tags: Tags, offset: int, *, arc
             raise Problem("permerror", f"missing {name}=")
         return value
 
-    algorithm = get("a").lower()
-    b_text = get("b")
-    domain, selector = get("d").lower().rstrip("."), get("s").lower()
+    try:
+        # In this order, so the first missing one is named (a call of get()
+        # each cost more than the lookups).
+        algorithm = tags["a"].lower()
+        b_text = tags["b"]
+        domain = tags["d"].lower().rstrip(".")
+        selector = tags["s"].lower()
+    except KeyError as missing:
+        raise Problem("permerror", f"missing {missing.args[0]}=") from None
     if algorithm in REFUSED:
         raise Problem("fail", REFUSED[algorithm])
     if algorithm not in ALGORITHMS:
@@ -280,7 +286,13 @@ def parse_signature(field: bytes, position: int, tags: Tags, offset: int, *, arc
     else:
         bh = _b64(get("bh"), "bh=")
         header_canon, body_canon = _canon(tags.get("c", "simple"))
-        signed = tuple([h.strip(" \t\r\n").lower() for h in get("h").split(":")])
+        h = get("h")
+        # One lower() for the list when ASCII (str.lower of non-ASCII may
+        # depend on the neighbours, e.g. a final sigma, so then per name).
+        if h.isascii():
+            signed = tuple([name.strip(" \t\r\n") for name in h.lower().split(":")])
+        else:
+            signed = tuple([name.strip(" \t\r\n").lower() for name in h.split(":")])
         if not all(signed):
             raise Problem("permerror", "malformed h=")
         limit = _number(tags["l"], "l=") if "l" in tags else None

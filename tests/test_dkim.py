@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from dkimtools import FakeLookups, KeyPair, craft, ed_key, rsa_key, split_message, verify
 from fastsmtp.auth.dkim import DKIMResult, Verifier
-from fastsmtp.auth.dkimsig import KeyCache, Problem, parse_key, parse_tags, parse_tags_careful
+from fastsmtp.auth.dkimsig import KeyCache, Problem, b_span, parse_key, parse_tags, parse_tags_careful
 from fastsmtp.dns import BadName, DNSError
 
 MSG = (
@@ -426,9 +426,54 @@ TAG_EDGES = [
 def test_parse_tags_fast_equals_careful() -> None:
     for data in TAG_EDGES:
         assert _tags_or_problem(parse_tags, data) == _tags_or_problem(parse_tags_careful, data), data
-    assert parse_tags(b" a = 1 ; b=\r\n 2 ;") == {"a": ("1", 4, 7), "b": ("2", 11, 16)}  # spans: after "=" up to ";"
+    assert parse_tags(b" a = 1 ; b=\r\n 2 ;") == {"a": "1", "b": "2"}
+    assert list(parse_tags(b"v=DKIM1; k=rsa; p=")) == ["v", "k", "p"]  # the list's order (§3.6.1 v= first)
     assert _tags_or_problem(parse_tags, b"v=1; v=1") == ("permerror", "duplicate tag v=")
     assert _tags_or_problem(parse_tags, b"a=1;; b=2") == ("permerror", "malformed tag list")
+
+
+B_SPANS = [
+    # (tag list, b='s span: after "=" up to ";" or the end, FWS included)
+    (b" a = 1 ; b=\r\n 2 ;", (11, 16)),
+    (b"b=x", (2, 3)),
+    (b" b = x ; bh=y", (4, 7)),
+    (b"bh=y; b =", (9, 9)),
+    (b"h=from:b=c; bb=1; b=\r\n\tAB CD\r\n ;c=x", (20, 31)),  # "b=" inside h='s value is not b=
+    (b"z=b=1;b=2", (8, 9)),
+    (b"a=caf\xc3\xa9; b=\xff ", (11, 13)),  # octet offsets, non-ASCII before
+]
+
+
+def test_b_span() -> None:
+    for data, span in B_SPANS:
+        assert "b" in parse_tags_careful(data), data
+        assert b_span(data) == span, data
+        # Within a field: the value's start and end bound the search.
+        field = b"DKIM-Signature:" + data + b"\r\n"
+        assert b_span(field, 15, len(field) - 2) == (span[0] + 15, span[1] + 15), data
+
+
+def _b_span_reference(data: bytes) -> tuple[int, int]:
+    """Spec by spec (§3.2): the span after b='s "=" up to its ";" or the end."""
+    pos = 0
+    for spec in data.split(b";"):
+        name, _, _ = spec.partition(b"=")
+        if name.strip(b" \t\r\n") == b"b":
+            return pos + spec.index(b"=") + 1, pos + len(spec)
+        pos += len(spec) + 1
+    raise AssertionError("no b=")
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b"b", b"bh", b"=", b";", b" ", b"\t", b"\r\n", b"\xc3\xa9", b"b=", b"; b="]),
+                max_size=30).map(b"".join))
+def test_b_span_equals_reference(data: bytes) -> None:
+    try:
+        tags = parse_tags_careful(data)
+    except Problem:
+        return
+    if "b" in tags:
+        assert b_span(data) == _b_span_reference(data)
 
 
 @settings(max_examples=1500, deadline=None)
@@ -496,3 +541,27 @@ def test_at_once_errors_and_cancellation() -> None:
         assert cancelled == [True, True]  # each waiting coroutine saw the cancellation
 
     asyncio.run(asyncio.wait_for(main(), 5))
+
+
+def test_parse_signature_missing_tags_in_order_and_h_lowered() -> None:
+    from fastsmtp.auth.dkimsig import parse_signature, split_tags
+
+    full = b"v=1; a=rsa-sha256; d=example.com; s=sel; h=From : TO;\r\n bh=AAAA; b=QUJD"
+
+    def parse(value: bytes) -> object:
+        field = b"DKIM-Signature: " + value + b"\r\n"
+        tags, offset = split_tags(field)
+        try:
+            return parse_signature(field, 0, tags, offset)
+        except Problem as p:
+            return p.reason
+
+    for drop in ([b"a"], [b"b"], [b"d"], [b"s"], [b"s", b"d"], [b"b", b"s", b"d"], [b"a", b"s"], [b"h"], [b"bh"]):
+        value = b";".join(spec for spec in full.split(b";") if spec.split(b"=")[0].strip() not in drop)
+        first = next(name for name in (b"a", b"b", b"d", b"s", b"bh", b"h") if name in drop)
+        assert parse(value) == f"missing {first.decode()}=", drop
+    sig = parse(full)
+    assert sig.signed == ("from", "to")  # type: ignore[union-attr]
+    # Non-ASCII names are lowered one by one (a final sigma depends on its neighbours).
+    sig = parse(full.replace(b"TO", "A\u03a3:B".encode()))
+    assert sig.signed == ("from", "a\u03c2", "b")  # type: ignore[union-attr]

@@ -60,7 +60,7 @@ def _instance(field: bytes, name: bytes) -> int:
             raise Problem("fail", "malformed ARC-Authentication-Results")
         return int(m.group(1))
     tags, _ = split_tags(field)
-    value = tags.get("i", ("", 0, 0))[0]
+    value = tags.get("i", "")
     if not value.isdigit() or len(value) > 6:
         raise Problem("fail", "malformed i= in an ARC set")
     return int(value)
@@ -117,7 +117,7 @@ class ARCPlan:
         for i, (_, _, pos) in self.sets.items():
             field = headers[pos][1]
             tags, offset = split_tags(field)
-            cvs[i] = tags.get("cv", ("", 0, 0))[0].lower()
+            cvs[i] = tags.get("cv", "").lower()
             if i == n and cvs[i] == "fail":
                 raise Problem("fail", "newest ARC-Seal has cv=fail")  # §5.2 step 3
             self.seals[i] = parse_signature(field, pos, tags, offset, arc_seal=True)
@@ -128,7 +128,7 @@ class ARCPlan:
         pos = self.sets[n][1]
         field = headers[pos][1]
         tags, offset = split_tags(field)
-        self.domain = tags.get("d", ("", 0, 0))[0].lower()
+        self.domain = tags.get("d", "").lower()
         self.ams = parse_signature(field, pos, tags, offset)
 
     def seal_input(self, i: int, headers: Sequence[tuple[bytes, bytes]]) -> bytes:

@@ -19,7 +19,8 @@ Rules of this module:
   so the state stays a few integers for any input (25 MB of spaces or of
   CRLFs included).
 - Fast path: a chunk that needs no rewriting (no TAB, no two SP in a row,
-  no SP before CRLF) is hashed as is, through a memoryview, without a copy;
+  no SP before CRLF) is hashed as is, through a memoryview, without a copy
+  (a part under 4 KiB is copied: that costs less than a memoryview);
   only otherwise the rewriting runs (``bytes.replace`` and one regex, all in
   C).  The result is byte-identical to a whole-body canonicalisation for any
   split; tests/test_canon.py proves it against a whole-string reference.
@@ -174,13 +175,10 @@ class BodyCanon:
             return
         self.length += n
         for sink in self.sinks:
-            left = sink.left
-            if left is None:
+            if sink.left is None:
                 sink.hash.update(data)
-            elif left > 0:
-                # l= counts canonical octets (§3.5): hash the first `left` only.
-                sink.hash.update(data[:left] if n > left else data)
-                sink.left = left - n if n < left else 0
+            else:
+                self._emit_limited(sink, data, n)
 
     def _flush_held(self) -> None:
         held = self.held
@@ -240,17 +238,39 @@ class BodyCanon:
                     out = _MULTI_SP.sub(b" ", out)
                 if trailing or tabs:
                     out = out.replace(b" \r\n", b"\r\n")
-                self._lines(out, len(out))
-                return
-        self._lines(data, end)
-
-    def _lines(self, data: bytes, end: int) -> None:
-        """Emit data[:end] (canonical already), holding back its trailing CRLFs."""
-        k = _trailing_crlfs(data, end)
+                data, end = out, len(out)
+        # Emit data[:end] (canonical now), holding back its trailing CRLFs:
+        # inline, since a 1 KiB body is one chunk and each call layer here
+        # cost as much as hashing it.
+        k = 0
+        if end >= 2 and data[end - 2] == 13 and data[end - 1] == 10:
+            # A chunk ending at a line's end holds one CRLF; a run of empty
+            # lines is measured in C by _trailing_crlfs.
+            k = 1 if end < 4 or data[end - 4] != 13 or data[end - 3] != 10 else _trailing_crlfs(data, end)
         body = end - 2 * k
         if body:
-            self._content(memoryview(data)[:body] if body < len(data) else data)
+            if self.held:
+                self._flush_held()  # the held CRLFs were not trailing after all
+            if body < len(data):
+                # A small copy costs less than a memoryview; a big one is not made.
+                data = data[:body] if body <= 4096 else memoryview(data)[:body]
+            self.length += body
+            for sink in self.sinks:
+                if sink.left is None:
+                    sink.hash.update(data)
+                else:
+                    self._emit_limited(sink, data, body)
+            self.content = True
         self.held += k
+
+    @staticmethod
+    def _emit_limited(sink: _Sink, data: bytes | memoryview, n: int) -> None:
+        # l= counts canonical octets (§3.5): hash the first `left` only.
+        left = sink.left
+        assert left is not None
+        if left > 0:
+            sink.hash.update(data[:left] if n > left else data)
+            sink.left = left - n if n < left else 0
 
     def end(self) -> None:
         """The body is over: settle the pending state and the final CRLF."""
@@ -323,7 +343,7 @@ class BodyHashes:
 
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
         for canon in self._canons.values():
-            canon.write(chunk)
+            canon.write(chunk)  # BodyCanon.write does not modify chunk: both may share it
 
     def end(self) -> None:
         for canon in self._canons.values():

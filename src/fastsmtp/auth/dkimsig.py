@@ -38,6 +38,7 @@ __all__ = [
     "KeyCache",
     "KEY_CACHE",
     "parse_tags",
+    "b_span",
     "parse_signature",
     "parse_key",
     "fetch_key",
@@ -79,7 +80,7 @@ class Problem(Exception):
         self.reason = reason
 
 
-Tags = dict[str, tuple[str, int, int]]  # name -> (value, start, end of the text after "=")
+Tags = dict[str, str]  # name -> value, FWS at its ends removed, in the order of the list
 
 
 # The octets no tag value may hold (§3.2 tval: VCHAR and WSP, FWS between);
@@ -91,9 +92,9 @@ _FWS_STR: Final = " \t\r\n"
 def parse_tags(data: bytes) -> Tags:
     """A tag-list (§3.2): tag names case-sensitive, duplicates and empty specs refused.
 
-    Each tag's span covers everything between its "=" and the next ";" (or
-    the end), surrounding FWS included: that is what "b= emptied" removes
-    (§3.7: "including all surrounding whitespace").
+    Values only: the one span a verifier needs, b='s (§3.7), is found by
+    ``b_span`` when a signature is checked.  The dict keeps the list's
+    order (a key record's v= must come first, §3.6.1).
 
     The fast path takes the common list: all ASCII (so one decode gives
     str offsets equal to octet offsets) and no control octet (one C pass
@@ -103,23 +104,21 @@ def parse_tags(data: bytes) -> Tags:
     """
     if not data.isascii() or len(data.translate(None, _CONTROL)) != len(data):
         return parse_tags_careful(data)
-    text = data.decode("ascii")
     tags: Tags = {}
-    pos = 0
-    for spec in text.split(";"):
+    specs = data.decode("ascii").split(";")
+    last = len(specs) - 1
+    for n, spec in enumerate(specs):
         name, eq, value = spec.partition("=")
         name = name.strip(_FWS_STR)
-        stop = pos + len(spec)
         # tag-name = ALPHA *ALNUMPUNC (§3.2): ASCII isalnum, a letter first
         # (digits sort below "A"); a name with "_" goes the careful way.
         if not (eq and name.isalnum() and name[0] > "@"):
-            if stop == len(text) and not spec.strip(_FWS_STR):
+            if n == last and not spec.strip(_FWS_STR):
                 return tags  # only the list's very end may be empty (a trailing ";")
             return parse_tags_careful(data)
         if name in tags:
             raise Problem("permerror", f"duplicate tag {name}=")
-        tags[name] = (value.strip(_FWS_STR), stop - len(value), stop)
-        pos = stop + 1
+        tags[name] = value.strip(_FWS_STR)
     return tags
 
 
@@ -146,10 +145,27 @@ def parse_tags_careful(data: bytes) -> Tags:
         key = name.decode("ascii")
         if key in tags:
             raise Problem("permerror", f"duplicate tag {key}=")
-        tags[key] = (value.decode("utf-8", "replace"), pos + eq + 1, stop)
+        tags[key] = value.decode("utf-8", "replace")
         if semi < 0:
             return tags
         pos = semi + 1
+
+
+# b='s tag-spec (§3.2, §3.7): the first, or one after a ";".  Values hold no
+# ";" (§3.2 VALCHAR), so a match is the spec named "b" itself, never text
+# inside another tag's value; group 1 is what "b= emptied" removes (all
+# between "=" and the next ";" or the end, surrounding FWS included).
+_B_FIRST: Final = re.compile(rb"[ \t\r\n]*b[ \t\r\n]*=([^;]*)")
+_B_LATER: Final = re.compile(rb";[ \t\r\n]*b[ \t\r\n]*=([^;]*)")
+
+
+def b_span(value: bytes, start: int = 0, end: int | None = None) -> tuple[int, int]:
+    """Where b='s value lies in the tag list value[start:end] (which has a b= tag)."""
+    stop = len(value) if end is None else end
+    m = _B_FIRST.match(value, start, stop) or _B_LATER.search(value, start, stop)
+    if m is None:
+        raise Problem("permerror", "missing b=")  # not after parse_tags found one
+    return m.span(1)
 
 
 def _b64(value: str, what: str) -> bytes:
@@ -203,10 +219,9 @@ class Signature:
     timestamp: int | None
     expires: int | None
     field_no_b: bytes  # the field with b='s value emptied (§3.7)
-
-    @property
-    def body_key(self) -> BodyKey:
-        return BodyKey(self.body_canon, self.hash_name, self.limit)
+    # c= (body), a='s hash, l=: made once, as the body hashes are asked for
+    # and read by it (a NamedTuple costs a Python-level __new__ each time).
+    body_key: BodyKey
 
     @property
     def key_name(self) -> str:
@@ -232,14 +247,20 @@ def parse_signature(field: bytes, position: int, tags: Tags, offset: int, *, arc
     """Check and decode a signature's tags (§3.5; RFC 8617 §4.1 for ARC's)."""
 
     def get(name: str) -> str:
-        item = tags.get(name)
-        if item is None:
+        value = tags.get(name)
+        if value is None:
             raise Problem("permerror", f"missing {name}=")
-        return item[0]
+        return value
 
-    algorithm = get("a").lower()
-    b_text = get("b")
-    domain, selector = get("d").lower().rstrip("."), get("s").lower()
+    try:
+        # In this order, so the first missing one is named (a call of get()
+        # each cost more than the lookups).
+        algorithm = tags["a"].lower()
+        b_text = tags["b"]
+        domain = tags["d"].lower().rstrip(".")
+        selector = tags["s"].lower()
+    except KeyError as missing:
+        raise Problem("permerror", f"missing {missing.args[0]}=") from None
     if algorithm in REFUSED:
         raise Problem("fail", REFUSED[algorithm])
     if algorithm not in ALGORITHMS:
@@ -264,23 +285,30 @@ def parse_signature(field: bytes, position: int, tags: Tags, offset: int, *, arc
         bh, header_canon, body_canon, signed, limit = b"", RELAXED, RELAXED, (), None
     else:
         bh = _b64(get("bh"), "bh=")
-        header_canon, body_canon = _canon(tags.get("c", ("simple", 0, 0))[0])
-        signed = tuple([h.strip(" \t\r\n").lower() for h in get("h").split(":")])
+        header_canon, body_canon = _canon(tags.get("c", "simple"))
+        h = get("h")
+        # One lower() for the list when ASCII (str.lower of non-ASCII may
+        # depend on the neighbours, e.g. a final sigma, so then per name).
+        if h.isascii():
+            signed = tuple([name.strip(" \t\r\n") for name in h.lower().split(":")])
+        else:
+            signed = tuple([name.strip(" \t\r\n").lower() for name in h.split(":")])
         if not all(signed):
             raise Problem("permerror", "malformed h=")
-        limit = _number(tags["l"][0], "l=") if "l" in tags else None
+        limit = _number(tags["l"], "l=") if "l" in tags else None
     q = tags.get("q")
-    if q is not None and "dns/txt" not in [m.strip(" \t\r\n").lower() for m in q[0].split(":")]:
+    if q is not None and "dns/txt" not in [m.strip(" \t\r\n").lower() for m in q.split(":")]:
         raise Problem("permerror", "no usable q= method")
-    timestamp = _number(tags["t"][0], "t=") if "t" in tags else None
-    expires = _number(tags["x"][0], "x=") if "x" in tags else None
+    timestamp = _number(tags["t"], "t=") if "t" in tags else None
+    expires = _number(tags["x"], "x=") if "x" in tags else None
     if timestamp is not None and expires is not None and expires < timestamp:
         raise Problem("permerror", "x= before t=")
-    _, start, end = tags["b"]
-    field_no_b = field[: offset + start] + field[offset + end :]
+    start, end = b_span(field, offset, len(field) - 2 if field.endswith(b"\r\n") else len(field))
+    field_no_b = field[:start] + field[end:]
     return Signature(
         position, tags, algorithm, key_type, hash_name, domain, selector, "", b, b_text, bh,
         header_canon, body_canon, signed, limit, timestamp, expires, field_no_b,
+        BodyKey(body_canon, hash_name, limit),
     )  # fmt: skip
 
 
@@ -313,20 +341,20 @@ def parse_key(record: bytes) -> Key:
     if len(record) > MAX_KEY_RECORD:
         raise Problem("permerror", "key record too long")
     tags = parse_tags(record)
-    if "v" in tags and (tags["v"][0] != "DKIM1" or tags["v"][1] != min(t[1] for t in tags.values())):
+    if "v" in tags and (tags["v"] != "DKIM1" or next(iter(tags)) != "v"):
         raise Problem("permerror", "bad v= in key record")
-    key_type = tags.get("k", ("rsa", 0, 0))[0].lower()
+    key_type = tags.get("k", "rsa").lower()
     if key_type not in ("rsa", "ed25519"):
         raise Problem("permerror", "unknown key type")
     h = tags.get("h")
-    hashes = frozenset(x.strip(" \t\r\n").lower() for x in h[0].split(":")) if h else None
-    services = [x.strip(" \t\r\n").lower() for x in tags.get("s", ("*", 0, 0))[0].split(":")]
+    hashes = frozenset(x.strip(" \t\r\n").lower() for x in h.split(":")) if h is not None else None
+    services = [x.strip(" \t\r\n").lower() for x in tags.get("s", "*").split(":")]
     if "email" not in services and "*" not in services:
         raise Problem("permerror", "key not for email (s=)")
-    flags = [x.strip(" \t\r\n").lower() for x in tags.get("t", ("", 0, 0))[0].split(":")]
+    flags = [x.strip(" \t\r\n").lower() for x in tags.get("t", "").split(":")]
     if "p" not in tags:
         raise Problem("permerror", "key record without p=")
-    der = _b64(tags["p"][0], "p=")
+    der = _b64(tags["p"], "p=")
     strict, testing = "s" in flags, "y" in flags
     if not der:
         return Key(key_type, None, 0, hashes, strict, testing)

@@ -553,3 +553,21 @@ def test_policy_hook_sees_the_results(dns: KnotServer, tmp_path: Path) -> None:
         assert send(srv, "192.0.2.1", "alice@signed.example", message()).startswith(b"250 ")
     finally:
         srv.stop()
+
+
+def test_bdat_chunks_are_hashed_as_they_come(tagging: RunningServer) -> None:
+    """CHUNKING (RFC 3030): the body hash streams across BDAT chunks as across DATA reads."""
+    msg = signed(message(body=b"First part.\r\n" * 50 + b"Second part.\r\n" * 50), RSA, b"rsa")
+    cut = len(msg) // 2
+    c = client(tagging, "192.0.2.1")
+    try:
+        c.send(b"EHLO client.signed.example\r\nMAIL FROM:<alice@signed.example>\r\nRCPT TO:<alice@example.com>\r\n")
+        assert [r[:3] for r in c.replies(3)] == [b"250", b"250", b"250"]
+        c.send(b"BDAT %d\r\n" % cut + msg[:cut])
+        assert c.reply().startswith(b"250 ")
+        c.send(b"BDAT %d LAST\r\n" % (len(msg) - cut) + msg[cut:])
+        assert c.reply().startswith(b"250 2.0.0 Ok: queued as ")
+    finally:
+        c.close()
+    got = results(stored(tagging, subject_of(msg)))
+    assert "dkim=pass" in got and "dmarc=pass" in got, got

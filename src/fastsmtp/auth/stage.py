@@ -283,8 +283,9 @@ class MessageAuth:
         headers = header
         if self.quarantine:
             assert verdict_dmarc is not None
-            headers = (f"X-Quarantine: DMARC policy of {verdict_dmarc.domain} is quarantine\r\n").encode(
-                "ascii", "replace") + headers
+            # The domain is the sender's text: printable ASCII only in our field.
+            line = f"X-Quarantine: DMARC policy of {_printable(verdict_dmarc.domain)} is quarantine\r\n"
+            headers = line.encode("ascii") + headers
         return Verdict(None, headers)
 
     def _signatures(self) -> list[bytes]:

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         assert results[0].result == "pass", results
 
     async def stage() -> None:
-        checks = auth.begin(CLIENT, bench_auth.HELO, sender)
+        checks = auth.begin(CLIENT, bench_auth.HELO.encode(), sender)
         assert checks is not None
         await asyncio.sleep(0)  # the SPF task runs while the content comes, as in the server
         checks.tap(lambda data: None).write(content)

@@ -223,6 +223,16 @@ class OutputDrain:
         self._thread.join(timeout)
 
 
+def stop_process(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    """SIGTERM a peer daemon a test started (by its PID), SIGKILL if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 def children(pid: int) -> list[int]:
     """PIDs whose parent is ``pid``, from /proc."""
     found = []

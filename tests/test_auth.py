@@ -25,7 +25,7 @@ import pytest
 from dkimtools import craft, ed_key, rsa_key
 from dnsserver import KnotServer, free_port, zone_text
 from fakedns import FaultServer
-from helpers import HOSTNAME, Client, RunningServer, start_server, wait_for
+from helpers import HOSTNAME, Client, RunningServer, start_server, stop_process, wait_for
 
 dkim = pytest.importorskip("dkim")
 
@@ -164,12 +164,7 @@ def opendkim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Callabl
 
         yield sign, record
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
         log.close()
 
 
@@ -338,7 +333,7 @@ def test_spf_results_limits_and_bad_records(tagging: RunningServer) -> None:
     assert "spf=permerror (too many DNS lookups" in deliver(tagging, message(), sender="a@many.signed.example")
     assert "spf=permerror" in deliver(tagging, message(), sender="a@huge.signed.example")
     got = deliver(tagging, message(), sender="a@loop.signed.example")
-    assert re.search(r"spf=(temperror|none|permerror)", got), got
+    assert "spf=temperror" in got, got  # the resolver gives up on the loop: DNSError
     # HELO is its own identity.
     got = deliver(tagging, message(), helo="signed.example")
     assert "spf=pass" in got and "smtp.helo=signed.example" in got

@@ -194,3 +194,18 @@ def test_organizational_domain_from_the_public_suffix_list() -> None:
     assert dmarc.aligned("a.example.co.uk", "b.example.co.uk", "r")
     assert not dmarc.aligned("example.co.uk", "other.co.uk", "r")
     assert not dmarc.aligned("a.example.com", "example.com", "s")
+
+
+def test_networks_answer_and_remember_within_their_bound() -> None:
+    from fastsmtp import networks
+    from fastsmtp.networks import Networks
+
+    trusted = Networks(["127.0.0.0/8", "::1/128", "192.0.2.0/28"])
+    assert "127.0.0.1" in trusted and "::1" in trusted and "192.0.2.15" in trusted
+    assert "192.0.2.16" not in trusted and "2001:db8::1" not in trusted
+    assert "/run/fastsmtp.sock" not in trusted and None not in trusted
+    assert "127.0.0.1" not in Networks([])
+    for i in range(networks.MEMO + 10):
+        assert f"10.0.{i // 256}.{i % 256}" not in trusted
+    assert len(trusted._known) <= networks.MEMO
+    assert "127.0.0.2" in trusted  # still right after the memo was cleared

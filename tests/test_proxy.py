@@ -12,7 +12,7 @@ from typing import Iterator
 import pytest
 
 from fastsmtp.proxy import V2_SIGNATURE, ProxyHeaderError, ProxyInfo, parse_proxy_header
-from helpers import MESSAGE, Client, RunningServer, wait_for
+from helpers import MESSAGE, Client, RunningServer, stop_process, wait_for
 
 
 def v2(command: int, family: int, payload: bytes) -> bytes:
@@ -119,12 +119,7 @@ backend smtp_v2
         wait_for(lambda: _listening(ports[0]) and _listening(ports[1]), timeout=10, what="haproxy to listen")
         yield srv, ports[0], ports[1]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
 
 
 @pytest.mark.parametrize("version", [1, 2])

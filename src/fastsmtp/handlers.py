@@ -164,7 +164,7 @@ class Handlers:
         server = self._server
         txn = self.txn = Transaction(server, self._loop, conn.session, conn.peer, conn.too_slow)
         calls = server.stages.on_mail
-        auth = server.auth.begin(conn.peer, _text(conn.session.helo or b""), event.address)
+        auth = server.auth.begin(conn.peer, conn.session.helo or b"", event.address)
         if auth is not None:
             txn.auth = auth
             if server.auth.spf_at_mail:

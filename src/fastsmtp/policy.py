@@ -57,6 +57,7 @@ __all__ = [
     "FolderRecipients",
     "safe_local_part",
     "create_maildir",
+    "is_maildir",
     "add_mailbox",
     "list_mailboxes",
     "ensure_mail_root",
@@ -126,7 +127,8 @@ def _is_dir(path: str) -> bool:
         raise _LookupFailed(str(exc)) from exc
 
 
-def _is_maildir(path: str) -> bool:
+def is_maildir(path: str) -> bool:
+    """Whether ``path`` is a folder holding tmp/, new/ and cur/ (maildir(5))."""
     if not _is_dir(path):
         return False
     return all(_is_dir(os.path.join(path, sub)) for sub in MAILDIR_SUBDIRS)
@@ -455,7 +457,7 @@ def list_mailboxes(mail_root: StrPath) -> list[str]:
                 continue  # lost+found, .snapshot, ...: not a domain
             with os.scandir(domain.path) as users:
                 for user in users:
-                    if safe_local_part(os.fsencode(user.name)) and _is_maildir(user.path):
+                    if safe_local_part(os.fsencode(user.name)) and is_maildir(user.path):
                         found.append(f"{_as_local_part(user.name)}@{domain.name}")
     return sorted(found)
 

@@ -11,7 +11,6 @@ Rules of this module:
 
 from __future__ import annotations
 
-import ipaddress
 import ssl
 from typing import TYPE_CHECKING
 
@@ -22,6 +21,7 @@ from .events import Reply
 from .hooks import load_policy
 from .logs import EventLog, event_log
 from .metrics import NO_METER, Meter
+from .networks import Networks
 from .policy import FolderRecipients
 from .session import Limits
 from .space import FreeSpace
@@ -73,7 +73,7 @@ class Server:
         self.tls_context: ssl.SSLContext | None = None
         if config.tls_cert:
             self.tls_context = server_context(config.tls_cert, config.tls_key)
-        self.proxy_trusted = [ipaddress.ip_network(n, strict=False) for n in config.proxy_trusted]
+        self.proxy_trusted = Networks(config.proxy_trusted)
         name = config.hostname
         self.hostname = name.encode("ascii", "replace")
         self.trace = TraceHeaders(self.hostname)
@@ -110,13 +110,7 @@ class Server:
         return SMTPProtocol(self, implicit_tls=True)
 
     def trusts_proxy(self, peer: str) -> bool:
-        if not self.proxy_trusted:
-            return False
-        try:
-            address = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        return any(address in net for net in self.proxy_trusted)
+        return peer in self.proxy_trusted
 
     def admit(self, peer: str) -> tuple[Reply | None, bytes | None]:
         """Count a connection from ``peer``: (refusal or None, key to release later).

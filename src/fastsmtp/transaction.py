@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable
 from .errors import StorageError
 from .events import Address, Reply
 from .hooks import MessageInfo
+from .policy import is_maildir
 from .store import MessageSpool
 
 if TYPE_CHECKING:
@@ -240,6 +241,4 @@ class Transaction:
 def _junk(maildir: str) -> str:
     """``MAILDIR/.Junk`` when it is a Maildir (Maildir++ subfolder), else ``maildir``."""
     junk = os.path.join(maildir, ".Junk")
-    if all(os.path.isdir(os.path.join(junk, sub)) for sub in ("tmp", "new", "cur")):
-        return junk
-    return maildir
+    return junk if is_maildir(junk) else maildir

@@ -31,6 +31,7 @@ from typing import Any, Coroutine, Final, Sequence, TypeVar
 from ..dns import Lookups
 from .arc import NO_ARC, ARCPlan, ARCResult  # arc.py imports this module only when validating
 from .canon import BodyHashes
+from .headers import Header  # (name, raw field): what the header tap hands over
 from .dkimsig import (
     KEY_CACHE,
     Key,
@@ -49,8 +50,6 @@ from .dkimsig import (
 __all__ = ["Header", "DKIMResult", "Verifier", "CLOCK_SKEW", "at_once"]
 
 _T = TypeVar("_T")
-
-Header = tuple[bytes, bytes]
 
 #: Seconds of clock difference forgiven on t= and x= (§3.5: verifiers may
 #: allow for skew); five minutes, as for Kerberos-style checks.

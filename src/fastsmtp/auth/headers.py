@@ -65,10 +65,6 @@ class HeaderTap:
         self.overflow = False
         self._held = 0  # octets of the fields read so far
 
-    @property
-    def in_body(self) -> bool:
-        return self._body is not None
-
     def write(self, data: bytes | bytearray | memoryview) -> None:
         body = self._body
         if body is not None:

@@ -41,18 +41,18 @@ ARC fail                      ``550 5.7.29`` (ARC validation failure, RFC 8617)
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
 from ..events import Address, Reply
+from ..networks import Networks
 from ..stages import CONTINUE, Verdict
 from . import dmarc as dmarc_check
 from .arc import ARCResult
 from .dkim import DKIMResult, Verifier
 from .dmarc import DMARCResult
-from .headers import Header, HeaderTap, authserv_id
+from .headers import Header, HeaderTap, authserv_id, field_value
 from .results import AuthResults, render, summary
 from .spf import SPFResult, check_helo, check_mailfrom
 
@@ -84,8 +84,7 @@ class Authenticator:
         self.hostname = config.hostname
         self._id = config.hostname.lower()
         self.meter = meter
-        self._trusted = [ipaddress.ip_network(n, strict=False) for n in config.trusted_networks]
-        self._trust: dict[str, bool] = {}
+        self._trusted = Networks(config.trusted_networks)
         self._lookups = lookups
         self._servers = config.dns_server
         self._dns_timeout = config.dns_timeout
@@ -99,25 +98,11 @@ class Authenticator:
             self._lookups = Resolver.from_config(self._servers, timeout=self._dns_timeout)
         return self._lookups
 
-    def trusts(self, peer: str) -> bool:
-        """Whether ``peer`` is in the trusted networks (remembered per address)."""
-        known = self._trust.get(peer)
-        if known is None:
-            try:
-                address = ipaddress.ip_address(peer)
-                known = any(address in net for net in self._trusted)
-            except ValueError:
-                known = True  # not an IP address: SPF has nothing to check, so nothing is
-            if len(self._trust) > 4096:
-                self._trust.clear()
-            self._trust[peer] = known
-        return known
-
-    def begin(self, peer: str, helo: str, sender: Address | None) -> MessageAuth | None:
+    def begin(self, peer: str, helo: bytes, sender: Address | None) -> MessageAuth | None:
         """The checks of one transaction, started at MAIL; None: nothing to check."""
-        if not self.active or self.trusts(peer):
+        if not self.active or peer in self._trusted:
             return None
-        return MessageAuth(self, peer, helo, sender)
+        return MessageAuth(self, peer, _text(helo), sender)
 
     def drops(self, name: bytes, raw: bytes) -> bool:
         """RFC 8601 §5: an Authentication-Results field claiming to be ours goes."""
@@ -166,10 +151,16 @@ class MessageAuth:
         lookups = auth.lookups
         sender = self._sender
         address = "" if sender is None else _text(sender.local) + "@" + _text(sender.domain)
-        mailfrom = await check_mailfrom(lookups, self._peer, address, self._helo, auth.hostname)
-        helo = None
-        if auth.spf != "off":
-            helo = await check_helo(lookups, self._peer, self._helo, auth.hostname)
+        try:
+            mailfrom = await check_mailfrom(lookups, self._peer, address, self._helo, auth.hostname)
+            helo = None
+            if auth.spf != "off":
+                helo = await check_helo(lookups, self._peer, self._helo, auth.hostname)
+        except ValueError:  # the peer is no IP address (a UNIX socket): nothing to check
+            why = "the client has no IP address"
+            domain = self._helo if sender is None else _text(sender.domain)
+            mailfrom = SPFResult("none", "mailfrom", domain, why)
+            helo = SPFResult("none", "helo", self._helo, why) if auth.spf != "off" else None
         return mailfrom, helo
 
     def _spf_late(self) -> tuple[SPFResult, SPFResult | None]:
@@ -197,7 +188,7 @@ class MessageAuth:
         return self._tap
 
     def _headers_done(self, headers: list[Header]) -> Callable[[bytes | bytearray | memoryview], None] | None:
-        self._from = [raw[raw.find(b":") + 1:] for name, raw in headers if name.lower() == b"from"]
+        self._from = [field_value(raw) for name, raw in headers if name.lower() == b"from"]
         auth = self._auth
         if auth.dkim == "off" and auth.arc == "off" and auth.dmarc == "off":
             return None
@@ -215,62 +206,18 @@ class MessageAuth:
     async def finish(self) -> Verdict:
         """Every check's result, the Authentication-Results field, and the verdict."""
         auth = self._auth
-        tap = self._tap
-        if tap is not None:
-            tap.end()
-        mailfrom: SPFResult | None = None
-        helo: SPFResult | None = None
-        now = time.time()
-        # SPF's own budget ran from MAIL; the rest has its own from now.
-        deadline = asyncio.get_running_loop().time() + auth.budget
-        spf = self._spf
-        if spf is not None:
-            if not spf.done():
-                try:
-                    async with asyncio.timeout_at(self._deadline):
-                        await spf
-                except TimeoutError:
-                    pass
-            mailfrom, helo = spf.result() if spf.done() and not spf.cancelled() else self._spf_late()
-        verifier = self._verifier
-        overflow = tap is not None and tap.overflow
-        run_dkim = auth.dkim != "off" or auth.dmarc != "off"
-        dkim: list[DKIMResult] | None = [] if verifier is None or not run_dkim else None
-        arc: ARCResult | None = None
-        verdict_dmarc: DMARCResult | None = None
-        spf_domain = mailfrom.domain if mailfrom is not None else ""
-        spf_word = mailfrom.result if (mailfrom is not None and auth.spf != "off") else "none"
-        # One budget for what is left, and one after the other: the keys
-        # and policies are in the resolver's cache for nearly every
-        # message, and ARC without ARC fields costs nothing.
-        try:
-            async with asyncio.timeout_at(deadline):
-                if verifier is not None:
-                    verifier.end()
-                    lookups = auth.lookups
-                    if run_dkim:
-                        dkim = await verifier.dkim(lookups, now)
-                    if auth.arc != "off":
-                        arc = await verifier.arc(lookups, now)
-                if auth.dmarc != "off" and not overflow:
-                    passed = [d.domain for d in dkim if d.result == "pass"] if dkim and auth.dkim != "off" else []
-                    verdict_dmarc = await dmarc_check.check(auth.lookups, self._from, spf_domain, spf_word, passed)
-        except TimeoutError:
-            pass
-        if dkim is None:
-            dkim = [_timed_out(h) for h in self._signatures()]
-        if auth.arc != "off" and arc is None:
-            arc = ARCResult("none", 0, "header section too large") if overflow else ARCResult("fail", 0, "timed out")
-        if auth.dmarc != "off" and verdict_dmarc is None:
-            verdict_dmarc = (DMARCResult("permerror", reason="header section too large") if overflow
-                             else DMARCResult("temperror", reason="timed out"))
+        if self._tap is not None:
+            self._tap.end()
+        mailfrom, helo = await self._spf_results()
+        dkim, arc, dmarc_result = await self._content_results(mailfrom)
+        spf_on = auth.spf != "off"
         results = AuthResults(
-            spf=mailfrom if auth.spf != "off" else None,
-            helo=helo if auth.spf != "off" else None,
+            spf=mailfrom if spf_on else None,
+            helo=helo if spf_on else None,
             dkim=tuple(dkim) if auth.dkim != "off" else (),
             dkim_checked=auth.dkim != "off",
             arc=arc,
-            dmarc=verdict_dmarc,
+            dmarc=dmarc_result,
         )
         header = render(auth.hostname, results, self._peer)
         self.results = AuthResults(results.spf, results.helo, results.dkim, results.dkim_checked, results.arc,
@@ -280,19 +227,70 @@ class MessageAuth:
         refusal = self._enforce(results)
         if refusal is not None:
             return Verdict(refusal)
-        headers = header
         if self.quarantine:
-            assert verdict_dmarc is not None
+            assert dmarc_result is not None
             # The domain is the sender's text: printable ASCII only in our field.
-            line = f"X-Quarantine: DMARC policy of {_printable(verdict_dmarc.domain)} is quarantine\r\n"
-            headers = line.encode("ascii") + headers
-        return Verdict(None, headers)
+            line = f"X-Quarantine: DMARC policy of {_printable(dmarc_result.domain)} is quarantine\r\n"
+            return Verdict(None, line.encode("ascii") + header)
+        return Verdict(None, header)
 
-    def _signatures(self) -> list[bytes]:
+    async def _spf_results(self) -> tuple[SPFResult | None, SPFResult | None]:
+        """The SPF task's answer, within its budget (from MAIL); None, None when SPF did not run."""
+        spf = self._spf
+        if spf is None:
+            return None, None
+        if not spf.done():
+            try:
+                async with asyncio.timeout_at(self._deadline):
+                    await spf
+            except TimeoutError:
+                pass
+        return spf.result() if spf.done() and not spf.cancelled() else self._spf_late()
+
+    async def _content_results(
+        self, mailfrom: SPFResult | None
+    ) -> tuple[list[DKIMResult], ARCResult | None, DMARCResult | None]:
+        """DKIM, ARC and DMARC, one after the other, within one budget from now.
+
+        One after the other: the keys and policies are in the resolver's
+        cache for nearly every message, and ARC without ARC fields costs
+        nothing.  What has not answered by the deadline is temperror.
+        """
+        auth = self._auth
+        now = time.time()
+        verifier = self._verifier
+        overflow = self._tap is not None and self._tap.overflow
+        run_dkim = auth.dkim != "off" or auth.dmarc != "off"
+        dkim: list[DKIMResult] | None = [] if verifier is None or not run_dkim else None
+        arc: ARCResult | None = None
+        dmarc_result: DMARCResult | None = None
+        try:
+            async with asyncio.timeout_at(asyncio.get_running_loop().time() + auth.budget):
+                if verifier is not None:
+                    verifier.end()
+                    if run_dkim:
+                        dkim = await verifier.dkim(auth.lookups, now)
+                    if auth.arc != "off":
+                        arc = await verifier.arc(auth.lookups, now)
+                if auth.dmarc != "off" and not overflow:
+                    spf_domain = mailfrom.domain if mailfrom is not None else ""
+                    spf_word = mailfrom.result if (mailfrom is not None and auth.spf != "off") else "none"
+                    passed = [d.domain for d in dkim if d.result == "pass"] if dkim and auth.dkim != "off" else []
+                    dmarc_result = await dmarc_check.check(auth.lookups, self._from, spf_domain, spf_word, passed)
+        except TimeoutError:
+            pass
+        if dkim is None:
+            dkim = [_DKIM_TIMED_OUT] * self._signature_count()
+        if auth.arc != "off" and arc is None:
+            arc = ARCResult("none", 0, "header section too large") if overflow else ARCResult("fail", 0, "timed out")
+        if auth.dmarc != "off" and dmarc_result is None:
+            dmarc_result = (DMARCResult("permerror", reason="header section too large") if overflow
+                            else DMARCResult("temperror", reason="timed out"))
+        return dkim, arc, dmarc_result
+
+    def _signature_count(self) -> int:
         tap = self._tap
-        if tap is None:
-            return []
-        return [raw for name, raw in tap.headers if name.lower() == b"dkim-signature"]
+        return 0 if tap is None else sum(1 for name, _ in tap.headers if name.lower() == b"dkim-signature")
 
     def _enforce(self, results: AuthResults) -> Reply | None:
         auth = self._auth
@@ -330,8 +328,8 @@ def _spf_verdict(result: SPFResult | None) -> Verdict | None:
     return None
 
 
-def _timed_out(raw: bytes) -> DKIMResult:
-    return DKIMResult("temperror", "", "", "", "", "", "timed out")
+#: Each signature's result when the budget ran out before its check ended.
+_DKIM_TIMED_OUT = DKIMResult("temperror", "", "", "", "", "", "timed out")
 
 
 def _text(raw: bytes) -> str:

@@ -364,6 +364,38 @@ def test_line_too_long_is_refused_and_session_continues() -> None:
     assert out == b"500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
 
 
+@pytest.mark.parametrize("verb", [b"NOOP", b"VRFY", b"HELP", b"EHLO", b"HELO", b"RSET", b"QUIT", b"DATA"])
+def test_a_command_without_parameters_is_held_to_512_octets(verb: bytes) -> None:
+    # RFC 5321 §4.5.3.1.4: 512 octets with CRLF; the default allowance of
+    # --max-command-line (1024) is for MAIL's and RCPT's parameters only.
+    s = session_in(READY)
+    at_limit = verb + b" " + b"x" * (512 - 2 - len(verb) - 1)
+    _, out = drive(s, at_limit + b"x\r\nNOOP\r\n")
+    assert out.startswith(b"500 5.5.2 Error: line too long\r\n"), out
+    assert out.endswith(b"250 2.0.0 Ok\r\n"), out  # the session goes on
+
+
+def test_a_512_octet_noop_is_accepted() -> None:
+    _, out = drive(session_in(READY), b"NOOP " + b"x" * (512 - 2 - 5) + b"\r\n")
+    assert out == b"250 2.0.0 Ok\r\n"
+
+
+def test_mail_and_rcpt_keep_their_allowance_for_parameters() -> None:
+    local = b"a" * 64
+    domain = b".".join([b"d" * 60] * 3) + b".example"  # 254 octets with the local part
+    address = local + b"@" + domain[: 254 - 65]
+    assert len(address) == 254
+    mail = b"MAIL FROM:<" + address + b"> SIZE=1000 BODY=8BITMIME SMTPUTF8"
+    rcpt = b"RCPT TO:<postmaster@example.net>"
+    s = session_in(READY)
+    _, out = drive(s, mail + b"\r\n")
+    assert out.startswith(b"250"), out
+    # A RCPT over 512 octets is a parameter problem at most, never "too long"
+    # below --max-command-line.
+    _, out = drive(s, rcpt + b" NOTIFY=NEVER ORCPT=rfc822;" + b"x" * 600 + b"\r\n")
+    assert b"line too long" not in out, out
+
+
 def test_too_many_recipients() -> None:
     s = session_in(MAIL, Limits(max_recipients=3))
     _, out = drive(s, b"".join(b"RCPT TO:<u%d@example.net>\r\n" % i for i in range(5)))

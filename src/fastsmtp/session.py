@@ -224,6 +224,9 @@ ORDER_ERRORS: dict[tuple[type[State], type[Event]], Reply] = {
 }
 
 LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+#: The longest command line without CRLF for every command but MAIL and
+#: RCPT (RFC 5321 §4.5.3.1.4: 512 octets with it).
+MAX_PLAIN_LINE = 512 - 2
 BARE_NEWLINE = Reply(500, "5.5.2", "Error: bare <CR> or <LF> in command line")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Error: too many errors")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
@@ -585,6 +588,12 @@ def _read_command(session: Session) -> Event | type[NEED_DATA] | type[PAUSED]:
             if upper in FORBIDDEN:
                 raise LocalProtocolError(f"not SMTP: {upper!r}", NOT_SMTP)
             raise LocalProtocolError(f"unknown command {line[:16]!r}", UNKNOWN_COMMAND)
+    if len(line) > MAX_PLAIN_LINE and kind is not MailFrom and kind is not RcptTo:
+        # RFC 5321 §4.5.3.1.4: a command line is at most 512 octets, CRLF
+        # included.  Only MAIL and RCPT take extension parameters, and with
+        # them the allowance of §4.5.3.1 (--max-command-line); the rest
+        # have no reason to be longer.
+        raise LocalProtocolError(f"{kind.__name__} line of {len(line) + 2} octets", LINE_TOO_LONG)
     arg = b"" if space < 0 else line[space:]
     # The transition table alone says whether the command is in order.
     if kind not in TRANSITIONS[session.state]:

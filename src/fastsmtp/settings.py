@@ -414,15 +414,15 @@ SETTINGS: tuple[Setting, ...] = (
         comment="Errors in one session before 421 and close (Postfix's smtpd_hard_error_limit)."),
     # A command line may be 512 octets (RFC 5321 §4.5.3.1.4); MAIL and RCPT
     # grow by their ESMTP parameters (SIZE alone adds 26, RFC 1870 §3), so
-    # we allow 512 more for parameters.
+    # we allow 512 more for parameters.  Every other command stays at 512.
     Setting(
         "max-command-line", Kind.INT, 1024, _LIMITS, metavar="BYTES",
         check=at_least(512, "max-command-line must be at least 512 (RFC 5321 §4.5.3.1.4)"),
-        help="longest command line, CRLF included (default: %(default)s; at least 512)",
-        doc="longest command line, CRLF included; longer ones get `500 5.5.2` (at least 512, RFC 5321 "
-            "§4.5.3.1.4)",
-        comment="Longest command line, CRLF included: 512 (RFC 5321 §4.5.3.1.4) plus room for ESMTP parameters "
-                "such as SIZE (RFC 1870 §3)."),
+        help="longest MAIL or RCPT line, CRLF included (default: %(default)s; at least 512; other commands: 512)",
+        doc="longest MAIL or RCPT line, CRLF included; longer ones get `500 5.5.2` (at least 512). Every other "
+            "command is held to RFC 5321 §4.5.3.1.4's 512",
+        comment="Longest MAIL or RCPT line, CRLF included: 512 (RFC 5321 §4.5.3.1.4) plus room for ESMTP "
+                "parameters such as SIZE (RFC 1870 §3).  Every other command is held to 512."),
     # RFC 5321 §4.5.3.2.7: a server should wait at least 5 minutes for the
     # next command.
     Setting(

@@ -14,7 +14,8 @@ from helpers import MESSAGE, Client, RunningServer, wait_for
 
 
 def test_early_talker_gets_554_and_is_closed(server_factory) -> None:  # type: ignore[no-untyped-def]
-    srv = server_factory("--greeting-delay", "1")
+    # Loopback is trusted by default, and trusted clients are not delayed.
+    srv = server_factory("--greeting-delay", "1", "--greeting-pass-ttl", "0", "--trusted-networks", "192.0.2.0/24")
     c = Client(srv.connect())
     c.send(b"EHLO hasty.example\r\n")  # before the greeting
     assert c.reply().startswith(b"554 5.5.0")

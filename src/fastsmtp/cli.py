@@ -52,6 +52,9 @@ def _add_flag(parser: argparse.ArgumentParser, setting: Setting) -> None:
         options["metavar"] = setting.metavar
     if setting.choices:
         options["choices"] = setting.choices
+        if setting.choices == ("off", "on"):
+            # A switch: "--greylist" alone turns it on.
+            options["nargs"], options["const"] = "?", "on"
     default = setting.default
     if setting.machine_default is not None:
         default = setting.machine_default()

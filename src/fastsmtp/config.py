@@ -116,6 +116,15 @@ class Config:
     min_data_rate: int = 500
     metrics: str = ""
     trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    greeting_pass_ttl: float = 86400.0
+    dnsbl_sites: tuple[str, ...] = ()
+    dnsbl_threshold: int = 1
+    greylist: str = "off"
+    greylist_delay: float = 300.0
+    greylist_window: float = 172800.0
+    greylist_lifetime: float = 3024000.0
+    greylist_auto_allow: int = 5
+    screen_db: str = ""  # "" means MAIL_ROOT/.screen/screen.db at validation time
     spf: str = "tag"
     spf_reject_at: str = "data"
     dkim: str = "tag"
@@ -158,7 +167,8 @@ def _checked_together(config: Config) -> Config:
     if not hostname or any(c.isspace() or not c.isprintable() for c in hostname):
         raise ConfigError(f"hostname {hostname!r} is not a usable host name")
     journal_dir = config.journal_dir or os.path.join(config.mail_root, ".journal")
-    return replace(config, hostname=hostname, journal_dir=journal_dir)
+    screen_db = config.screen_db or os.path.join(config.mail_root, ".screen", "screen.db")
+    return replace(config, hostname=hostname, journal_dir=journal_dir, screen_db=screen_db)
 
 
 def field_values(setting: Setting, value: Any) -> dict[str, Any]:

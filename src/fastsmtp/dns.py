@@ -257,6 +257,10 @@ class Resolver:
             return entry[1]  # type: ignore[no-any-return]
         return None
 
+    def peek_a(self, name: str) -> tuple[str, ...] | None:
+        """The cached A answer for ``name`` (``()`` for a cached NXDOMAIN), or None: no coroutine."""
+        return self._warm((name.lower(), _A))
+
     async def txt(self, name: str) -> tuple[bytes, ...]:
         ck = (name.lower(), _TXT)
         found = self._warm(ck)

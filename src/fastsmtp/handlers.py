@@ -163,6 +163,7 @@ class Handlers:
             return no_room
         server = self._server
         txn = self.txn = Transaction(server, self._loop, conn.session, conn.peer, conn.too_slow)
+        txn.greylisted = server.screen.greylisting and not conn.trusted and not conn.allowlisted
         calls = server.stages.on_mail
         auth = server.auth.begin(conn.peer, conn.session.helo or b"", event.address)
         if auth is not None:

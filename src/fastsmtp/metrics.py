@@ -110,6 +110,18 @@ AUTH_SLOT = {
     for j, word in enumerate(AUTH_WORDS)
 }
 
+# Screening (screen.py): one slot per decision, and the remembered
+# greeting test's hits and misses (a hit: a result on record).
+SCREEN_DECISIONS = (
+    "trusted", "pass", "remembered", "early_talker", "early_talker_remembered", "dnsbl", "dnsbl_allowlisted",
+    "greylisted", "greylist_pass", "limit",
+)
+SCREEN = _take(len(SCREEN_DECISIONS))
+SCREEN_SLOT = {decision: SCREEN + i for i, decision in enumerate(SCREEN_DECISIONS)}
+GREETING_MEMORY_HIT = _take()
+GREETING_MEMORY_MISS = _take()
+DNSBL_FAILURES = _take()
+
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_SIZE = Histogram((1, 2, 4, 8, 16, 32, 64, 128, 256, 512), 1)
 COMMIT_SECONDS = Histogram(_SECONDS, 1_000_000_000)
@@ -170,6 +182,15 @@ class Meter:
             slot = AUTH_SLOT.get(pair)
             row[slot if slot is not None else AUTH_SLOT[(pair[0], "permerror")]] += 1
 
+    def screened(self, decision: str) -> None:
+        self._row[SCREEN_SLOT[decision]] += 1
+
+    def greeting_memory(self, hit: bool) -> None:
+        self._row[GREETING_MEMORY_HIT if hit else GREETING_MEMORY_MISS] += 1
+
+    def dnsbl_failures(self, count: int) -> None:
+        self._row[DNSBL_FAILURES] += count
+
 
 class _NoMeter(Meter):
     __slots__ = ()
@@ -202,6 +223,15 @@ class _NoMeter(Meter):
         pass
 
     def auth_results(self, pairs: tuple[tuple[str, str], ...]) -> None:
+        pass
+
+    def screened(self, decision: str) -> None:
+        pass
+
+    def greeting_memory(self, hit: bool) -> None:
+        pass
+
+    def dnsbl_failures(self, count: int) -> None:
         pass
 
 
@@ -270,6 +300,13 @@ _COUNTERS: list[tuple[str, str, int, list[str] | None]] = [
      SET_ASIDE, None),
     ("fastsmtp_auth_results_total", "Messages by authentication check and result (DKIM: pass if any signature "
      "passed).", AUTH_RESULTS, [f'check="{c}",result="{w}"' for c in AUTH_CHECKS for w in AUTH_WORDS]),
+    ("fastsmtp_screen_decisions_total", "Screening decisions: trusted clients, the greeting test (passed now, "
+     "remembered, early talkers), DNSBL blocks and allow-listings, greylisting, the per-address limit.",
+     SCREEN, _labels("decision", SCREEN_DECISIONS)),
+    ("fastsmtp_screen_greeting_memory_total", "Greeting tests looked up in the shared memory: a result on record "
+     "(hit) or none (miss).", GREETING_MEMORY_HIT, ['result="hit"', 'result="miss"']),
+    ("fastsmtp_dnsbl_lookup_failures_total", "DNSBL lookups that failed or timed out (counted as not listed).",
+     DNSBL_FAILURES, None),
 ]
 _GAUGES: list[tuple[str, str, int]] = [
     ("fastsmtp_journal_bytes", "Octets in journal segments not yet retired.", JOURNAL_BYTES),

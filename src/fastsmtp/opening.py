@@ -1,4 +1,4 @@
-"""Before the greeting: the PROXY header, admission, ``on_connect``, the early-talker window.
+"""Before the greeting: the PROXY header, admission, ``on_connect``, the screening.
 
 Rules of this module:
 - ``Opening`` runs the connection's first phases (protocol.py's ``Phase``):
@@ -9,13 +9,20 @@ Rules of this module:
   engine that does not wait for replies: 554 and close, as postscreen and
   Haraka's early_talker do).  Then it hands over to the session.
 - The client's address is settled here (a PROXY header replaces the
-  socket's), and admission (the per-client limit) is counted with it.
+  socket's), and with it whether the client is trusted, and admission (the
+  per-client limit, which a trusted client skips).
+- The screening's decisions are screen.py's; this module carries them out.
+  A client whose greeting test passed before is greeted without the delay,
+  one that talked early before is refused at once.  The DNSBL lookups run
+  during the delay; the greeting waits for them (bounded by the resolver's
+  timeout) and a blocked client is refused instead of greeted.
 - A PROXY header from anyone not trusted is refused: it would let a client
   choose the address it is judged by.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -23,6 +30,7 @@ from .events import Reply
 from .phase import Phase
 from .metrics import REFUSED_PER_IP
 from .proxy import ProxyHeaderError, looks_like_proxy_header, parse_proxy_header
+from .dnsbl import Score
 from .stages import StepRun, Verdict
 
 if TYPE_CHECKING:
@@ -39,12 +47,16 @@ EARLY_TALKER = Reply(554, "5.5.0", "Error: SMTP protocol synchronization, talkin
 class Opening:
     """The pre-greeting part of one connection."""
 
-    __slots__ = ("_conn", "_proxy_buf", "_step", "check_proxy")
+    __slots__ = ("_conn", "_proxy_buf", "_step", "check_proxy", "_dnsbl", "_waiting")
 
     def __init__(self, conn: SMTPProtocol) -> None:
         self._conn = conn
         self._proxy_buf = b""
         self._step: StepRun | None = None
+        #: The DNSBL lookups in flight, and whether the delay is over and
+        #: only they are awaited.
+        self._dnsbl: asyncio.Task[Score] | None = None
+        self._waiting = False
         #: The first octets of the session are checked for a PROXY header
         #: nobody asked for (only where some balancer is trusted).
         self.check_proxy = False
@@ -84,7 +96,8 @@ class Opening:
     def early_talker(self) -> None:
         """Octets in the GREETING phase: the client did not wait."""
         conn = self._conn
-        log.info("early talker %s refused", conn.peer)
+        conn.server.screen.talked_early(conn.peer)
+        self.cancel()
         conn.refuse(EARLY_TALKER)
 
     def refuses_proxy_header(self, data: bytes) -> bool:
@@ -100,6 +113,9 @@ class Opening:
         if self._step is not None:
             self._step.cancel()
             self._step = None
+        if self._dnsbl is not None:
+            self._dnsbl.cancel()
+            self._dnsbl = None
 
     def _proxy_timeout(self) -> None:
         log.warning("no PROXY header from %s in time", self._conn.peer)
@@ -109,9 +125,12 @@ class Opening:
         """The per-client limit, with the client's own address, then on_connect."""
         conn = self._conn
         server = conn.server
-        refusal, key = server.admit(conn.peer)
+        conn.trusted = conn.peer in server.trusted
+        refusal, key = server.admit(conn.peer, conn.trusted)
         if refusal is not None:
             server.meter.connection_refused(REFUSED_PER_IP)
+            server.meter.screened("limit")
+            log.info("screen: %s over the limit of %d connections", conn.peer, server.config.max_connections_per_ip)
             # A TLS client could not read plain text.
             conn.refuse(None if conn.implicit_tls else refusal)
             return
@@ -148,11 +167,76 @@ class Opening:
 
     def _welcome(self) -> None:
         conn = self._conn
-        delay = conn.server.config.greeting_delay
-        if delay > 0 and not conn.implicit_tls:
-            conn.enter(Phase.GREETING, delay, self._greet)
+        screen = conn.server.screen
+        if conn.trusted:
+            screen.meter.screened("trusted")
+            conn.greet()
             return
-        self._greet()
+        peer = conn.peer
+        test = screen.delay > 0 and not conn.implicit_tls  # a TLS client cannot talk early in plain text
+        if test:
+            remembered = screen.remembered(peer)
+            if remembered == "fail":
+                screen.meter.screened("early_talker_remembered")
+                log.info("screen: early talker %s refused (remembered)", peer)
+                conn.refuse(EARLY_TALKER)
+                return
+            if remembered == "pass":
+                screen.meter.screened("remembered")
+                test = False
+        if screen.dnsbl is not None:
+            score = screen.dnsbl.cached(peer)
+            if score is None:
+                self._dnsbl = asyncio.get_running_loop().create_task(screen.dnsbl.score(peer))
+                self._dnsbl.add_done_callback(self._scored)
+            elif self._refused(score):
+                return
+        if test:
+            conn.enter(Phase.GREETING, screen.delay, self._delay_over)
+        elif self._dnsbl is not None:
+            # Only the lookups are awaited: still no talking before the greeting.
+            self._waiting = True
+            conn.enter(Phase.GREETING)
+        else:
+            conn.greet()
 
-    def _greet(self) -> None:
-        self._conn.greet()
+    def _delay_over(self) -> None:
+        """The client waited out the delay: the test is passed; greet, or wait for the DNSBLs."""
+        conn = self._conn
+        conn.server.screen.greeting_passed(conn.peer)
+        if self._dnsbl is not None:
+            self._waiting = True
+            return
+        conn.greet()
+
+    def _scored(self, task: asyncio.Task[Score]) -> None:
+        if task is not self._dnsbl:
+            return  # cancelled: the client talked early or left
+        self._dnsbl = None
+        conn = self._conn
+        if task.cancelled() or not conn.is_open():
+            return
+        exc = task.exception()
+        if exc is not None:
+            # score() turns every DNS failure into "not listed"; anything
+            # else is a bug, logged, and the client is not held up by it.
+            log.error("screen: DNSBL lookup for %s failed: %r", conn.peer, exc)
+            score = Score(0)
+        else:
+            score = task.result()
+        if self._refused(score) or not self._waiting:
+            return  # refused, or the greeting delay still runs
+        conn.greet()
+
+    def _refused(self, score: Score) -> bool:
+        conn = self._conn
+        screen = conn.server.screen
+        if score.failed:
+            screen.meter.dnsbl_failures(score.failed)
+        refusal = screen.judge(conn.peer, score)
+        if refusal is not None:
+            self.cancel()
+            conn.refuse(None if conn.implicit_tls else refusal)
+            return True
+        conn.allowlisted = score.total < 0
+        return False

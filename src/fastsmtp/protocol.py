@@ -52,6 +52,10 @@ class SMTPProtocol(asyncio.Protocol):
         self.peer = "unknown"
         #: The anvil key this connection counts under, until it closes.
         self.client_key: bytes | None = None
+        #: The client is in --trusted-networks (screened and checked by
+        #: nothing), or a DNSWL vouched for it (not greylisted).
+        self.trusted = False
+        self.allowlisted = False
         #: The Received header's words once a TLS handshake is done.
         self.tls_info: str | None = None
         self.session = Session(server.limits)

@@ -15,14 +15,16 @@ import ssl
 from typing import TYPE_CHECKING
 
 from .anvil import AnvilRow, client_key
-from .auth.stage import Authenticator
+from .auth.stage import Authenticator, checks_on
 from .config import Config
+from .dns import Lookups, Resolver
 from .events import Reply
 from .hooks import load_policy
 from .logs import EventLog, event_log
 from .metrics import NO_METER, Meter
 from .networks import Networks
 from .policy import FolderRecipients
+from .screen import Screen
 from .session import Limits
 from .space import FreeSpace
 from .stages import NO_STAGES, Stages, resolve
@@ -59,9 +61,18 @@ class Server:
         self.stages: Stages = NO_STAGES
         if config.policy:
             self.stages = resolve([("policy", load_policy(config.policy), config.policy_timeout)])
+        # Clients that are ours: screened by nothing, checked by nothing
+        # (screen.py, auth/stage.py).
+        self.trusted = Networks(config.trusted_networks)
+        # The one resolver of the worker, for the checks and the DNSBLs; its
+        # cache serves both.
+        self.lookups: Lookups | None = None
+        if checks_on(config) or config.dnsbl_sites:
+            self.lookups = Resolver.from_config(config.dns_server, timeout=config.dns_timeout)
         # SPF, DKIM, DMARC and ARC (auth/stage.py): before the policy's
         # on_message, which sees their results.
-        self.auth = Authenticator(config, self.meter)
+        self.auth = Authenticator(config, self.meter, self.lookups, trusted=self.trusted)
+        self.screen = Screen(config, self.trusted, self.lookups, self.meter)
         self.limits = Limits(
             max_command_line=config.max_command_line,
             max_message_size=config.max_message_size,
@@ -112,15 +123,17 @@ class Server:
     def trusts_proxy(self, peer: str) -> bool:
         return peer in self.proxy_trusted
 
-    def admit(self, peer: str) -> tuple[Reply | None, bytes | None]:
+    def admit(self, peer: str, trusted: bool = False) -> tuple[Reply | None, bytes | None]:
         """Count a connection from ``peer``: (refusal or None, key to release later).
 
         Postfix's anvil limit and reply: "421 4.7.0 Error: too many
         connections from ADDRESS".  The count goes up before the check so
         that workers admitting one client at the same instant see each other.
+        A trusted client is not counted (Postfix's
+        smtpd_client_event_limit_exceptions = $mynetworks).
         """
         clients = self.clients
-        key = client_key(peer) if clients is not None else None
+        key = client_key(peer) if clients is not None and not trusted else None
         if clients is None or key is None:
             return None, None
         if clients.connect(key) > self.config.max_connections_per_ip:

@@ -214,6 +214,16 @@ def _dns_servers(value: tuple[str, ...]) -> str | None:
     return None
 
 
+def _dnsbl_sites(value: tuple[str, ...]) -> str | None:
+    from .dnsbl import SiteError, parse_sites
+
+    try:
+        parse_sites(value)
+    except SiteError as exc:
+        return f"dnsbl-sites: {exc}"
+    return None
+
+
 def _policy(value: str) -> str | None:
     return f"policy: {value!r} is not MODULE:CLASS or FILE.py:CLASS" if value and ":" not in value else None
 
@@ -364,6 +374,7 @@ _TLS = "TLS (RFC 3207, RFC 8314)"
 _PROXY = "PROXY protocol"
 _ABUSE = "abusive clients"
 _TRUST = "trusted networks"
+_SCREEN = "screening (the remembered greeting test, DNSBL, greylisting)"
 _AUTH = "authentication (SPF, DKIM, DMARC, ARC)"
 _DNS = "DNS"
 _MONITORING = "monitoring"
@@ -625,11 +636,83 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "trusted-networks", Kind.STRINGS, ("127.0.0.0/8", "::1/128"), _TRUST, metavar="CIDR",
         check=_networks("trusted-networks"), shown_default="`127.0.0.0/8 ::1/128`",
-        help="clients in these networks skip the authentication checks (default: loopback)",
-        doc="clients in these networks (local relays, monitoring) skip the SPF, DKIM, DMARC and ARC checks, "
-            "as OpenDMARC's IgnoreHosts; line, size, error and time limits still apply",
-        comment="Networks whose clients are ours (local relays, probes): they skip the SPF, DKIM, DMARC and ARC "
-                "checks.  Limits on lines, sizes, errors and time still apply.  [] trusts no one."),
+        help="clients in these networks skip the per-address limit, the greeting delay, DNSBL, greylisting and "
+             "the authentication checks (default: loopback)",
+        doc="clients in these networks (local relays, test harnesses, monitoring) skip the per-address connection "
+            "limit, the greeting delay, DNSBL scores and greylisting (as Postfix's $mynetworks) and the SPF, DKIM, "
+            "DMARC and ARC checks (as OpenDMARC's IgnoreHosts); line, size, error and time limits still apply",
+        comment="Networks whose clients are ours (local relays, test harnesses, probes): they skip the "
+                "per-address connection limit, the greeting delay, DNSBL scores, greylisting and the SPF, DKIM, "
+                "DMARC and ARC checks.  Limits on lines, sizes, errors and time still apply.  [] trusts no one."),
+    # postscreen's postscreen_greet_ttl (1 day).
+    Setting(
+        "greeting-pass-ttl", Kind.SECONDS, 86400.0, _SCREEN, metavar="SECONDS",
+        check=_seconds("greeting-pass-ttl", positive=False),
+        help="how long a greeting test result is remembered, by all workers and across restarts (default: "
+             "%(default)s; 0: not remembered)",
+        doc="how long a client's greeting test is remembered, by all workers and across restarts: one that waited "
+            "is greeted at once, an early talker gets `554 5.5.0` at once (`0`: every connection is tested)",
+        comment="Seconds a client's greeting test is remembered (postscreen_greet_ttl), by all workers and across "
+                "restarts: a client that waited is then greeted at once, an early talker refused with 554 5.5.0 "
+                "at once.  0: every connection waits."),
+    Setting(
+        "dnsbl-sites", Kind.STRINGS, (), _SCREEN, metavar="SITE", check=_dnsbl_sites, shown_default="none",
+        help="DNSBL/DNSWL sites as postscreen writes them: domain[=filter][*weight] (default: none)",
+        doc="DNSBL and DNSWL sites (RFC 5782) in postscreen's syntax, `domain[=d.d.d.d][*weight]`, e.g. "
+            "`zen.example=127.0.0.[2..11]*3 white.example=127.0.[0..255].[0..255]*-2`; asked at once while the "
+            "greeting waits",
+        comment="DNSBL and DNSWL sites (RFC 5782) as postscreen_dnsbl_sites writes them, "
+                "domain[=d.d.d.d][*weight], e.g. [\"zen.example=127.0.0.[2..11]*3\", \"list.example*2\", "
+                "\"white.example=127.0.[0..255].[0..255]*-2\"].  The weights of the sites that list a client "
+                "add up; a negative weight is an allow-list."),
+    Setting(
+        "dnsbl-threshold", Kind.INT, 1, _SCREEN, metavar="SCORE",
+        check=at_least(1, "dnsbl-threshold must be at least 1"),
+        help="a DNSBL score at or over this is refused with 554 5.7.1 (default: %(default)s)",
+        doc="a DNSBL score at or over this gets `554 5.7.1 Service unavailable; client [ADDR] blocked using "
+            "LIST`; a negative score skips greylisting",
+        comment="A score at or over this is refused with 554 5.7.1 (postscreen_dnsbl_threshold); a negative "
+                "score (allow-listed) skips greylisting."),
+    Setting(
+        "greylist", Kind.TEXT, "off", _SCREEN, choices=("off", "on"),
+        help="greylist (client network, sender, recipient) triplets: 451 4.7.1 on a first attempt "
+             "(default: %(default)s; --greylist alone: on)",
+        doc="greylisting (RFC 6647): a new (client /24 or /64, sender, recipient) gets `451 4.7.1` until it "
+            "retries after `--greylist-delay`",
+        comment="Greylisting (RFC 6647): a new (client /24 or /64, sender, recipient) triplet gets 451 4.7.1 "
+                "until the client retries after greylist-delay.  \"off\" or \"on\"."),
+    Setting(
+        "greylist-delay", Kind.SECONDS, 300.0, _SCREEN, metavar="SECONDS",
+        check=_seconds("greylist-delay", positive=False),
+        help="how long a new triplet is refused (default: %(default)s)",
+        doc="how long a new triplet is refused with `451`", comment="Seconds a new triplet is refused."),
+    Setting(
+        "greylist-window", Kind.SECONDS, 172800.0, _SCREEN, metavar="SECONDS",
+        check=_seconds("greylist-window", positive=True),
+        help="how long after its first attempt a triplet's retry still counts (default: %(default)s)",
+        doc="how long after its first attempt a retry still passes; later, the triplet starts again",
+        comment="Seconds after its first attempt within which a retry passes (2 days); later, it starts again."),
+    Setting(
+        "greylist-lifetime", Kind.SECONDS, 3024000.0, _SCREEN, metavar="SECONDS",
+        check=_seconds("greylist-lifetime", positive=True),
+        help="how long a passed triplet or client is remembered after its last use (default: %(default)s)",
+        doc="how long a passed triplet, or an allowed client, is remembered after its last use (35 days)",
+        comment="Seconds a passed triplet or allowed client is remembered after its last use (35 days)."),
+    Setting(
+        "greylist-auto-allow", Kind.INT, 5, _SCREEN, metavar="N",
+        check=at_least(0, "greylist-auto-allow must not be negative"),
+        help="a client network that passed N triplets skips greylisting (default: %(default)s; 0: never)",
+        doc="a client network that has passed greylisting with this many triplets skips it (`0`: never)",
+        comment="A client network that has passed greylisting with this many triplets is allowed without "
+                "triplets (postgrey's auto-whitelist-clients).  0: never."),
+    Setting(
+        "screen-db", Kind.PATH, "", _SCREEN, metavar="FILE", shown_default="`MAIL_ROOT/.screen/screen.db`",
+        help="the SQLite file of the greeting tests and greylisting, shared by the workers "
+             "(default: MAIL_ROOT/.screen/screen.db)",
+        doc="the SQLite file (WAL) of the remembered greeting tests and the greylisting triplets, shared by the "
+            "workers and kept across restarts",
+        comment="The SQLite file (WAL mode) that holds the greeting tests and the greylisting triplets, shared "
+                "by the workers and kept across restarts.  \"\": MAIL_ROOT/.screen/screen.db."),
     Setting(
         "spf", Kind.TEXT, "tag", _AUTH, choices=AUTH_MODES,
         help="SPF (RFC 7208) for MAIL FROM and HELO: off, tag or enforce (default: %(default)s)",

@@ -48,7 +48,7 @@ class Transaction:
 
     __slots__ = (
         "_server", "_loop", "_session", "_peer", "_too_slow", "mailboxes", "spool", "started",
-        "data_started", "data_ended", "_octets", "size", "_rate_timer", "auth", "_sink",
+        "data_started", "data_ended", "_octets", "size", "_rate_timer", "auth", "_sink", "greylisted",
     )
 
     def __init__(
@@ -76,6 +76,9 @@ class Transaction:
         self.auth: MessageAuth | None = None
         # Where content goes: the spool, or the checks' tap in front of it.
         self._sink: Callable[[bytes], None] | None = None
+        #: Whether its recipients are greylisted (screen.py): set at MAIL for
+        #: a client that is neither trusted nor allow-listed.
+        self.greylisted = False
 
     # -- recipients ---------------------------------------------------------------
 
@@ -85,6 +88,15 @@ class Transaction:
         if isinstance(found, Reply):
             self._server.meter.recipient_refused(found.code)
             return found
+        if self.greylisted:
+            # After the folder check: an unknown user is told 550 at once
+            # and leaves no triplet behind.
+            sender = self._session.envelope.mail_from
+            refusal = self._server.screen.greylist(
+                self._peer, _address_text(sender.raw) if sender is not None else "", _address_text(address.raw))
+            if refusal is not None:
+                self._server.meter.recipient_refused(refusal.code)
+                return refusal
         self._server.meter.recipient_accepted()
         if found not in self.mailboxes:
             # user+a and user+b are one mailbox: one copy (RFC 5321 §3.3 allows it).
@@ -242,3 +254,10 @@ def _junk(maildir: str) -> str:
     """``MAILDIR/.Junk`` when it is a Maildir (Maildir++ subfolder), else ``maildir``."""
     junk = os.path.join(maildir, ".Junk")
     return junk if is_maildir(junk) else maildir
+
+
+def _address_text(raw: bytes) -> str:
+    # SMTPUTF8 addresses are UTF-8 (RFC 6531).  Invalid octets become
+    # U+FFFD: a stable key that SQLite can store (a lone surrogate could
+    # not be encoded).
+    return raw.decode("utf-8", "replace")

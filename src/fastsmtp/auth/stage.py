@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from ..dns import Lookups
     from ..metrics import Meter
 
-__all__ = ["Authenticator", "MessageAuth", "MODES"]
+__all__ = ["Authenticator", "MessageAuth", "MODES", "checks_on"]
 
 log = logging.getLogger("fastsmtp")
 
@@ -70,21 +70,28 @@ MODES = ("off", "tag", "enforce")
 _AR = b"authentication-results"
 
 
+def checks_on(config: Config) -> bool:
+    """Whether any of the checks runs (then the worker needs a resolver)."""
+    return any(mode != "off" for mode in (config.spf, config.dkim, config.dmarc, config.arc))
+
+
 class Authenticator:
     """One worker's authentication: modes, trusted networks, the resolver."""
 
-    def __init__(self, config: Config, meter: Meter, lookups: Lookups | None = None) -> None:
+    def __init__(
+        self, config: Config, meter: Meter, lookups: Lookups | None = None, *, trusted: Networks | None = None
+    ) -> None:
         self.spf = config.spf
         self.dkim = config.dkim
         self.dmarc = config.dmarc
         self.arc = config.arc
-        self.active = any(m != "off" for m in (self.spf, self.dkim, self.dmarc, self.arc))
+        self.active = checks_on(config)
         self.spf_at_mail = config.spf_reject_at == "mail" and self.spf == "enforce"
         self.budget = config.auth_timeout
         self.hostname = config.hostname
         self._id = config.hostname.lower()
         self.meter = meter
-        self._trusted = Networks(config.trusted_networks)
+        self._trusted = trusted if trusted is not None else Networks(config.trusted_networks)
         self._lookups = lookups
         self._servers = config.dns_server
         self._dns_timeout = config.dns_timeout

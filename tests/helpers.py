@@ -259,6 +259,38 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> None:
             time.sleep(0.01)
 
 
+def worker_of(sock: socket.socket, pids: list[int]) -> int | None:
+    """The PID among ``pids`` holding the server side of this IPv4 client connection."""
+
+    def hexed(address: tuple[str, int]) -> str:
+        # /proc/net/tcp: the address as a little-endian 32-bit word, then the port.
+        packed = socket.inet_aton(address[0])
+        return f"{int.from_bytes(packed, 'little'):08X}:{address[1]:04X}"
+
+    local, remote = hexed(sock.getpeername()[:2]), hexed(sock.getsockname()[:2])
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[2] == remote:
+            inode = fields[9]
+            break
+    if inode is None:
+        return None
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
 @dataclass
 class RunningServer:
     host: str

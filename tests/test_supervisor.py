@@ -23,41 +23,14 @@ from typing import Callable
 
 import pytest
 
-from helpers import MESSAGE, Client, RunningServer, greeted, start_server, stored, transaction, wait_for, wait_gone
+from helpers import (
+    MESSAGE, Client, RunningServer, greeted, start_server, stored, transaction, wait_for, wait_gone, worker_of,
+)
 
 from fastsmtp.policy import add_mailbox
 from fastsmtp.supervisor import MAX_BACKOFF, backoff
 
 RECIPIENTS = ["alice@example.com", "bob@example.com"]
-
-
-def worker_of(sock: socket.socket, pids: list[int]) -> int | None:
-    """The PID among ``pids`` holding the server side of this client connection."""
-    client_host, client_port = sock.getsockname()[:2]
-    server_port = sock.getpeername()[1]
-    local = f"0100007F:{server_port:04X}"
-    remote = f"0100007F:{client_port:04X}"
-    inode = None
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[1] == local and fields[2] == remote:
-            inode = fields[9]
-            break
-    if inode is None:
-        return None
-    target = f"socket:[{inode}]"
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                    return pid
-            except OSError:
-                continue
-    return None
 
 
 def proc_title(pid: int) -> str:

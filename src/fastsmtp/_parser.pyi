@@ -7,7 +7,7 @@ from ._parser_common import LineTooLong as LineTooLong
 # Any object with the buffer protocol is accepted; these are the usual ones.
 _Buffer = Union[bytes, bytearray, memoryview]
 
-__all__ = ["LineTooLong", "LineReader", "DataReader", "DEBUG"]
+__all__ = ["LineTooLong", "LineReader", "DataReader", "relaxed_wsp", "DEBUG"]
 
 DEBUG: Final[bool]
 
@@ -38,3 +38,5 @@ class DataReader:
     def __init__(self, max_size: int, normalize: bool = False) -> None: ...
     def feed(self, data: _Buffer) -> tuple[bytes, int]: ...
     def reset(self) -> None: ...
+
+def relaxed_wsp(data: bytes, end: int) -> bytes | None: ...

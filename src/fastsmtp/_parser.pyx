@@ -38,7 +38,7 @@ cdef enum:
     BARE_LF = 1     # LineReader.bare bits
     BARE_CR = 2
 
-__all__ = ["LineTooLong", "LineReader", "DataReader", "DEBUG"]
+__all__ = ["LineTooLong", "LineReader", "DataReader", "relaxed_wsp", "DEBUG"]
 
 #: True in builds made with FASTSMTP_DEBUG set (the ``_debug_*`` counters count).
 DEBUG = FASTSMTP_DEBUG
@@ -349,3 +349,66 @@ cdef class DataReader:
                 if FASTSMTP_DEBUG:
                     self._debug_copies += 1
         self.size += m
+
+
+# -- DKIM's relaxed body whitespace (RFC 6376 §3.4.4 a) --------------------------
+
+
+def relaxed_wsp(bytes data, Py_ssize_t end):
+    """data[:end] with each WSP run as one SP and none before a CRLF; None if it is so already.
+
+    One pass in C where the twin makes up to five (finds, replaces, a
+    regex).  Only data[:end] is looked at: a CRLF split by ``end`` is not
+    seen, as in the twin.
+    """
+    cdef const unsigned char *p = <const unsigned char *>data
+    cdef Py_ssize_t i = 0, o
+    cdef unsigned char c
+    cdef PyObject *out = NULL
+    if end < 0 or end > len(data):
+        raise ValueError("end is outside data")
+    # Find the first octet that the rewrite changes: a TAB, an SP after an
+    # SP, or an SP before CRLF.  Most text has none and costs one pass.
+    while i < end:
+        c = p[i]
+        if c == 9:
+            break
+        if c == 32 and i + 1 < end and (p[i + 1] == 32 or p[i + 1] == 9
+                                         or (p[i + 1] == CR and i + 2 < end and p[i + 2] == LF)):
+            break
+        i += 1
+    if i == end:
+        return None
+    out = _bytes_alloc(NULL, end)
+    try:
+        o = _rewrite(p, i, end, <unsigned char *>_bytes_data(out))
+        if o != end:
+            _PyBytes_Resize(&out, o)   # shrinks in place: out has no other reference yet
+        return <object>out
+    finally:
+        Py_XDECREF(out)   # <object> took a reference of its own
+
+
+cdef Py_ssize_t _rewrite(const unsigned char *p, Py_ssize_t i, Py_ssize_t end, unsigned char *q) noexcept:
+    # p[:i] is canonical already and q has room for end octets; the length written.
+    cdef Py_ssize_t o = i
+    cdef unsigned char c
+    cdef bint pending = False
+    memcpy(q, p, <size_t>i)
+    while i < end:
+        c = p[i]
+        if c == 32 or c == 9:
+            pending = True
+        else:
+            if pending:
+                pending = False
+                if not (c == CR and i + 1 < end and p[i + 1] == LF):
+                    q[o] = 32
+                    o += 1
+            q[o] = c
+            o += 1
+        i += 1
+    if pending:
+        q[o] = 32   # a run at the very end stays one SP (the caller holds such runs back)
+        o += 1
+    return o

@@ -53,9 +53,11 @@ LF, wait for the next octet).
 
 from __future__ import annotations
 
+import re
+
 from ._parser_common import LineTooLong  # the one class, shared with _parser
 
-__all__ = ["LineTooLong", "LineReader", "DataReader", "DEBUG"]
+__all__ = ["LineTooLong", "LineReader", "DataReader", "relaxed_wsp", "DEBUG"]
 
 #: The pure-Python twin has no debug counters.
 DEBUG = False
@@ -276,4 +278,33 @@ class DataReader:
             if chunk:
                 self._out.append(chunk)
         self.size += m
+
+
+# -- DKIM's relaxed body whitespace (RFC 6376 §3.4.4 a) --------------------------
+
+_MULTI_SP = re.compile(rb"  +")
+
+
+def relaxed_wsp(data: bytes, end: int) -> bytes | None:
+    """data[:end] with TABs as SP, SP runs as one, and no SP before a CRLF; None if unchanged.
+
+    Only data[:end] is looked at: a CRLF that ``end`` splits is not seen.
+    Each rewrite runs only where its pattern was found, since every pass
+    over a 100 KB chunk costs.
+    """
+    if end < 0 or end > len(data):
+        raise ValueError("end is outside data")
+    tabs = data.find(b"\t", 0, end) >= 0
+    runs = tabs or data.find(b"  ", 0, end) >= 0
+    trailing = data.find(b" \r\n", 0, end) >= 0
+    if not (tabs or runs or trailing):
+        return None
+    out = data[:end]
+    if tabs:
+        out = out.replace(b"\t", b" ")
+    if runs:
+        out = _MULTI_SP.sub(b" ", out)
+    if trailing or tabs:
+        out = out.replace(b" \r\n", b"\r\n")
+    return out
 

@@ -20,9 +20,9 @@ Rules of this module:
   CRLFs included).
 - Fast path: a chunk that needs no rewriting (no TAB, no two SP in a row,
   no SP before CRLF) is hashed as is, through a memoryview, without a copy
-  (a part under 4 KiB is copied: that costs less than a memoryview);
-  only otherwise the rewriting runs (``bytes.replace`` and one regex, all in
-  C).  The result is byte-identical to a whole-body canonicalisation for any
+  (a part under 4 KiB is copied: that costs less than a memoryview).  The
+  check and the rewrite are one pass of the compiled parser
+  (``parser.relaxed_wsp``; its pure-Python twin gives the same octets).  The result is byte-identical to a whole-body canonicalisation for any
   split; tests/test_canon.py proves it against a whole-string reference.
 - Bare CR and bare LF are refused before storage, but if they come they are
   ordinary octets here: only CRLF ends a line (RFC 5322 §2.1).  Nothing in
@@ -35,6 +35,8 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Final, NamedTuple, Sequence
+
+from ..parser import relaxed_wsp
 
 __all__ = [
     "SIMPLE",
@@ -58,7 +60,6 @@ _CRLF_BLOCK: Final = b"\r\n" * 4096
 _WSP_RUN: Final = re.compile(rb"[ \t]+")
 # The direct constructors: hashlib.new(name) looks the name up each time.
 _HASHES: Final[dict[str, Callable[[], Any]]] = {"sha256": hashlib.sha256, "sha1": hashlib.sha1}
-_MULTI_SP: Final = re.compile(rb"  +")
 
 
 # -- header fields ----------------------------------------------------------
@@ -224,20 +225,11 @@ class BodyCanon:
         if not end:
             return
         if self.relaxed:
-            # §3.4.4 a: TABs to SP, SP runs to one, none before CRLF.  Each
-            # rewrite runs only where its pattern was found: every pass over
-            # a 100 KB chunk costs, so none is made twice.
-            tabs = data.find(b"\t", 0, end) >= 0
-            runs = tabs or data.find(b"  ", 0, end) >= 0
-            trailing = data.find(b" \r\n", 0, end) >= 0
-            if tabs or runs or trailing:
-                out = data[:end]
-                if tabs:
-                    out = out.replace(b"\t", b" ")
-                if runs:
-                    out = _MULTI_SP.sub(b" ", out)
-                if trailing or tabs:
-                    out = out.replace(b" \r\n", b"\r\n")
+            # §3.4.4 a: TABs to SP, SP runs to one, none before CRLF: one
+            # pass in the compiled parser (its twin: a few passes of
+            # bytes methods).  None: nothing to rewrite.
+            out = relaxed_wsp(data, end)
+            if out is not None:
                 data, end = out, len(out)
         # Emit data[:end] (canonical now), holding back its trailing CRLFs:
         # inline, since a 1 KiB body is one chunk and each call layer here

@@ -25,6 +25,8 @@ class FakeLookups:
 
     records: dict[str, tuple[bytes, ...] | BaseException] = field(default_factory=dict)
     asked: list[str] = field(default_factory=list)
+    #: A records (DNSBL tests): name -> addresses, or an exception to raise.
+    addresses: dict[str, tuple[str, ...] | BaseException] = field(default_factory=dict)
 
     def add(self, name: str, *records: bytes) -> None:
         self.records[name.lower()] = tuple(records)
@@ -39,7 +41,12 @@ class FakeLookups:
         return value
 
     async def a(self, name: str) -> tuple[str, ...]:
-        return ()
+        self.asked.append(name)
+        await asyncio.sleep(0)
+        value = self.addresses.get(name, ())
+        if isinstance(value, BaseException):
+            raise value
+        return value
 
     async def aaaa(self, name: str) -> tuple[str, ...]:
         return ()

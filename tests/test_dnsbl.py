@@ -6,36 +6,15 @@ import asyncio
 
 import pytest
 
+from dkimtools import FakeLookups
+
 from fastsmtp.dns import DNSError, Resolver
 from fastsmtp.dnsbl import DNSBL, SiteError, parse_site, parse_sites, query_name
 
 
-class Answers:
+def Answers(addresses: dict[str, tuple[str, ...] | BaseException]) -> FakeLookups:
     """A-record answers from a dict; an exception value is raised."""
-
-    def __init__(self, records: dict[str, tuple[str, ...] | BaseException]) -> None:
-        self.records = records
-        self.asked: list[str] = []
-
-    async def a(self, name: str) -> tuple[str, ...]:
-        self.asked.append(name)
-        await asyncio.sleep(0)
-        value = self.records.get(name, ())
-        if isinstance(value, BaseException):
-            raise value
-        return value
-
-    async def txt(self, name: str) -> tuple[bytes, ...]:
-        return ()
-
-    async def aaaa(self, name: str) -> tuple[str, ...]:
-        return ()
-
-    async def mx(self, name: str) -> tuple[tuple[int, str], ...]:
-        return ()
-
-    async def ptr(self, address: str) -> tuple[str, ...]:
-        return ()
+    return FakeLookups(addresses=addresses)
 
 
 @pytest.mark.parametrize(

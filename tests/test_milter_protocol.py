@@ -8,19 +8,13 @@ signature against the key OpenDKIM's own genkey made.
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import shutil
-import socket
 import struct
-import subprocess
-from pathlib import Path
 from typing import Awaitable, Callable, Iterator
 
 import pytest
 
 from dnsserver import free_port
-from helpers import stop_process, wait_for
+from opendkimd import signing_opendkim
 
 from fastsmtp.milter.client import MilterConnection, MilterError, parse_endpoint
 from fastsmtp.milter.protocol import (
@@ -245,38 +239,8 @@ def test_steps_the_milter_does_not_want_are_not_sent() -> None:
 @pytest.fixture(scope="module")
 def opendkim_signer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str]]:
     """OpenDKIM in sign mode for signed.example on a loopback port: (port, its DNS key record)."""
-    genkey = shutil.which("opendkim-genkey") or "/usr/sbin/opendkim-genkey"
-    if shutil.which("opendkim") is None or not os.path.exists(genkey):
-        pytest.skip("opendkim and opendkim-tools are not installed (CI installs them)")
-    home = tmp_path_factory.mktemp("opendkim-milter")
-    subprocess.run([genkey, "-b", "2048", "-d", "signed.example", "-s", "odk", "-D", str(home)], check=True,
-                   timeout=60)
-    record = "".join(re.findall(r'"([^"]*)"', (home / "odk.txt").read_text()))
-    port = free_port()
-    conf = home / "opendkim.conf"
-    conf.write_text(
-        "Syslog no\nMode s\nDomain signed.example\nSelector odk\n"
-        f"KeyFile {home / 'odk.private'}\nSocket inet:{port}@127.0.0.1\n"
-        "SignatureAlgorithm rsa-sha256\nCanonicalization relaxed/relaxed\nInternalHosts 127.0.0.1\n"
-        f"PidFile {home / 'pid'}\nUserID root\nBackground no\nRequireSafeKeys false\n"
-    )
-    log = open(home / "log", "wb")
-    proc = subprocess.Popen(["opendkim", "-f", "-x", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-
-    def listening() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            return proc.poll() is not None
-
-    try:
-        wait_for(listening, 15, "opendkim to listen")
-        assert proc.poll() is None, (home / "log").read_text()
-        yield port, record
-    finally:
-        stop_process(proc)
-        log.close()
+    with signing_opendkim(tmp_path_factory.mktemp("opendkim-milter")) as started:
+        yield started
 
 
 MESSAGE = (b"From: Alice <alice@signed.example>\r\nTo: bob@example.com\r\nSubject: through a milter\r\n"

@@ -129,7 +129,7 @@ class Screen:
             return blocked(address, site)
         if score.total < 0:
             self.meter.screened("dnsbl_allowlisted")
-            log.info("screen: %s allow-listed (score %d)", address, score.total)
+            log.debug("screen: %s allow-listed (score %d)", address, score.total)  # a DNSWL client: every connection
         return None
 
     # -- at RCPT ---------------------------------------------------------------------

@@ -23,6 +23,9 @@ __all__ = ["Spool", "encode_host", "new_name", "OPEN_FLAGS", "FILE_MODE", "write
            "unlink_quiet", "close_quiet", "fsync_dir", "fdatasync", "checked_for_submit"]
 
 OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
+# A spill file is read back too, by the checks that see a message only at
+# its end (a milter's body, from the spool rather than a second copy).
+_SPILL_FLAGS = OPEN_FLAGS & ~os.O_WRONLY | os.O_RDWR
 FILE_MODE = 0o600
 
 # Q<n> of the Maildir name.  A process-wide counter: next() on
@@ -217,6 +220,24 @@ class Spool:
             self._prefix.insert(0, headers)
             self.size += len(headers)
 
+    def read(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` octets of what was written, from ``offset`` (the prepended headers not included).
+
+        From memory, or from the spill file with pread(2): a message is
+        never held twice to be read again.  b"" past the end, and once the
+        spool failed or was handed over.
+        """
+        if self.failed is not None or self._submitted or offset < 0 or size <= 0:
+            return b""
+        if self._fd is None:
+            return bytes(self._buf[offset : offset + size])
+        try:
+            return os.pread(self._fd, size, offset)
+        except OSError as exc:
+            self.failed = exc
+            self._release()
+            return b""
+
     @property
     def submitted(self) -> bool:
         """Whether the committer owns the message now (``detach()`` was called)."""
@@ -244,7 +265,7 @@ class Spool:
 
     def _spill(self) -> None:
         path = os.path.join(self._maildir, "tmp", self.name)
-        self._fd = os.open(path, OPEN_FLAGS, FILE_MODE)
+        self._fd = os.open(path, _SPILL_FLAGS, FILE_MODE)
         self._path = path
         write_all(self._fd, self._buf)
         self._buf = bytearray()  # a new object: give the memory back

@@ -61,6 +61,9 @@ class MessageSpool(Protocol):
     def prepend(self, headers: bytes) -> None:
         """Store ``headers`` above everything written so far."""
 
+    def read(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` octets of what was written, from ``offset``; b"" past the end."""
+
     def discard(self) -> None:
         """Drop the message (idempotent; nothing once submitted)."""
 

@@ -259,6 +259,19 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> None:
             time.sleep(0.01)
 
 
+def metric(srv: "RunningServer", name: str) -> int:
+    """One counter's value from the server's /metrics (started with --metrics 127.0.0.1:0)."""
+    import re
+    import urllib.request
+
+    line = srv.wait_output("/metrics")
+    port = int(re.search(r"127\.0\.0\.1:(\d+)/metrics", line).group(1))  # type: ignore[union-attr]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    found = re.search(rf"^{re.escape(name)} (\d+)$", text, re.M)
+    assert found, f"{name} not in the metrics"
+    return int(found.group(1))
+
+
 def worker_of(sock: socket.socket, pids: list[int]) -> int | None:
     """The PID among ``pids`` holding the server side of this IPv4 client connection."""
 

@@ -9,11 +9,9 @@ and clients whose address a PROXY header from a trusted peer sets.
 from __future__ import annotations
 
 import asyncio
-import re
 import shutil
 import socket
 import time
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -22,7 +20,7 @@ import pytest
 
 from dnsserver import KnotServer, zone_text
 from fakedns import FaultServer
-from helpers import Client, RunningServer, start_server, worker_of
+from helpers import Client, RunningServer, metric, start_server, worker_of
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,15 +57,6 @@ def deliver(c: Client, sender: str = "list@example.net", rcpt: str = "alice@exam
     assert c.reply().startswith(b"354")
     c.send(MESSAGE + b".\r\n")
     return c.reply()
-
-
-def metric(srv: RunningServer, name: str) -> int:
-    line = srv.wait_output("/metrics")
-    port = int(re.search(r"127\.0\.0\.1:(\d+)/metrics", line).group(1))  # type: ignore[union-attr]
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    found = re.search(rf"^{re.escape(name)} (\d+)$", text, re.M)
-    assert found, f"{name} not in the metrics"
-    return int(found.group(1))
 
 
 def decisions(srv: RunningServer, decision: str) -> int:

@@ -125,6 +125,11 @@ class Config:
     greylist_lifetime: float = 3024000.0
     greylist_auto_allow: int = 5
     screen_db: str = ""  # "" means MAIL_ROOT/.screen/screen.db at validation time
+    milter: tuple[str, ...] = ()
+    milter_default_action: str = "tempfail"
+    milter_connect_timeout: float = 30.0
+    milter_command_timeout: float = 30.0
+    milter_content_timeout: float = 300.0
     spf: str = "tag"
     spf_reject_at: str = "data"
     dkim: str = "tag"

@@ -94,6 +94,8 @@ class Handlers:
         if self.txn is not None:
             self.txn.discard()
             self.txn = None
+            if self._conn.milters is not None:
+                self._conn.milters.abort()
 
     def lost(self) -> None:
         """The client is gone: stop asking, and drop a message not yet submitted."""
@@ -147,6 +149,9 @@ class Handlers:
 
     def _hello(self, domain: bytes, reply: Reply) -> Reply | None:
         calls = self._server.stages.on_helo
+        milters = self._conn.milters
+        if milters is not None:
+            calls = calls + (StepCall("milter on_helo", milters.helo, True, None),)
         if not calls:
             return self._hello_accepted(reply)
         return self._ask(calls, (self._info(), _text(domain)), lambda v: v.reply or self._hello_accepted(reply))
@@ -170,6 +175,8 @@ class Handlers:
             txn.auth = auth
             if server.auth.spf_at_mail:
                 calls = (StepCall("spf on_mail", auth.at_mail, True, None),) + calls
+        if conn.milters is not None:
+            calls = calls + (StepCall("milter on_mail", conn.milters.mail, True, None),)
         if not calls:
             return MAIL_OK
         return self._ask(calls, (self._info(), event.address), lambda v: self._mail_answered(txn, v))
@@ -186,6 +193,8 @@ class Handlers:
         txn = self.txn
         assert txn is not None
         calls = self._server.stages.on_rcpt
+        if self._conn.milters is not None:
+            calls = calls + (StepCall("milter on_rcpt", self._conn.milters.rcpt, True, None),)
         if not calls:
             return txn.add_recipient(event.address)
         return self._ask(calls, (self._info(), event.address), lambda v: v.reply or txn.add_recipient(event.address))
@@ -233,6 +242,11 @@ class Handlers:
 
     def _stages_at_end(self, txn: Transaction, event: EndOfMessage, before: Verdict | None) -> Reply | None:
         calls = self._server.stages.on_message
+        milters = self._conn.milters
+        if milters is not None and txn.spool is not None and event.refusal is None:
+            spool = txn.spool
+            calls = calls + (StepCall("milter on_message", lambda info, message: milters.message(spool), True,
+                                      None),)
         if not calls:
             return self._end_message(txn, event, before)
         # The spool stays ours while the stages think: a client leaving
@@ -245,9 +259,19 @@ class Handlers:
         refusal = event.refusal or (verdict.reply if verdict is not None else None)
         if refusal is None and not txn.receiving:
             refusal = STORAGE_FAILED  # its content was dropped on the way (never expected)
+        milters = self._conn.milters
         if refusal is not None:
             self.txn = None
+            if milters is not None:
+                milters.abort()
             return txn.refuse(refusal, event.size)
+        if milters is not None and milters.discard:
+            # A milter's discard: the client is told it is queued; nothing is stored.
+            self.txn = None
+            return txn.discarded(event.size)
+        if milters is not None and milters.quarantine is not None:
+            txn.quarantine()
+            verdict = Verdict(None, _quarantined(milters.quarantine) + (verdict.headers if verdict else b""))
         queue_id, future = txn.submit(event.size, verdict.headers if verdict is not None else b"")
         self.committing = True
         self._conn.flow.hold("commit")
@@ -276,6 +300,11 @@ def _above(later: Verdict, earlier: Verdict | None) -> Verdict:
     if earlier is None or not earlier.headers or later.reply is not None:
         return later
     return Verdict(None, later.headers + earlier.headers)
+
+
+def _quarantined(reason: str) -> bytes:
+    clean = "".join(c if " " <= c <= "~" else " " for c in reason)[:200]
+    return f"X-Quarantine: {clean} (milter)\r\n".encode()
 
 
 def _text(raw: bytes) -> str:

@@ -122,10 +122,22 @@ GREETING_MEMORY_HIT = _take()
 GREETING_MEMORY_MISS = _take()
 DNSBL_FAILURES = _take()
 
+# Milters (milter/stage.py), by their place in --milter (the first MILTERS):
+# the verdicts, the failures (down, timed out, garbage), the changes not
+# applied; and the time of each answer.
+MILTERS = 8
+MILTER_VERDICTS = ("continue", "accept", "reject", "tempfail", "replycode", "discard", "quarantine")
+MILTER = _take(MILTERS * len(MILTER_VERDICTS))
+MILTER_FAILURES = _take(MILTERS)
+MILTER_UNAPPLIED = _take(MILTERS)
+_MILTER_SLOT = {(i, v): MILTER + i * len(MILTER_VERDICTS) + j
+                for i in range(MILTERS) for j, v in enumerate(MILTER_VERDICTS)}
+
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_SIZE = Histogram((1, 2, 4, 8, 16, 32, 64, 128, 256, 512), 1)
 COMMIT_SECONDS = Histogram(_SECONDS, 1_000_000_000)
 TIME_TO_250 = Histogram(_SECONDS, 1_000_000_000)
+MILTER_SECONDS = Histogram(_SECONDS, 1_000_000_000)
 DELIVERY_LAG = Histogram((0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
                          1_000_000_000)
 
@@ -185,6 +197,21 @@ class Meter:
     def screened(self, decision: str) -> None:
         self._row[SCREEN_SLOT[decision]] += 1
 
+    def milter(self, index: int, verdict: str, seconds: float) -> None:
+        """One answer of the milter at ``index`` of --milter; past MILTERS, only the time counts."""
+        slot = _MILTER_SLOT.get((index, verdict))
+        if slot is not None:
+            self._row[slot] += 1
+        observe(self._row, MILTER_SECONDS, seconds)
+
+    def milter_failed(self, index: int) -> None:
+        if index < MILTERS:
+            self._row[MILTER_FAILURES + index] += 1
+
+    def milter_unapplied(self, index: int, count: int) -> None:
+        if index < MILTERS:
+            self._row[MILTER_UNAPPLIED + index] += count
+
     def greeting_memory(self, hit: bool) -> None:
         self._row[GREETING_MEMORY_HIT if hit else GREETING_MEMORY_MISS] += 1
 
@@ -226,6 +253,15 @@ class _NoMeter(Meter):
         pass
 
     def screened(self, decision: str) -> None:
+        pass
+
+    def milter(self, index: int, verdict: str, seconds: float) -> None:
+        pass
+
+    def milter_failed(self, index: int) -> None:
+        pass
+
+    def milter_unapplied(self, index: int, count: int) -> None:
         pass
 
     def greeting_memory(self, hit: bool) -> None:
@@ -305,6 +341,12 @@ _COUNTERS: list[tuple[str, str, int, list[str] | None]] = [
      SCREEN, _labels("decision", SCREEN_DECISIONS)),
     ("fastsmtp_screen_greeting_memory_total", "Greeting tests looked up in the shared memory: a result on record "
      "(hit) or none (miss).", GREETING_MEMORY_HIT, ['result="hit"', 'result="miss"']),
+    ("fastsmtp_milter_verdicts_total", "Milter answers by milter (its place in --milter, from 0) and verdict.",
+     MILTER, [f'milter="{i}",verdict="{v}"' for i in range(MILTERS) for v in MILTER_VERDICTS]),
+    ("fastsmtp_milter_failures_total", "Milters down, too slow or breaking the protocol (the default action "
+     "applied), by milter.", MILTER_FAILURES, [f'milter="{i}"' for i in range(MILTERS)]),
+    ("fastsmtp_milter_unapplied_total", "Milter changes not applied (not supported yet), by milter.",
+     MILTER_UNAPPLIED, [f'milter="{i}"' for i in range(MILTERS)]),
     ("fastsmtp_dnsbl_lookup_failures_total", "DNSBL lookups that failed or timed out (counted as not listed).",
      DNSBL_FAILURES, None),
 ]
@@ -317,6 +359,8 @@ _HISTOGRAMS: list[tuple[str, str, Histogram]] = [
     ("fastsmtp_commit_batch_size", "Messages per group commit.", BATCH_SIZE),
     ("fastsmtp_commit_latency_seconds", "Time one group commit takes (write, flush, link).", COMMIT_SECONDS),
     ("fastsmtp_time_to_250_seconds", "From the end of a message's data to its 250 reply.", TIME_TO_250),
+    ("fastsmtp_milter_answer_seconds", "From a step sent to a milter to its answer (the whole body and end of "
+     "the message for the end of data).", MILTER_SECONDS),
     ("fastsmtp_delivery_lag_seconds", "From a message's journal flush (its 250) to its file in new/.",
      DELIVERY_LAG),
 ]

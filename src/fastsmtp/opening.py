@@ -31,7 +31,7 @@ from .phase import Phase
 from .metrics import REFUSED_PER_IP
 from .proxy import ProxyHeaderError, looks_like_proxy_header, parse_proxy_header
 from .dnsbl import Score
-from .stages import StepRun, Verdict
+from .stages import StepCall, StepRun, Verdict
 
 if TYPE_CHECKING:
     from .protocol import SMTPProtocol
@@ -137,6 +137,9 @@ class Opening:
         conn.client_key = key
         server.meter.connection_accepted()
         calls = server.stages.on_connect
+        if server.milters.active:
+            conn.milters = server.milters.session()
+            calls = calls + (StepCall("milter on_connect", conn.milters.connect, True, None),)
         if calls:
             conn.enter(Phase.CONNECT)
             self._step = StepRun(calls, (conn.peer,), conn.peer, self._connected)

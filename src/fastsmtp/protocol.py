@@ -27,6 +27,7 @@ from .events import Bdat, ConnectionClosed, Event, MessageChunk, Reply
 from .flow import FlowControl
 from .handlers import Handlers
 from .metrics import REFUSED_MAX_CONNECTIONS, REFUSED_SHUTDOWN
+from .milter.stage import MilterSession
 from .opening import Opening
 from .phase import MOVES, Phase
 from .server import Server
@@ -56,6 +57,8 @@ class SMTPProtocol(asyncio.Protocol):
         #: nothing), or a DNSWL vouched for it (not greylisted).
         self.trusted = False
         self.allowlisted = False
+        #: This connection's milter conversations (milter/stage.py), if any.
+        self.milters: MilterSession | None = None
         #: The Received header's words once a TLS handshake is done.
         self.tls_info: str | None = None
         self.session = Session(server.limits)
@@ -145,6 +148,7 @@ class SMTPProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self._release_client()
+        self._close_milters()
         self._opening.cancel()
         self._handlers.lost()
         if self.server.log.enabled:
@@ -291,10 +295,17 @@ class SMTPProtocol(asyncio.Protocol):
     def _close(self) -> None:
         self._release_client()
         self._opening.cancel()  # an on_connect answer has no one to greet now
+        if not self._handlers.committing:
+            self._close_milters()
         if self._phase is not Phase.CLOSED:
             self.enter(Phase.CLOSED)  # and the phase's timer goes with it
         if self._transport is not None:
             self._transport.close()
+
+    def _close_milters(self) -> None:
+        if self.milters is not None:
+            self.milters.close()
+            self.milters = None
 
     def _release_client(self) -> None:
         # At our own close, not only in connection_lost: a client that gets

@@ -24,6 +24,7 @@ from .logs import EventLog, event_log
 from .metrics import NO_METER, Meter
 from .networks import Networks
 from .policy import FolderRecipients
+from .milter.stage import Milters
 from .screen import Screen
 from .session import Limits
 from .space import FreeSpace
@@ -73,6 +74,9 @@ class Server:
         # on_message, which sees their results.
         self.auth = Authenticator(config, self.meter, self.lookups, trusted=self.trusted)
         self.screen = Screen(config, self.trusted, self.lookups, self.meter)
+        # The milters (milter/stage.py): each connection talks to them at
+        # every step, after the policy's stage of that step.
+        self.milters = Milters(config, self.meter)
         self.limits = Limits(
             max_command_line=config.max_command_line,
             max_message_size=config.max_message_size,

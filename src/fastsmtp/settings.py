@@ -224,6 +224,17 @@ def _dnsbl_sites(value: tuple[str, ...]) -> str | None:
     return None
 
 
+def _milters(value: tuple[str, ...]) -> str | None:
+    from .milter.client import parse_endpoint
+
+    for endpoint in value:
+        try:
+            parse_endpoint(endpoint)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
 def _policy(value: str) -> str | None:
     return f"policy: {value!r} is not MODULE:CLASS or FILE.py:CLASS" if value and ":" not in value else None
 
@@ -377,6 +388,7 @@ _TRUST = "trusted networks"
 _SCREEN = "screening (the remembered greeting test, DNSBL, greylisting)"
 _AUTH = "authentication (SPF, DKIM, DMARC, ARC)"
 _DNS = "DNS"
+_MILTER = "milters"
 _MONITORING = "monitoring"
 
 SETTINGS: tuple[Setting, ...] = (
@@ -770,6 +782,38 @@ SETTINGS: tuple[Setting, ...] = (
         help="the most one DNS question may take, retries included (default: %(default)s)",
         doc="the most one DNS question may take, retries and the TCP fallback included",
         comment="Seconds one DNS question may take, retries and TCP fallback included."),
+    Setting(
+        "milter", Kind.STRINGS, (), _MILTER, metavar="ENDPOINT", check=_milters, shown_default="none",
+        help="milters to ask at each step, in order: inet:HOST:PORT or unix:/path (default: none)",
+        doc="milters (the libmilter protocol, version 6) asked at connect, HELO, MAIL, RCPT and the end of data, "
+            "in order, as Postfix's smtpd_milters: `inet:HOST:PORT`, `inet:PORT@HOST` or `unix:/path`",
+        comment="Milters asked at each SMTP step, in order (Postfix's smtpd_milters), e.g. "
+                "[\"inet:127.0.0.1:11332\"] for rspamd or [\"unix:/run/opendkim/opendkim.sock\"]."),
+    Setting(
+        "milter-default-action", Kind.TEXT, "tempfail", _MILTER, choices=("tempfail", "accept", "reject"),
+        help="when a milter is down, times out or speaks garbage (default: %(default)s)",
+        doc="what a step gets when a milter is down, times out or breaks the protocol: `tempfail` (`451 4.7.1`), "
+            "`accept` (the milter is skipped) or `reject` (`550 5.7.1`), as Postfix's milter_default_action",
+        comment="When a milter is down, too slow or speaks garbage (Postfix's milter_default_action): "
+                "\"tempfail\" (451 4.7.1), \"accept\" (skip it) or \"reject\" (550 5.7.1)."),
+    Setting(
+        "milter-connect-timeout", Kind.SECONDS, 30.0, _MILTER, metavar="SECONDS",
+        check=_seconds("milter-connect-timeout", positive=True),
+        help="connecting to a milter and negotiating (default: %(default)s)",
+        doc="the most connecting to a milter and negotiating may take",
+        comment="Seconds to connect to a milter and negotiate (milter_connect_timeout)."),
+    Setting(
+        "milter-command-timeout", Kind.SECONDS, 30.0, _MILTER, metavar="SECONDS",
+        check=_seconds("milter-command-timeout", positive=True),
+        help="a milter's answer to one step (default: %(default)s)",
+        doc="the most a milter may take to answer connect, HELO, MAIL, RCPT, a field",
+        comment="Seconds a milter may take per step (milter_command_timeout)."),
+    Setting(
+        "milter-content-timeout", Kind.SECONDS, 300.0, _MILTER, metavar="SECONDS",
+        check=_seconds("milter-content-timeout", positive=True),
+        help="a milter's answer to the body and its end (default: %(default)s)",
+        doc="the most a milter may take to answer a body packet or the end of the message",
+        comment="Seconds a milter may take for the body and the end of the message (milter_content_timeout)."),
     Setting(
         "metrics", Kind.ENDPOINT, "", _MONITORING, metavar="HOST:PORT", shown_default="off",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; "

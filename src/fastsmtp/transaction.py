@@ -200,6 +200,20 @@ class Transaction:
         self._server.meter.message_refused(reply.code)
         return reply
 
+    def discarded(self, size: int) -> Reply:
+        """A milter's discard: the client hears 250 as for any message, and nothing is stored."""
+        self.size = size
+        self._stop_clock()
+        spool, self.spool = self.spool, None
+        queue_id = spool.queue_id if spool is not None else ""
+        if spool is not None:
+            spool.discard()
+        if self.auth is not None:
+            self.auth.abandon()
+        log.info("message %s from %s discarded by a milter", queue_id, self._peer)
+        self.log(queue_id, 250)
+        return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
     def submit(self, size: int, headers: bytes) -> tuple[str, "asyncio.Future[str]"]:
         """Hand the finished message to the store: (queue id, its future)."""
         self.size = size

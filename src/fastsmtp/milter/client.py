@@ -100,11 +100,9 @@ class MilterConnection:
         if not isinstance(answer, Negotiated):
             conn.close()
             raise MilterError(f"{endpoint}: answered option negotiation with {answer!r}")
-        # The milter may not ask for actions we did not offer (libmilter refuses too).
-        if answer.actions & ~actions:
-            conn.close()
-            raise MilterError(f"{endpoint}: asks for actions 0x{answer.actions & ~actions:x} not offered")
-        conn.negotiated = answer
+        # Actions we did not offer are not the milter's to take: kept out of
+        # what was agreed (their replies are refused by the stage's checks).
+        conn.negotiated = Negotiated(answer.version, answer.actions & actions, answer.flags, answer.macros)
         return conn
 
     # -- the steps ---------------------------------------------------------------------

@@ -1,0 +1,207 @@
+"""Milters through the real server: our own test milter's every verdict and fault, and real OpenDKIM."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import Client, RunningServer, body_of, metric, start_server
+from opendkimd import signing_opendkim
+from testmilter import TestMilter
+
+pytestmark = pytest.mark.timeout(120)
+
+MESSAGE = (b"From: a@example.net\r\nTo: alice@example.com\r\nSubject: filtered\r\n"
+           b"Message-ID: <f1@example.net>\r\n\r\n")
+
+
+def session(srv: RunningServer) -> Client:
+    c = Client(srv.connect())
+    assert c.reply().startswith(b"220 ")
+    c.send(b"EHLO client.example\r\n")
+    assert c.reply().startswith(b"250")
+    return c
+
+
+def send(c: Client, body: bytes = b"hello\r\n", sender: bytes = b"s@example.net",
+         rcpts: tuple[bytes, ...] = (b"alice@example.com",), content: bytes = MESSAGE) -> bytes:
+    c.send(b"MAIL FROM:<" + sender + b">\r\n")
+    reply = c.reply()
+    if not reply.startswith(b"250"):
+        return reply
+    for r in rcpts:
+        c.send(b"RCPT TO:<" + r + b">\r\n")
+        reply = c.reply()
+        if not reply.startswith(b"250"):
+            return reply
+    c.send(b"DATA\r\n")
+    assert c.reply().startswith(b"354")
+    c.send(content + body + b".\r\n")
+    return c.reply()
+
+
+def serve(tmp: Path, *endpoints: str, default: str = "tempfail") -> RunningServer:
+    args = [a for e in endpoints for a in ("--milter", e)]
+    return start_server(tmp / "mail", *args, "--milter-default-action", default, "--milter-command-timeout", "1",
+                        "--milter-content-timeout", "2", "--metrics", "127.0.0.1:0")
+
+
+def test_every_step_reaches_the_milter_and_the_body_comes_in_packets(tmp_path: Path) -> None:
+    body = b"".join(b"line %06d of the body\r\n" % i for i in range(8000))  # 200,000 octets
+    with TestMilter("accept") as milter:
+        srv = serve(tmp_path, milter.endpoint)
+        try:
+            c = session(srv)
+            assert send(c, body).startswith(b"250 2.0.0 Ok: queued as")
+            c.close()
+            stored = srv.messages("alice@example.com", 1)
+            assert len(stored) == 1 and body_of(stored[0]).endswith(body)
+            # Connect, HELO, MAIL and RCPT continue; the message (DATA to its end, one answer) is accepted.
+            assert metric(srv, 'fastsmtp_milter_verdicts_total{milter="0",verdict="continue"}') == 4
+            assert metric(srv, 'fastsmtp_milter_verdicts_total{milter="0",verdict="accept"}') == 1
+            assert metric(srv, "fastsmtp_milter_answer_seconds_count") == 5
+        finally:
+            srv.stop()
+    seen = milter.seen
+    assert [c for c in seen.commands if c not in (b"D", b"L", b"B")][:6] == [b"C", b"H", b"M", b"R", b"T", b"N"]
+    assert bytes(seen.body) == body and seen.body_packets == [65535, 65535, 65535, len(body) - 3 * 65535]
+    names = [n for n, _ in seen.headers]
+    assert b"Subject" in names and b"Received" in names and b"Return-Path" not in names
+    assert seen.macros["{rcpt_addr}"] == "alice@example.com" and seen.macros["j"] == "mx.test.example"
+    assert seen.macros["{client_addr}"] == "127.0.0.1" and "i" in seen.macros
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("reject-rcpt", b"550 5.7.1 Command rejected\r\n"),
+    ("tempfail-mail", b"451 4.7.1 Service unavailable - try again later\r\n"),
+    ("replycode", b"550-5.7.1 first line\r\n550 5.7.1 second line\r\n"),
+    ("reject", b"550 5.7.1 Command rejected\r\n"),
+])
+def test_a_milters_refusal_takes_effect_at_its_step(tmp_path: Path, mode: str, expected: bytes) -> None:
+    with TestMilter(mode) as milter:
+        srv = serve(tmp_path, milter.endpoint)
+        try:
+            c = session(srv)
+            assert send(c, rcpts=(b"alice@example.com", b"bob@example.com")) == expected
+            c.send(b"RSET\r\nNOOP\r\n")
+            assert c.reply().startswith(b"250") and c.reply().startswith(b"250")  # the session goes on
+            c.close()
+            assert srv.messages("alice@example.com", 0) == []
+        finally:
+            srv.stop()
+
+
+def test_added_fields_are_stored(tmp_path: Path) -> None:
+    with TestMilter("add-header") as milter:
+        srv = serve(tmp_path, milter.endpoint)
+        try:
+            c = session(srv)
+            assert send(c).startswith(b"250")
+            c.close()
+            data = srv.messages("alice@example.com", 1)[0].read_bytes()
+            assert b"X-Test-Milter: yes\r\n" in data and b"X-Top: first\r\n" in data
+        finally:
+            srv.stop()
+
+
+def test_discard_acknowledges_and_stores_nothing(tmp_path: Path) -> None:
+    with TestMilter("discard") as milter:
+        srv = serve(tmp_path, milter.endpoint)
+        try:
+            c = session(srv)
+            assert send(c).startswith(b"250 2.0.0 Ok: queued as")
+            assert send(c).startswith(b"250")  # the next message of the session too
+            c.close()
+            srv.wait_output("discarded by a milter")
+            assert srv.messages("alice@example.com", 0) == []
+        finally:
+            srv.stop()
+
+
+def test_quarantine_goes_into_junk_with_a_field(tmp_path: Path) -> None:
+    with TestMilter("quarantine") as milter:
+        srv = serve(tmp_path, milter.endpoint)
+        junk = srv.maildir("alice@example.com") / ".Junk"
+        for sub in ("tmp", "new", "cur"):
+            (junk / sub).mkdir(parents=True)
+        try:
+            c = session(srv)
+            assert send(c).startswith(b"250")
+            c.close()
+            deadline = time.monotonic() + 10
+            while not list((junk / "new").iterdir()) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            (stored,) = list((junk / "new").iterdir())
+            assert b"X-Quarantine: looks suspicious (milter)\r\n" in stored.read_bytes()
+            assert srv.messages("alice@example.com", 0) == []
+        finally:
+            srv.stop()
+
+
+FAULTS = ["die-at-connect", "die-at-rcpt", "sleep-at-mail", "garbage-at-helo", "sleep-at-eom", "die-at-eom"]
+
+
+@pytest.mark.parametrize("default", ["tempfail", "accept", "reject"])
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_broken_milter_gets_the_default_action(tmp_path: Path, fault: str, default: str) -> None:
+    with TestMilter(fault) as milter:
+        srv = serve(tmp_path, milter.endpoint, default=default)
+        try:
+            c = Client(srv.connect())
+            first = c.reply()
+            if fault == "die-at-connect" and default != "accept":
+                # The connection itself is refused instead of greeted.
+                assert first.startswith(b"451 4.7.1" if default == "tempfail" else b"550 5.7.1"), first
+                return
+            assert first.startswith(b"220 ")
+            c.send(b"EHLO client.example\r\n")
+            helo = c.reply()
+            if fault == "garbage-at-helo" and default != "accept":
+                assert helo.startswith(b"451 4.7.1" if default == "tempfail" else b"550 5.7.1"), helo
+                return
+            assert helo.startswith(b"250")
+            reply = send(c)
+            if default == "accept":
+                assert reply.startswith(b"250 2.0.0 Ok: queued as"), reply
+                assert len(srv.messages("alice@example.com", 1)) == 1
+            else:
+                assert reply.startswith(b"451 4.7.1" if default == "tempfail" else b"550 5.7.1"), reply
+                assert srv.messages("alice@example.com", 0) == []
+            c.close()
+            srv.wait_output("milter inet:127.0.0.1")
+            assert metric(srv, 'fastsmtp_milter_failures_total{milter="0"}') == 1
+        finally:
+            srv.stop()
+
+
+def test_a_milter_that_is_down(tmp_path: Path) -> None:
+    from dnsserver import free_port
+
+    srv = serve(tmp_path, f"inet:127.0.0.1:{free_port()}", default="tempfail")
+    try:
+        c = Client(srv.connect())
+        assert c.reply().startswith(b"451 4.7.1")
+    finally:
+        srv.stop()
+
+
+def test_opendkim_signs_mail_from_a_local_domain(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    dkim = pytest.importorskip("dkim")
+    with signing_opendkim(tmp_path_factory.mktemp("opendkim-server")) as (port, record):
+        srv = serve(tmp_path, f"inet:{port}@127.0.0.1")
+        try:
+            c = session(srv)
+            content = (b"From: Alice <alice@signed.example>\r\nTo: alice@example.com\r\nSubject: signed here\r\n"
+                       b"Date: Wed, 02 Dec 2026 10:00:00 +0000\r\nMessage-ID: <s1@signed.example>\r\n\r\n")
+            assert send(c, b"Signed by the milter.\r\n", sender=b"alice@signed.example", content=content
+                        ).startswith(b"250")
+            c.close()
+            data = srv.messages("alice@example.com", 1)[0].read_bytes()
+        finally:
+            srv.stop()
+    assert b"DKIM-Signature:" in data
+    # What the receiver of this message will check: the stored message as sent on.
+    message = data.split(b"\r\n", 1)[1] if data.startswith(b"Return-Path:") else data
+    assert dkim.verify(message, dnsfunc=lambda name, timeout=5: record.encode())

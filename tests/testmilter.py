@@ -130,3 +130,13 @@ class TestMilter:
         if mode == "reject":
             return _packet(b"r")
         return _packet(b"a")
+
+
+if __name__ == "__main__":
+    # python tests/testmilter.py [MODE]: serve until killed (the benchmarks' accept-all milter).
+    import signal
+    import sys
+
+    with TestMilter(sys.argv[1] if len(sys.argv) > 1 else "accept") as milter:
+        print(f"milter listening on {milter.endpoint}", flush=True)
+        signal.sigwait({signal.SIGTERM, signal.SIGINT})

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
 
 from ..events import Address, Reply
 from ..metrics import NO_METER, Meter
@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 __all__ = ["Milters", "MilterSession", "REJECTED", "TEMPFAILED"]
 
 log = logging.getLogger("fastsmtp")
+
+T = TypeVar("T")
 
 # Postfix's words for a milter's r and t verdicts.
 REJECTED = Reply(550, "5.7.1", "Command rejected")
@@ -143,20 +145,12 @@ class MilterSession:
         for conv in self._convs:
             if conv.off or conv.done or self.discard:
                 continue
-            if conv.failed or conv.conn is None:
-                fallback = self._default(conv)
-                if fallback is not None:
-                    return fallback
+            fallback, got = await self._ask(conv, lambda c: self._content(c, spool, fields, body_at))
+            if fallback is not None:
+                return fallback
+            if got is None:
                 continue
-            try:
-                started = self._clock()
-                answer, changes = await self._content(conv.conn, spool, fields, body_at)
-                self._count(conv, answer.code, started)
-            except MilterError as exc:
-                fallback = self._failed(conv, exc)
-                if fallback is not None:
-                    return fallback
-                continue
+            answer, changes = got
             refusal = self._apply_verdict(conv, answer)
             if refusal is not None:
                 return Verdict(refusal)
@@ -202,26 +196,16 @@ class MilterSession:
                 return answer, []
         return await conn.end_of_body([("i", spool.queue_id)])
 
-    async def _each(self, step, connection: bool = False) -> Verdict:  # type: ignore[no-untyped-def]
+    async def _each(self, step: Callable[[MilterConnection], Awaitable[MilterReply | None]],
+                    connection: bool = False) -> Verdict:
         for conv in self._convs:
             if conv.off or conv.done:
                 continue
-            if conv.failed or conv.conn is None:
-                verdict = self._default(conv)
-                if verdict is not None:
-                    return verdict
-                continue
-            try:
-                started = self._clock()
-                answer = await step(conv.conn)
-            except MilterError as exc:
-                verdict = self._failed(conv, exc)
-                if verdict is not None:
-                    return verdict
-                continue
+            fallback, answer = await self._ask(conv, step)
+            if fallback is not None:
+                return fallback
             if answer is None:
-                continue  # a step it does not want, or will not answer
-            self._count(conv, answer.code, started)
+                continue  # failed under "accept", or a step it does not want or will not answer
             if answer.code == "a" and connection:
                 conv.off = True
                 continue
@@ -229,6 +213,21 @@ class MilterSession:
             if refusal is not None:
                 return Verdict(refusal)
         return CONTINUE
+
+    async def _ask(self, conv: _Conversation, step: Callable[[MilterConnection], Awaitable[T | None]]
+                   ) -> tuple[Verdict | None, T | None]:
+        """(the default action's refusal, None) for a milter that failed; else (None, its answer), counted."""
+        if conv.failed or conv.conn is None:
+            return self._default(conv), None
+        started = self._clock()
+        try:
+            answer = await step(conv.conn)
+        except MilterError as exc:
+            return self._failed(conv, exc), None
+        reply = answer[0] if isinstance(answer, tuple) else answer
+        if isinstance(reply, MilterReply):
+            self._milters.meter.milter(conv.index, _VERDICT.get(reply.code, "continue"), self._clock() - started)
+        return None, answer
 
     def _apply_verdict(self, conv: _Conversation, answer: MilterReply) -> Reply | None:
         code = answer.code
@@ -259,9 +258,6 @@ class MilterSession:
             log.warning("milter %s: changes %s not applied (not supported yet) for %s", conv.endpoint,
                         "".join(other), self._peer)
         return [raw for _, raw in edited.fields]
-
-    def _count(self, conv: _Conversation, code: str, started: float) -> None:
-        self._milters.meter.milter(conv.index, _VERDICT.get(code, "continue"), self._clock() - started)
 
     def _failed(self, conv: _Conversation, exc: MilterError) -> Verdict | None:
         conv.failed = True

@@ -26,11 +26,13 @@ Rules of this module:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
 
+from ..auth.headers import _FIELD, MAX_HEADER_SECTION  # one field grammar (RFC 5322 §2.2) for both
 from ..events import Address, Reply
 from ..metrics import NO_METER, Meter
 from ..stages import CONTINUE, Verdict
@@ -59,8 +61,6 @@ ACTIONS = Action.ADD_HEADERS | Action.QUARANTINE | Action.CHANGE_HEADERS | Actio
     | Action.CHANGE_FROM | Action.ADD_RCPT | Action.ADD_RCPT_PAR | Action.DELETE_RCPT
 _VERDICT = {"a": "accept", "r": "reject", "t": "tempfail", "y": "replycode", "d": "discard"}
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}(?= |$)")
-MAX_HEADER_SECTION = 512 * 1024
-_FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:([^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)")
 
 
 class Milters:
@@ -302,16 +302,14 @@ def _fields(spool: MessageSpool) -> tuple[list[tuple[bytes, bytes]], int]:
         return [], len(head)  # no header section we can show (none, or too long): body only
     fields = []
     for m in _FIELD.finditer(head, 0, end + 2):
-        name = m.group(1)
+        name, raw = m.group(1), m.group()
         if name.lower() == b"return-path":
             continue  # ours, for the mailbox: not the message's
-        value = m.group(2)[:-2]  # without the final CRLF; folding kept, as libmilter sends it
+        value = raw[raw.index(b":") + 1 : -2]  # without the final CRLF; folding kept, as libmilter sends it
         fields.append((name, value[1:] if value[:1] == b" " else value))
     return fields, end + 4
 
 
 def _spawn_abort(conn: MilterConnection) -> None:
-    import asyncio
-
     task = asyncio.get_running_loop().create_task(conn.abort())
     task.add_done_callback(lambda t: t.cancelled() or t.exception())

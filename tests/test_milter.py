@@ -9,7 +9,7 @@ import pytest
 
 from helpers import Client, RunningServer, body_of, metric, start_server
 from opendkimd import signing_opendkim
-from testmilter import TestMilter
+from testmilter import TestMilter, body_change, change
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -42,10 +42,10 @@ def send(c: Client, body: bytes = b"hello\r\n", sender: bytes = b"s@example.net"
     return c.reply()
 
 
-def serve(tmp: Path, *endpoints: str, default: str = "tempfail") -> RunningServer:
+def serve(tmp: Path, *endpoints: str, default: str = "tempfail", extra: tuple[str, ...] = ()) -> RunningServer:
     args = [a for e in endpoints for a in ("--milter", e)]
     return start_server(tmp / "mail", *args, "--milter-default-action", default, "--milter-command-timeout", "1",
-                        "--milter-content-timeout", "2", "--metrics", "127.0.0.1:0")
+                        "--milter-content-timeout", "2", "--metrics", "127.0.0.1:0", *extra)
 
 
 def test_every_step_reaches_the_milter_and_the_body_comes_in_packets(tmp_path: Path) -> None:
@@ -135,6 +135,130 @@ def test_quarantine_goes_into_junk_with_a_field(tmp_path: Path) -> None:
                 time.sleep(0.02)
             (stored,) = list((junk / "new").iterdir())
             assert b"X-Quarantine: looks suspicious (milter)\r\n" in stored.read_bytes()
+            assert srv.messages("alice@example.com", 0) == []
+        finally:
+            srv.stop()
+
+
+def stored_after(tmp: Path, changes: list[bytes], body: bytes = b"hello\r\n", fsync: str = "batch",
+                 rcpts: tuple[bytes, ...] = (b"alice@example.com",), extra: tuple[str, ...] = (),
+                 expect: tuple[tuple[str, int], ...] = (("alice@example.com", 1),)) -> dict[str, list[bytes]]:
+    """Send one message past a milter that asks for ``changes``; what each mailbox in ``expect`` then holds."""
+    with TestMilter("edit") as milter:
+        milter.changes = changes
+        srv = serve(tmp, milter.endpoint, extra=("--fsync", fsync, *extra))
+        for who, _ in expect:
+            for sub in ("tmp", "new", "cur"):
+                (srv.maildir(who) / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            c = session(srv)
+            reply = send(c, body, rcpts=rcpts)
+            assert reply.startswith(b"250 2.0.0 Ok: queued as"), reply
+            c.close()
+            found = {who: [p.read_bytes() for p in srv.messages(who, n)] for who, n in expect}
+            for who, n in expect:
+                assert len(found[who]) == n, (who, srv.drain.text() if srv.drain else "")
+            assert metric(srv, 'fastsmtp_milter_unapplied_total{milter="0"}') == 0
+            return found
+        finally:
+            srv.stop()
+
+
+def trace_and_rest(data: bytes) -> tuple[bytes, bytes]:
+    """(the Return-Path line, the rest) of a stored message."""
+    first, rest = data.split(b"\r\n", 1)
+    return first + b"\r\n", rest
+
+
+@pytest.mark.parametrize("fsync", ["batch", "always"])
+def test_changed_and_deleted_fields_are_what_is_stored(tmp_path: Path, fsync: str) -> None:
+    changes = [change(b"m", b"Subject", b"[filtered] was: filtered", index=1),
+               change(b"m", b"Message-ID", b"", index=1),  # an empty value deletes
+               change(b"m", b"X-Absent", b"added at the end", index=1),
+               change(b"m", b"X-Absent-Too", b"", index=1)]  # nothing to delete: nothing happens
+    body = b"".join(b"body line %05d\r\n" % i for i in range(20000))  # 320 KB: spilled to a file
+    (data,) = stored_after(tmp_path, changes, body, fsync)["alice@example.com"]
+    head, _, stored_body = data.partition(b"\r\n\r\n")
+    assert stored_body == body
+    fields = [line.split(b":", 1)[0] for line in head.split(b"\r\n") if line[:1] not in (b" ", b"\t")]
+    # The order of the fields is kept; the changed one stays in its place.
+    assert fields == [b"Return-Path", b"Received", b"From", b"To", b"Subject", b"X-Absent"]
+    assert b"\r\nSubject: [filtered] was: filtered\r\n" in head and b"Message-ID" not in head
+    assert b"X-Absent-Too" not in head
+    assert f",S={len(data)}".encode() in b"".join(  # the Maildir size in the name is the edited one
+        p.name.encode() for p in (tmp_path / "mail" / "example.com" / "alice" / "new").iterdir())
+
+
+@pytest.mark.parametrize("fsync", ["batch", "always"])
+@pytest.mark.parametrize("old, new", [(b"short\r\n", 70000), (b"x" * 998 + b"\r\n" * 300, 10)])
+def test_a_replaced_body_is_what_is_stored(tmp_path: Path, fsync: str, old: bytes, new: int) -> None:
+    replacement = b"".join(b"replaced line %06d\r\n" % i for i in range(new))
+    pieces = [replacement[i:i + 65535] for i in range(0, len(replacement), 65535)]
+    (data,) = stored_after(tmp_path, [body_change(p) for p in pieces], old, fsync)["alice@example.com"]
+    head, _, stored_body = data.partition(b"\r\n\r\n")
+    assert stored_body == replacement
+    assert head.endswith(b"Message-ID: <f1@example.net>") and b"\r\nSubject: filtered\r\n" in head
+
+
+def test_a_changed_sender_is_the_return_path(tmp_path: Path) -> None:
+    before = stored_after(tmp_path / "a", [])["alice@example.com"][0]
+    after = stored_after(tmp_path / "b", [change(b"e", b"<bounces+x=y@lists.example>")])["alice@example.com"][0]
+    assert trace_and_rest(after)[0] == b"Return-Path: <bounces+x=y@lists.example>\r\n"
+    assert trace_and_rest(before)[0] == b"Return-Path: <s@example.net>\r\n"
+    # Only the Return-Path changed (the Received lines differ in queue id and time only).
+    strip = lambda d: trace_and_rest(d)[1].split(b"\r\nFrom: ", 1)[1]  # noqa: E731
+    assert strip(after) == strip(before)
+
+
+def test_recipients_added_and_removed(tmp_path: Path) -> None:
+    changes = [change(b"-", b"<alice@example.com>"), change(b"+", b"<bob@example.com>"),
+               change(b"2", b"<carol@example.com>", b"NOTIFY=NEVER")]
+    found = stored_after(tmp_path, changes, expect=(("bob@example.com", 1), ("carol@example.com", 1),
+                                                    ("alice@example.com", 0)))
+    assert found["bob@example.com"] == found["carol@example.com"]
+    assert found["alice@example.com"] == []
+
+
+def test_a_recipient_that_is_not_local_is_not_delivered(tmp_path: Path) -> None:
+    with TestMilter("edit") as milter:
+        milter.changes = [change(b"+", b"<someone@elsewhere.example>"), change(b"+", b"<nobody@example.com>")]
+        srv = serve(tmp_path, milter.endpoint)
+        try:
+            c = session(srv)
+            assert send(c).startswith(b"250 2.0.0")
+            c.close()
+            assert len(srv.messages("alice@example.com", 1)) == 1
+            srv.wait_output("someone@elsewhere.example>, which is not local (550 5.7.1)")
+            srv.wait_output("nobody@example.com>, which is not local (550 5.1.1)")
+        finally:
+            srv.stop()
+
+
+def test_every_recipient_removed_is_a_discard(tmp_path: Path) -> None:
+    with TestMilter("edit") as milter:
+        milter.changes = [change(b"-", b"<Alice@Example.COM>")]  # compared without regard to case
+        srv = serve(tmp_path, milter.endpoint)
+        try:
+            c = session(srv)
+            assert send(c).startswith(b"250 2.0.0 Ok: queued as")
+            c.close()
+            srv.wait_output("left without recipients by a milter")
+            assert srv.messages("alice@example.com", 0) == []
+        finally:
+            srv.stop()
+
+
+def test_a_new_body_past_the_message_size_is_the_milters_failure(tmp_path: Path) -> None:
+    # --max-message-size 10000: the changes may bring 10,000 octets and a
+    # header section's 512 KiB, no more; 16 packets of 64 KiB are past that.
+    with TestMilter("edit") as milter:
+        milter.changes = [body_change(b"y" * 65535)] * 16
+        srv = serve(tmp_path, milter.endpoint, extra=("--max-message-size", "10000"))
+        try:
+            c = session(srv)
+            assert send(c).startswith(b"451 4.7.1")
+            c.close()
+            srv.wait_output("changes over")
             assert srv.messages("alice@example.com", 0) == []
         finally:
             srv.stop()

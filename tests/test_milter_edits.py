@@ -56,3 +56,29 @@ def test_envelope_and_body_changes() -> None:
     assert edited.quarantine == "looks bad"
     assert not edited.header_changed
     assert address_of(" <a@b> ") == "a@b" and address_of("a@b") == "a@b"
+
+
+class _Spool:
+    """What the stage reads the message from (MessageSpool.read), over bytes."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.data[offset:offset + size]
+
+
+def test_the_fields_read_back_lose_nothing_of_the_header_section() -> None:
+    from fastsmtp.milter.stage import _fields
+
+    head = (b"Return-Path: <s@example.net>\r\nReceived: from x\r\n\tby y\r\nFrom: a@example.net\r\n"
+            b"this line is no field\r\nReturn-Path: <the client's own>\r\nSubject: s\r\n")
+    fields, body_at = _fields(_Spool(head + b"\r\nbody\r\n"))  # type: ignore[arg-type]
+    # Only our Return-Path (the first line) is left out; the stray line is kept, nameless.
+    assert b"".join(raw for _, raw in fields) == head[len(b"Return-Path: <s@example.net>\r\n"):]
+    assert [name for name, _ in fields] == [b"Received", b"From", b"", b"Return-Path", b"Subject"]
+    assert body_at == len(head) + 2
+    # A change never touches the nameless line, and the section is rebuilt around it.
+    edited = apply(fields, [M("m", "Subject", b"t", 1)])
+    assert edited.header_section().endswith(b"this line is no field\r\nReturn-Path: <the client's own>\r\nSubject: t\r\n")
+    assert _fields(_Spool(b"Return-Path: <>\r\nno end of header"))[1] == -1  # type: ignore[arg-type]

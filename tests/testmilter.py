@@ -18,6 +18,17 @@ def _packet(code: bytes, data: bytes = b"") -> bytes:
     return struct.pack("!I", 1 + len(data)) + code + data
 
 
+def change(code: bytes, *strings: bytes, index: int | None = None) -> bytes:
+    """A modification packet (SMFIR_*): i and m carry a 32-bit index before their strings."""
+    head = struct.pack("!I", index) if index is not None else b""
+    return _packet(code, head + b"".join(s + b"\0" for s in strings))
+
+
+def body_change(chunk: bytes) -> bytes:
+    """SMFIR_REPLBODY: a piece of the new body, raw (no NUL)."""
+    return _packet(b"b", chunk)
+
+
 @dataclass
 class Seen:
     commands: list[bytes] = field(default_factory=list)
@@ -35,6 +46,8 @@ class TestMilter:
         self.port = free_port()
         self.seen = Seen()
         self.connections = 0
+        #: Mode "edit": the modification packets sent at the end of the body, before accept.
+        self.changes: list[bytes] = []
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -123,6 +136,8 @@ class TestMilter:
         if mode == "add-header":
             return (_packet(b"h", b"X-Test-Milter\0yes\0") + _packet(b"i", b"\0\0\0\0X-Top\0first\0")
                     + _packet(b"a"))
+        if mode == "edit":
+            return b"".join(self.changes) + _packet(b"a")
         if mode == "discard":
             return _packet(b"d")
         if mode == "quarantine":

@@ -269,6 +269,9 @@ class Handlers:
             # A milter's discard: the client is told it is queued; nothing is stored.
             self.txn = None
             return txn.discarded(event.size)
+        if milters is not None and milters.rewrite is not None and not txn.rewrite(milters.rewrite):
+            self.txn = None
+            return txn.discarded(event.size, "left without recipients by a milter")
         if milters is not None and milters.quarantine is not None:
             txn.quarantine()
             verdict = Verdict(None, _quarantined(milters.quarantine) + (verdict.headers if verdict else b""))

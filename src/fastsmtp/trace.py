@@ -15,7 +15,7 @@ import re
 import time
 from email.utils import formatdate
 
-__all__ = ["TraceHeaders"]
+__all__ = ["TraceHeaders", "return_path"]
 
 # A HELO argument goes into the Received header: keep it to the characters
 # of a domain or address literal, so that nothing a client says can start a
@@ -79,8 +79,13 @@ class TraceHeaders:
         for_clause = b"\r\n\tfor <" + recipients[0] + b">" if len(recipients) == 1 else b""
         return b"".join(
             (
-                b"Return-Path: <", sender, b">\r\n",
+                return_path(sender),
                 b"Received: from ", safe_helo, b" ([", peer.encode("ascii", "replace"), b"])", tls_clause, b"\r\n",
                 self._by, protocol, b" id ", queue_id.encode("ascii"), for_clause, b";\r\n\t", self.date(), b"\r\n",
             )
         )
+
+
+def return_path(sender: bytes) -> bytes:
+    """The ``Return-Path:`` line for a reverse-path (RFC 5321 §4.4): the first line of every stored message."""
+    return b"Return-Path: <" + sender + b">\r\n"

@@ -21,14 +21,17 @@ import logging
 import os
 from typing import TYPE_CHECKING, Callable
 
-from .errors import StorageError
+from ._abnf import parse_mail_argument, parse_rcpt_argument
+from .errors import LocalProtocolError, StorageError
 from .events import Address, Reply
 from .hooks import MessageInfo
 from .policy import is_maildir
 from .store import MessageSpool
+from .trace import return_path
 
 if TYPE_CHECKING:
     from .auth.stage import MessageAuth
+    from .milter.edits import Edited
     from .server import Server
     from .session import Session
 
@@ -185,6 +188,80 @@ class Transaction:
         """Deliver into each mailbox's ``.Junk`` folder, where it has one (Maildir++)."""
         self.mailboxes = [_junk(m) for m in self.mailboxes]
 
+    def rewrite(self, edited: Edited) -> bool:
+        """A milter's changes, made to what will be stored (and journaled) before the 250.
+
+        The recipients first: removed ones leave; added ones are looked up
+        as a RCPT would be, and only a local mailbox can take one (we relay
+        for no one: any other is logged and not delivered).  Then, when a
+        field, the body or the sender changed, the message is copied into a
+        new spool: the Return-Path of the sender, the edited fields and the
+        body (the milter's, or the original read back in 64 KiB pieces; a
+        message is never held whole).  False when no recipient is left.
+        """
+        if edited.changes_recipients:
+            self.mailboxes = self._recipients_after(edited)
+            if not self.mailboxes:
+                return False
+        env = self._session.envelope
+        original = env.mail_from.raw if env.mail_from is not None else b""
+        sender = self._sender_after(*edited.sender) if edited.sender is not None else None
+        spool = self.spool
+        if spool is None or not (edited.header_changed or edited.body is not None or sender is not None):
+            return True
+        new = self._server.store.open_spool(self.mailboxes[0])
+        new.write(return_path(original if sender is None else sender))
+        if edited.header_changed or edited.body is not None:
+            new.write(edited.header_section() + b"\r\n")
+            if edited.body is not None:
+                for chunk in edited.body:
+                    new.write(chunk)
+            else:
+                _copy(spool, new, edited.body_at)
+        else:
+            # Only the sender: our first line is its Return-Path; the rest stays as it is.
+            _copy(spool, new, len(return_path(original)))
+        spool.discard()
+        self.spool = new
+        return True
+
+    def _recipients_after(self, edited: Edited) -> list[str]:
+        resolve = self._server.recipients.resolve
+        removed = set(edited.removed)
+        mailboxes: list[str] = []
+        for address in self._session.envelope.rcpt_to:
+            if _address_text(address.raw).lower() in removed:
+                continue
+            found = resolve(address)
+            if isinstance(found, str) and found not in mailboxes:
+                mailboxes.append(found)
+        for text, _params in edited.added:
+            try:
+                address, _ = parse_rcpt_argument(b" TO:<" + text.encode("utf-8") + b">")
+            except LocalProtocolError:
+                log.warning("%s: a milter added the recipient %r, not an address: not delivered", self._peer, text)
+                continue
+            found = resolve(address)
+            if isinstance(found, Reply):
+                log.warning("%s: a milter added the recipient <%s>, which is not local (%d %s): not delivered",
+                            self._peer, text, found.code, found.enhanced)
+            elif found not in mailboxes:
+                mailboxes.append(found)
+        if edited.removed or edited.added:
+            log.info("%s: a milter changed the recipients: %d mailbox(es) now", self._peer, len(mailboxes))
+        return mailboxes
+
+    def _sender_after(self, text: str, params: str) -> bytes | None:
+        """The reverse-path a milter gave (SMFIR_CHGFROM), or None when it is no address."""
+        try:
+            address, _ = parse_mail_argument(b" FROM:<" + text.encode("utf-8") + b">")
+        except LocalProtocolError:
+            log.warning("%s: a milter gave the sender %r, not an address: kept the client's", self._peer, text)
+            return None
+        sender = address.raw if address is not None else b""
+        log.info("%s: a milter changed the sender to <%s>", self._peer, _address_text(sender))
+        return sender
+
     def refuse(self, reply: Reply, size: int) -> Reply:
         """The end of data, refused (too big, bare LF, a stage): nothing is stored."""
         self.size = size
@@ -200,7 +277,7 @@ class Transaction:
         self._server.meter.message_refused(reply.code)
         return reply
 
-    def discarded(self, size: int) -> Reply:
+    def discarded(self, size: int, why: str = "discarded by a milter") -> Reply:
         """A milter's discard: the client hears 250 as for any message, and nothing is stored."""
         self.size = size
         self._stop_clock()
@@ -210,7 +287,7 @@ class Transaction:
             spool.discard()
         if self.auth is not None:
             self.auth.abandon()
-        log.info("message %s from %s discarded by a milter", queue_id, self._peer)
+        log.info("message %s from %s %s", queue_id, self._peer, why)
         self.log(queue_id, 250)
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
@@ -262,6 +339,16 @@ class Transaction:
             round((self._loop.time() - self.started) * 1000),
             self.auth.summary if self.auth is not None else (),
         )
+
+
+def _copy(source: MessageSpool, target: MessageSpool, offset: int) -> None:
+    """What ``source`` holds from ``offset`` on, appended to ``target`` in 64 KiB pieces."""
+    while True:
+        piece = source.read(offset, 65536)
+        if not piece:
+            return
+        target.write(piece)
+        offset += len(piece)
 
 
 def _junk(maildir: str) -> str:

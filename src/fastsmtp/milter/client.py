@@ -43,6 +43,10 @@ __all__ = ["MilterConnection", "MilterError", "parse_endpoint"]
 
 Macros = Sequence[tuple[str, str]]
 
+# The octets of changes one end of body may bring when the caller sets no
+# bound: a 25 MiB body (the default message size) and room for its fields.
+DEFAULT_CHANGE_LIMIT = 26 * 1024 * 1024
+
 
 class MilterError(Exception):
     """The milter is down, timed out, or broke the protocol: its conversation is over."""
@@ -68,20 +72,23 @@ class MilterConnection:
     """The MTA's side of one milter conversation."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, negotiated: Negotiated,
-                 command_timeout: float, content_timeout: float) -> None:
+                 command_timeout: float, content_timeout: float, change_limit: int = DEFAULT_CHANGE_LIMIT) -> None:
         self._reader = reader
         self._writer = writer
         self.negotiated = negotiated
         self._replies = Replies()
         self.command_timeout = command_timeout
         self.content_timeout = content_timeout
+        #: The most octets of changes (a new body, header values) one end of body may bring.
+        self.change_limit = change_limit
         self.closed = False
         #: The milter answered "skip" to a body chunk: send no more of it.
         self._skip_body = False
 
     @classmethod
     async def open(cls, endpoint: str, actions: int, *, connect_timeout: float = 30.0,
-                   command_timeout: float = 30.0, content_timeout: float = 300.0) -> "MilterConnection":
+                   command_timeout: float = 30.0, content_timeout: float = 300.0,
+                   change_limit: int = DEFAULT_CHANGE_LIMIT) -> "MilterConnection":
         where = parse_endpoint(endpoint)
         conn: MilterConnection | None = None
         try:
@@ -90,7 +97,7 @@ class MilterConnection:
                     reader, writer = await asyncio.open_unix_connection(str(where[1]))
                 else:
                     reader, writer = await asyncio.open_connection(where[0], where[1])
-                conn = cls(reader, writer, Negotiated(0, 0, 0, {}), command_timeout, content_timeout)
+                conn = cls(reader, writer, Negotiated(0, 0, 0, {}), command_timeout, content_timeout, change_limit)
                 writer.write(encode_optneg(actions))
                 answer = await conn._read_one()
         except (OSError, TimeoutError, MilterProtocolError) as exc:
@@ -150,11 +157,17 @@ class MilterConnection:
             self._writer.write(encode_macros(b"E", macros))
         self._writer.write(encode(Command.END_OF_BODY))
         changes: list[Modification] = []
+        octets = 0
         try:
             async with asyncio.timeout(self.content_timeout) as budget:
                 while True:
                     answer = await self._read_one()
                     if isinstance(answer, Modification):
+                        # A new body comes in packets of up to a MiB each, and
+                        # any number of them: bounded, as the message was.
+                        octets += len(answer.value) + len(answer.name) + len(answer.args)
+                        if octets > self.change_limit:
+                            raise MilterProtocolError(f"changes over {self.change_limit} octets")
                         changes.append(answer)
                     elif isinstance(answer, Reply) and answer.code == "p":
                         budget.reschedule(asyncio.get_running_loop().time() + self.content_timeout)

@@ -19,6 +19,9 @@ Rules of this module:
   ``-`` removes one (compared without angle brackets, case-insensitively).
   ``b`` packets, in order, are the new body.  ``q`` asks for quarantine,
   with its reason.
+- A change is a milter's only when it was agreed at negotiation
+  (``ACTION_OF``); libmilter never sends another, so one that comes is
+  not applied (the stage counts it).
 """
 
 from __future__ import annotations
@@ -27,9 +30,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .protocol import Modification
+from .protocol import Action, Modification
 
-__all__ = ["Edited", "apply", "field_of", "address_of"]
+__all__ = ["ACTION_OF", "Edited", "apply", "field_of", "address_of"]
+
+#: The action (SMFIF_*) a milter must have been granted for each change.
+ACTION_OF = {
+    "h": Action.ADD_HEADERS, "i": Action.ADD_HEADERS, "m": Action.CHANGE_HEADERS, "b": Action.CHANGE_BODY,
+    "+": Action.ADD_RCPT, "2": Action.ADD_RCPT_PAR, "-": Action.DELETE_RCPT, "e": Action.CHANGE_FROM,
+    "q": Action.QUARANTINE,
+}
 
 Field = tuple[bytes, bytes]
 
@@ -68,9 +78,20 @@ class Edited:
     quarantine: str | None = None
     #: Whether any field was added, inserted, changed or deleted.
     header_changed: bool = False
+    #: Where the original body starts in the spool (set by the stage).
+    body_at: int = 0
 
     def header_section(self) -> bytes:
         return b"".join(raw for _, raw in self.fields)
+
+    @property
+    def rewrites_content(self) -> bool:
+        """Whether the stored octets change (a field, the body, or the sender's Return-Path)."""
+        return self.header_changed or self.body is not None or self.sender is not None
+
+    @property
+    def changes_recipients(self) -> bool:
+        return bool(self.added or self.removed)
 
 
 def apply(fields: Sequence[Field], changes: Sequence[Modification]) -> Edited:

@@ -14,10 +14,16 @@ Rules of this module:
 - At the end of data the message is read back from the spool
   (``MessageSpool.read``), never held twice: the header fields, then the
   body in packets of at most 65,535 octets.  The fields the milters add
-  (``h``, ``i``) are stored above the message, with the trace fields.
-  The other changes (change or delete a field, replace the body, change
-  the envelope) are logged and counted as not applied: that is the next
-  step of this stage.
+  (``h``, ``i``) are stored above the message, with the trace fields: no
+  copy of the message is made for them, which is what rspamd and OpenDKIM
+  ask for on every message.  Every other change (change or delete a
+  field, replace the body, change the sender, add or remove a recipient)
+  is gathered, in the order the milters sent them, into ``rewrite``
+  (edits.py's ``Edited``); the transaction makes it to the message before
+  it is stored and journaled, so the 250 covers the edited message.
+- Each milter sees the message as received; their changes apply one
+  after the other.  A change the milter was not granted at negotiation
+  is not applied, and is logged and counted (``unapplied``).
 - A milter that is down, times out or breaks the protocol gets
   ``--milter-default-action`` for that step and every later one of the
   connection: tempfail (the default, Postfix's), accept (it is skipped),
@@ -37,7 +43,7 @@ from ..events import Address, Reply
 from ..metrics import NO_METER, Meter
 from ..stages import CONTINUE, Verdict
 from .client import MilterConnection, MilterError
-from .edits import apply
+from .edits import ACTION_OF, Edited, apply
 from .protocol import Action, Modification, Reply as MilterReply
 
 if TYPE_CHECKING:
@@ -75,6 +81,8 @@ class Milters:
         self.connect_timeout = config.milter_connect_timeout
         self.command_timeout = config.milter_command_timeout
         self.content_timeout = config.milter_content_timeout
+        # A replaced body is held to the size a client's message may have.
+        self.change_limit = config.max_message_size + MAX_HEADER_SECTION
 
     def session(self) -> "MilterSession":
         return MilterSession(self)
@@ -103,6 +111,8 @@ class MilterSession:
         #: Set by a milter's discard or quarantine at any step of the message.
         self.discard = False
         self.quarantine: str | None = None
+        #: The changes to make before the message is stored (set by ``message``).
+        self.rewrite: Edited | None = None
 
     # -- the steps (StepCall targets) ----------------------------------------------------
 
@@ -113,7 +123,7 @@ class MilterSession:
             try:
                 conv.conn = await MilterConnection.open(
                     conv.endpoint, ACTIONS, connect_timeout=m.connect_timeout, command_timeout=m.command_timeout,
-                    content_timeout=m.content_timeout)
+                    content_timeout=m.content_timeout, change_limit=m.change_limit)
             except MilterError as exc:
                 verdict = self._failed(conv, exc)
                 if verdict is not None:
@@ -127,7 +137,7 @@ class MilterSession:
         return await self._each(lambda c: c.helo(domain.encode("utf-8", "replace"), macros), connection=True)
 
     async def mail(self, info: SessionInfo, address: Address | None) -> Verdict:
-        self.discard, self.quarantine = False, None
+        self.discard, self.quarantine, self.rewrite = False, None, None
         for conv in self._convs:
             conv.done = False
         raw = address.raw if address is not None else b""
@@ -140,8 +150,10 @@ class MilterSession:
 
     async def message(self, spool: MessageSpool) -> Verdict:
         """DATA, the fields, the body from the spool, the end: the verdict, with the fields to add."""
-        fields, body_at = _fields(spool)
+        raw_fields, body_at = _fields(spool)
+        fields = [_shown(name, raw) for name, raw in raw_fields if name]
         added: list[bytes] = []
+        edits: list[Modification] = []
         for conv in self._convs:
             if conv.off or conv.done or self.discard:
                 continue
@@ -154,7 +166,11 @@ class MilterSession:
             refusal = self._apply_verdict(conv, answer)
             if refusal is not None:
                 return Verdict(refusal)
-            added.extend(self._changes(conv, changes))
+            if changes:
+                added.extend(self._changes(conv, changes, edits, body_at >= 0))
+        if edits:
+            self.rewrite = apply(raw_fields, edits)
+            self.rewrite.body_at = body_at
         return Verdict(None, b"".join(reversed(added))) if added else CONTINUE
 
     def abort(self) -> None:
@@ -163,7 +179,7 @@ class MilterSession:
             conv.done = False
             if conv.conn is not None and not conv.failed and not conv.off:
                 _spawn_abort(conv.conn)
-        self.discard, self.quarantine = False, None
+        self.discard, self.quarantine, self.rewrite = False, None, None
 
     def close(self) -> None:
         for conv in self._convs:
@@ -185,7 +201,7 @@ class MilterSession:
         answer = await conn.end_of_headers()
         if answer is not None and answer.code != "c":
             return answer, []
-        offset = body_at
+        offset = body_at if body_at >= 0 else 0  # no header section: all of it is body
         while True:
             chunk = spool.read(offset, 65535)
             if not chunk:
@@ -247,16 +263,29 @@ class MilterSession:
             return _reply(answer)
         return None
 
-    def _changes(self, conv: _Conversation, changes: list[Modification]) -> list[bytes]:
-        edited = apply([], [c for c in changes if c.code in ("h", "i", "q")])
+    def _changes(self, conv: _Conversation, changes: list[Modification], edits: list[Modification],
+                 has_header: bool) -> list[bytes]:
+        """The fields to store above the message; the other changes go to ``edits``, in order."""
+        granted = conv.conn.negotiated.actions if conv.conn is not None else 0
+        above: list[Modification] = []
+        refused: list[str] = []
+        for change in changes:
+            if not granted & ACTION_OF.get(change.code, 0):
+                refused.append(change.code)
+            elif change.code in ("h", "i", "q"):
+                above.append(change)
+            elif change.code in ("m", "b") and not has_header:
+                refused.append(change.code)  # no header section we could show it: nothing to edit safely
+            else:
+                edits.append(change)
+        if refused:
+            self._milters.meter.milter_unapplied(conv.index, len(refused))
+            log.warning("milter %s: changes %s not applied (not granted, or no header section) for %s",
+                        conv.endpoint, "".join(refused), self._peer)
+        edited = apply([], above)
         if edited.quarantine is not None:
             self.quarantine = edited.quarantine
             self._milters.meter.milter(conv.index, "quarantine", 0.0)
-        other = [c.code for c in changes if c.code not in ("h", "i", "q")]
-        if other:
-            self._milters.meter.milter_unapplied(conv.index, len(other))
-            log.warning("milter %s: changes %s not applied (not supported yet) for %s", conv.endpoint,
-                        "".join(other), self._peer)
         return [raw for _, raw in edited.fields]
 
     def _failed(self, conv: _Conversation, exc: MilterError) -> Verdict | None:
@@ -290,7 +319,16 @@ def _reply(answer: MilterReply) -> Reply:
 
 
 def _fields(spool: MessageSpool) -> tuple[list[tuple[bytes, bytes]], int]:
-    """The message's header fields as a milter gets them (name, value), and where the body starts."""
+    """The message's header fields (name, the field as stored, CRLF included), and where the body starts.
+
+    Our Return-Path, the first line, is left out (it is the mailbox's, not
+    the message's); our Received field is in, as Postfix shows its own to
+    milters.  A line that is no field (RFC 5322 §2.2) comes with the name
+    b"": never shown to a milter, but kept, so that a header rebuilt from
+    these fields loses nothing.  Where the message has no header section
+    we can show (none, or one over MAX_HEADER_SECTION), there are no fields
+    and the body start is -1.
+    """
     head = b""
     while b"\r\n\r\n" not in head and len(head) < MAX_HEADER_SECTION:
         piece = spool.read(len(head), 65536)
@@ -299,15 +337,26 @@ def _fields(spool: MessageSpool) -> tuple[list[tuple[bytes, bytes]], int]:
         head += piece
     end = head.find(b"\r\n\r\n")
     if end < 0:
-        return [], len(head)  # no header section we can show (none, or too long): body only
-    fields = []
-    for m in _FIELD.finditer(head, 0, end + 2):
-        name, raw = m.group(1), m.group()
-        if name.lower() == b"return-path":
-            continue  # ours, for the mailbox: not the message's
-        value = raw[raw.index(b":") + 1 : -2]  # without the final CRLF; folding kept, as libmilter sends it
-        fields.append((name, value[1:] if value[:1] == b" " else value))
+        return [], -1
+    fields: list[tuple[bytes, bytes]] = []
+    pos, stop = 0, end + 2
+    while pos < stop:
+        m = _FIELD.match(head, pos, stop)
+        if m is None:
+            line_end = head.index(b"\r\n", pos) + 2
+            fields.append((b"", head[pos:line_end]))
+            pos = line_end
+        else:
+            if pos or m.group(1).lower() != b"return-path":
+                fields.append((m.group(1), m.group()))
+            pos = m.end()
     return fields, end + 4
+
+
+def _shown(name: bytes, raw: bytes) -> tuple[bytes, bytes]:
+    """A field as libmilter sends it: its value without the final CRLF or the space after the colon."""
+    value = raw[raw.index(b":") + 1 : -2]  # folding kept
+    return name, value[1:] if value[:1] == b" " else value
 
 
 def _spawn_abort(conn: MilterConnection) -> None:

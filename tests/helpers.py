@@ -259,17 +259,18 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> None:
             time.sleep(0.01)
 
 
-def metric(srv: "RunningServer", name: str) -> int:
-    """One counter's value from the server's /metrics (started with --metrics 127.0.0.1:0)."""
+def metric(srv: "RunningServer", name: str) -> float:
+    """One sample's value from the server's /metrics (started with --metrics 127.0.0.1:0): an int when whole."""
     import re
     import urllib.request
 
     line = srv.wait_output("/metrics")
     port = int(re.search(r"127\.0\.0\.1:(\d+)/metrics", line).group(1))  # type: ignore[union-attr]
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    found = re.search(rf"^{re.escape(name)} (\d+)$", text, re.M)
+    found = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
     assert found, f"{name} not in the metrics"
-    return int(found.group(1))
+    value = float(found.group(1))
+    return int(value) if value.is_integer() else value
 
 
 def worker_of(sock: socket.socket, pids: list[int]) -> int | None:

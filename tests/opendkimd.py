@@ -29,11 +29,38 @@ def signing_opendkim(home: Path, domain: str = "signed.example", selector: str =
     subprocess.run([genkey, "-b", "2048", "-d", domain, "-s", selector, "-D", str(home)], check=True, timeout=60)
     record = "".join(re.findall(r'"([^"]*)"', (home / f"{selector}.txt").read_text()))
     port = free_port()
+    with _running(home, port, f"Mode s\nDomain {domain}\nSelector {selector}\n"
+                  f"KeyFile {home / (selector + '.private')}\nSignatureAlgorithm rsa-sha256\n"
+                  "Canonicalization relaxed/relaxed\nInternalHosts 127.0.0.1\n"):
+        yield port, record
+
+
+@contextlib.contextmanager
+def verifying_opendkim(home: Path, dns_port: int, authserv_id: str = "verifier.test.example") -> Iterator[int]:
+    """OpenDKIM in verify mode: its port on 127.0.0.1.
+
+    It looks keys up through its libunbound resolver, sent to the test's
+    DNS server on 127.0.0.1:``dns_port`` and nowhere else; it adds an
+    Authentication-Results field with ``authserv_id``.
+    """
+    if shutil.which("opendkim") is None:
+        pytest.skip("opendkim is not installed (CI installs it)")
+    unbound = home / "unbound.conf"
+    # libunbound skips loopback servers unless told otherwise.
+    unbound.write_text(f'server:\n\tdo-not-query-localhost: no\nforward-zone:\n\tname: "."\n'
+                       f"\tforward-addr: 127.0.0.1@{dns_port}\n")
+    port = free_port()
+    # 127.0.0.1 is our server's address here: not an internal host, so its mail is verified, not signed.
+    with _running(home, port, f"Mode v\nAuthservID {authserv_id}\nResolverConfiguration {unbound}\n"
+                  "InternalHosts 192.0.2.1\nAlwaysAddARHeader yes\n"):
+        yield port
+
+
+@contextlib.contextmanager
+def _running(home: Path, port: int, settings: str) -> Iterator[None]:
     conf = home / "opendkim.conf"
     conf.write_text(
-        f"Syslog no\nMode s\nDomain {domain}\nSelector {selector}\n"
-        f"KeyFile {home / (selector + '.private')}\nSocket inet:{port}@127.0.0.1\n"
-        "SignatureAlgorithm rsa-sha256\nCanonicalization relaxed/relaxed\nInternalHosts 127.0.0.1\n"
+        f"Syslog no\n{settings}Socket inet:{port}@127.0.0.1\n"
         f"PidFile {home / 'pid'}\nUserID root\nBackground no\n"
         # The test's temp folder sits under the world-writable /tmp.
         "RequireSafeKeys false\n"
@@ -51,7 +78,7 @@ def signing_opendkim(home: Path, domain: str = "signed.example", selector: str =
     try:
         wait_for(listening, 15, "opendkim to listen")
         assert proc.poll() is None, (home / "log").read_text()
-        yield port, record
+        yield
     finally:
         stop_process(proc)
         log.close()

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from helpers import Client, RunningServer, body_of, metric, start_server
-from opendkimd import signing_opendkim
+from opendkimd import signing_opendkim, verifying_opendkim
+from rspamdd import GTUBE, log_of, running_rspamd
 from testmilter import TestMilter, body_change, change
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(180)
 
 MESSAGE = (b"From: a@example.net\r\nTo: alice@example.com\r\nSubject: filtered\r\n"
            b"Message-ID: <f1@example.net>\r\n\r\n")
@@ -61,7 +64,7 @@ def test_every_step_reaches_the_milter_and_the_body_comes_in_packets(tmp_path: P
             # Connect, HELO, MAIL and RCPT continue; the message (DATA to its end, one answer) is accepted.
             assert metric(srv, 'fastsmtp_milter_verdicts_total{milter="0",verdict="continue"}') == 4
             assert metric(srv, 'fastsmtp_milter_verdicts_total{milter="0",verdict="accept"}') == 1
-            assert metric(srv, "fastsmtp_milter_answer_seconds_count") == 5
+            assert metric(srv, 'fastsmtp_milter_answer_seconds_count{milter="0"}') == 5
         finally:
             srv.stop()
     seen = milter.seen
@@ -71,6 +74,71 @@ def test_every_step_reaches_the_milter_and_the_body_comes_in_packets(tmp_path: P
     assert b"Subject" in names and b"Received" in names and b"Return-Path" not in names
     assert seen.macros["{rcpt_addr}"] == "alice@example.com" and seen.macros["j"] == "mx.test.example"
     assert seen.macros["{client_addr}"] == "127.0.0.1" and "i" in seen.macros
+    assert seen.macros["{mail_addr}"] == "s@example.net"
+    # Defined by Postfix only after SASL AUTH (rspamd takes an empty one for a logged-in user).
+    assert "{auth_authen}" not in seen.macros and "{tls_version}" not in seen.macros
+
+
+def test_the_milter_hears_only_of_recipients_that_exist(tmp_path: Path) -> None:
+    with TestMilter("accept") as milter:
+        srv = serve(tmp_path, milter.endpoint)
+        try:
+            c = session(srv)
+            c.send(b"MAIL FROM:<s@example.net>\r\n")
+            assert c.reply().startswith(b"250")
+            c.send(b"RCPT TO:<nobody@example.com>\r\n")
+            assert c.reply().startswith(b"550 5.1.1")
+            c.send(b"RCPT TO:<alice@example.com>\r\n")
+            assert c.reply().startswith(b"250")
+            c.close()
+        finally:
+            srv.stop()
+    assert milter.seen.commands.count(b"R") == 1  # as in Postfix: after our own recipient check
+
+
+def test_a_client_the_screening_refuses_costs_no_milter_conversation(tmp_path: Path) -> None:
+    with TestMilter("accept") as milter:
+        # 127.0.0.2 is not trusted: it has the greeting test to pass.
+        srv = serve(tmp_path, milter.endpoint, extra=("--trusted-networks", "127.0.0.1/32", "--greeting-delay", "0.5"))
+        try:
+            import socket
+
+            early = socket.create_connection((srv.host, srv.port), timeout=10, source_address=("127.0.0.2", 0))
+            early.sendall(b"EHLO too.early.example\r\n")
+            assert Client(early).reply().startswith(b"554 5.5.0")
+            early.close()
+            assert milter.connections == 0
+            patient = Client(socket.create_connection((srv.host, srv.port), timeout=10,
+                                                      source_address=("127.0.0.3", 0)))
+            assert patient.reply().startswith(b"220 ")  # after the delay, then the milter's connect
+            patient.close()
+            assert milter.connections == 1 and milter.seen.macros["{client_addr}"] == "127.0.0.3"
+        finally:
+            srv.stop()
+
+
+def test_the_tls_macros_after_starttls(tmp_path: Path) -> None:
+    import smtplib
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=mx.test.example", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    with TestMilter("accept") as milter:
+        srv = serve(tmp_path, milter.endpoint, extra=("--tls-cert", str(cert), "--tls-key", str(key)))
+        try:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            with smtplib.SMTP(srv.host, srv.port, timeout=10) as client:
+                client.starttls(context=ctx)
+                version, (cipher, _, bits) = client.sock.version(), client.sock.cipher()
+                client.sendmail("s@example.net", ["alice@example.com"], MESSAGE + b"hello\r\n")
+        finally:
+            srv.stop()
+    assert milter.seen.macros["{tls_version}"] == version and milter.seen.macros["{cipher}"] == cipher
+    assert milter.seen.macros["{cipher_bits}"] == str(bits)
 
 
 @pytest.mark.parametrize("mode, expected", [
@@ -329,3 +397,70 @@ def test_opendkim_signs_mail_from_a_local_domain(tmp_path: Path, tmp_path_factor
     # What the receiver of this message will check: the stored message as sent on.
     message = data.split(b"\r\n", 1)[1] if data.startswith(b"Return-Path:") else data
     assert dkim.verify(message, dnsfunc=lambda name, timeout=5: record.encode())
+
+
+@pytest.fixture(scope="module")
+def rspamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    home = tmp_path_factory.mktemp("rspamd")
+    with running_rspamd(home) as port:
+        yield port, home
+
+
+def test_rspamd_rejects_gtube_and_tags_a_clean_message(tmp_path: Path, rspamd: tuple[int, Path]) -> None:
+    port, home = rspamd
+    srv = serve(tmp_path, f"inet:127.0.0.1:{port}", extra=("--milter-content-timeout", "60"))
+    try:
+        c = session(srv)
+        clean = send(c, b"A clean message, nothing to see.\r\n",
+                     content=MESSAGE.replace(b"\r\n\r\n", b"\r\nDate: Wed, 02 Dec 2026 10:00:00 +0000\r\n\r\n"))
+        assert clean.startswith(b"250 2.0.0 Ok: queued as"), (clean, log_of(home))
+        queue_id = clean.split()[-1].decode()
+        spam = send(c, b"Buy now.\r\n" + GTUBE + b"\r\n")
+        assert spam == b"554 5.7.1 Gtube pattern\r\n", log_of(home)
+        c.close()
+        (stored,) = srv.messages("alice@example.com", 1)
+        data = stored.read_bytes()
+        # rspamd's fields, for the message we stored (its queue id is ours: the i macro).
+        assert f"X-Rspamd-Queue-Id: {queue_id}\r\n".encode() in data
+        assert b"\r\nX-Spamd-Result: default: False [" in b"\r\n" + data
+        assert b"X-Spam-Status: No, score=" in data
+        # Not taken for a logged-in user: no {auth_authen} was sent.
+        assert b"auth=pass" not in data
+        assert data.endswith(b"\r\n\r\nA clean message, nothing to see.\r\n")
+        # Its time is in the metrics: every step of two messages, the scans among them.
+        assert metric(srv, 'fastsmtp_milter_verdicts_total{milter="0",verdict="replycode"}') == 1
+        assert metric(srv, 'fastsmtp_milter_answer_seconds_count{milter="0"}') >= 2
+        assert metric(srv, 'fastsmtp_milter_answer_seconds_sum{milter="0"}') > 0
+    finally:
+        srv.stop()
+
+
+def test_opendkim_verifies_and_adds_its_authentication_results(tmp_path: Path,
+                                                                tmp_path_factory: pytest.TempPathFactory) -> None:
+    dkim = pytest.importorskip("dkim")
+    from dkimtools import rsa_key
+    from dnsserver import KnotServer, zone_text
+
+    key = rsa_key(2048)
+    zone = zone_text("sender.example", [("sel._domainkey", "TXT", key.record.decode())])
+    content = (b"From: Sender <s@sender.example>\r\nTo: alice@example.com\r\nSubject: verify me\r\n"
+               b"Date: Wed, 02 Dec 2026 10:00:00 +0000\r\nMessage-ID: <v1@sender.example>\r\n\r\n"
+               b"Signed by the sender.\r\n")
+    signed = dkim.sign(content, b"sel", b"sender.example", key.private, include_headers=[b"from", b"to", b"subject"])
+    head, _, body = (signed + content).partition(b"\r\n\r\n")
+    with KnotServer({"sender.example": zone}) as dns, \
+            verifying_opendkim(tmp_path_factory.mktemp("opendkim-verify"), dns.port) as port:
+        srv = serve(tmp_path, f"inet:{port}@127.0.0.1")
+        try:
+            c = session(srv)
+            assert send(c, body, sender=b"s@sender.example", content=head + b"\r\n\r\n").startswith(b"250")
+            tampered = body.replace(b"sender", b"someone else")
+            assert send(c, tampered, sender=b"s@sender.example", content=head + b"\r\n\r\n").startswith(b"250")
+            c.close()
+            good, bad = (p.read_bytes() for p in srv.messages("alice@example.com", 2))
+        finally:
+            srv.stop()
+    ar = re.compile(rb"Authentication-Results: verifier\.test\.example;\s+dkim=(\w+)[^\r\n]*(?:\r\n\s[^\r\n]*)*"
+                    rb"header\.d=sender\.example")
+    results = sorted(m.group(1) for d in (good, bad) for m in ar.finditer(d))
+    assert results == [b"fail", b"pass"], (good[:600], bad[:600])

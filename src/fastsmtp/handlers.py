@@ -193,11 +193,20 @@ class Handlers:
         txn = self.txn
         assert txn is not None
         calls = self._server.stages.on_rcpt
-        if self._conn.milters is not None:
-            calls = calls + (StepCall("milter on_rcpt", self._conn.milters.rcpt, True, None),)
         if not calls:
-            return txn.add_recipient(event.address)
-        return self._ask(calls, (self._info(), event.address), lambda v: v.reply or txn.add_recipient(event.address))
+            return self._rcpt_checked(txn, event)
+        return self._ask(calls, (self._info(), event.address), lambda v: v.reply or self._rcpt_checked(txn, event))
+
+    def _rcpt_checked(self, txn: Transaction, event: RcptTo) -> Reply | None:
+        """The folder check, then the milters: as in Postfix, a milter hears only of recipients we would take."""
+        found = txn.check_recipient(event.address)
+        if isinstance(found, Reply):
+            return found
+        milters = self._conn.milters
+        if milters is None:
+            return txn.take_recipient(found)
+        call = (StepCall("milter on_rcpt", milters.rcpt, True, None),)
+        return self._ask(call, (self._info(), event.address), lambda v: v.reply or txn.take_recipient(found))
 
     def _on_data(self, event: Data) -> Reply:
         self.begin_content()

@@ -137,7 +137,8 @@ _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 BATCH_SIZE = Histogram((1, 2, 4, 8, 16, 32, 64, 128, 256, 512), 1)
 COMMIT_SECONDS = Histogram(_SECONDS, 1_000_000_000)
 TIME_TO_250 = Histogram(_SECONDS, 1_000_000_000)
-MILTER_SECONDS = Histogram(_SECONDS, 1_000_000_000)
+# One per milter (its place in --milter); answers of milters past MILTERS go into the last.
+MILTER_SECONDS = [Histogram(_SECONDS, 1_000_000_000) for _ in range(MILTERS)]
 DELIVERY_LAG = Histogram((0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
                          1_000_000_000)
 
@@ -202,7 +203,7 @@ class Meter:
         slot = _MILTER_SLOT.get((index, verdict))
         if slot is not None:
             self._row[slot] += 1
-        observe(self._row, MILTER_SECONDS, seconds)
+        observe(self._row, MILTER_SECONDS[min(index, MILTERS - 1)], seconds)
 
     def milter_failed(self, index: int) -> None:
         if index < MILTERS:
@@ -355,14 +356,16 @@ _GAUGES: list[tuple[str, str, int]] = [
     ("fastsmtp_journal_segments", "Journal segments not yet retired.", JOURNAL_SEGMENTS),
     ("fastsmtp_delivery_pending", "Acknowledged messages not yet in every recipient's new/.", DELIVERY_PENDING),
 ]
-_HISTOGRAMS: list[tuple[str, str, Histogram]] = [
-    ("fastsmtp_commit_batch_size", "Messages per group commit.", BATCH_SIZE),
-    ("fastsmtp_commit_latency_seconds", "Time one group commit takes (write, flush, link).", COMMIT_SECONDS),
-    ("fastsmtp_time_to_250_seconds", "From the end of a message's data to its 250 reply.", TIME_TO_250),
+# name, help, and the histogram of each label (one, unlabelled, for most).
+_HISTOGRAMS: list[tuple[str, str, list[tuple[str, Histogram]]]] = [
+    ("fastsmtp_commit_batch_size", "Messages per group commit.", [("", BATCH_SIZE)]),
+    ("fastsmtp_commit_latency_seconds", "Time one group commit takes (write, flush, link).", [("", COMMIT_SECONDS)]),
+    ("fastsmtp_time_to_250_seconds", "From the end of a message's data to its 250 reply.", [("", TIME_TO_250)]),
     ("fastsmtp_milter_answer_seconds", "From a step sent to a milter to its answer (the whole body and end of "
-     "the message for the end of data).", MILTER_SECONDS),
+     "the message for the end of data), by milter (its place in --milter, from 0).",
+     [(f'milter="{i}"', h) for i, h in enumerate(MILTER_SECONDS)]),
     ("fastsmtp_delivery_lag_seconds", "From a message's journal flush (its 250) to its file in new/.",
-     DELIVERY_LAG),
+     [("", DELIVERY_LAG)]),
 ]
 
 
@@ -381,15 +384,18 @@ def render(totals: list[int]) -> bytes:
             out.extend(f"{name}{{{label}}} {totals[slot + i]}\n" for i, label in enumerate(labels))
     for name, help_text, slot in _GAUGES:
         out.append(f"# HELP {name} {help_text}\n# TYPE {name} gauge\n{name} {totals[slot]}\n")
-    for name, help_text, h in _HISTOGRAMS:
+    for name, help_text, labelled in _HISTOGRAMS:
         out.append(f"# HELP {name} {help_text}\n# TYPE {name} histogram\n")
-        cumulative = 0
-        for i, bound in enumerate(h.bounds):
-            cumulative += totals[h.base + i]
-            out.append(f'{name}_bucket{{le="{_num(bound)}"}} {cumulative}\n')
-        cumulative += totals[h.base + len(h.bounds)]
-        out.append(f'{name}_bucket{{le="+Inf"}} {cumulative}\n')
-        out.append(f"{name}_sum {_num(totals[h.sum] / h.scale)}\n{name}_count {cumulative}\n")
+        for label, h in labelled:
+            inner = label + "," if label else ""
+            outer = "{" + label + "}" if label else ""
+            cumulative = 0
+            for i, bound in enumerate(h.bounds):
+                cumulative += totals[h.base + i]
+                out.append(f'{name}_bucket{{{inner}le="{_num(bound)}"}} {cumulative}\n')
+            cumulative += totals[h.base + len(h.bounds)]
+            out.append(f'{name}_bucket{{{inner}le="+Inf"}} {cumulative}\n')
+            out.append(f"{name}_sum{outer} {_num(totals[h.sum] / h.scale)}\n{name}_count{outer} {cumulative}\n")
     return "".join(out).encode()
 
 

@@ -16,6 +16,9 @@ Rules of this module:
   one that talked early before is refused at once.  The DNSBL lookups run
   during the delay; the greeting waits for them (bounded by the resolver's
   timeout) and a blocked client is refused instead of greeted.
+- The milters hear of a client only once it has passed the screening
+  (``_greet``), as Postfix's smtpd's milters only see what postscreen let
+  through.
 - A PROXY header from anyone not trusted is refused: it would let a client
   choose the address it is judged by.
 """
@@ -137,9 +140,6 @@ class Opening:
         conn.client_key = key
         server.meter.connection_accepted()
         calls = server.stages.on_connect
-        if server.milters.active:
-            conn.milters = server.milters.session()
-            calls = calls + (StepCall("milter on_connect", conn.milters.connect, True, None),)
         if calls:
             conn.enter(Phase.CONNECT)
             self._step = StepRun(calls, (conn.peer,), conn.peer, self._connected)
@@ -173,7 +173,7 @@ class Opening:
         screen = conn.server.screen
         if conn.trusted:
             screen.meter.screened("trusted")
-            conn.greet()
+            self._greet()
             return
         peer = conn.peer
         test = screen.delay > 0 and not conn.implicit_tls  # a TLS client cannot talk early in plain text
@@ -201,7 +201,7 @@ class Opening:
             self._waiting = True
             conn.enter(Phase.GREETING)
         else:
-            conn.greet()
+            self._greet()
 
     def _delay_over(self) -> None:
         """The client waited out the delay: the test is passed; greet, or wait for the DNSBLs."""
@@ -210,7 +210,7 @@ class Opening:
         if self._dnsbl is not None:
             self._waiting = True
             return
-        conn.greet()
+        self._greet()
 
     def _scored(self, task: asyncio.Task[Score]) -> None:
         if task is not self._dnsbl:
@@ -229,7 +229,45 @@ class Opening:
             score = task.result()
         if self._refused(score) or not self._waiting:
             return  # refused, or the greeting delay still runs
+        self._greet()
+
+    def _greet(self) -> None:
+        """The screening is passed: the milters hear of the client, then 220.
+
+        As Postfix's smtpd after postscreen: a client the screening refuses
+        never costs a milter conversation.  While the milters think, what
+        the client says is held, as for any stage.
+        """
+        conn = self._conn
+        milters = conn.server.milters
+        if not milters.active:
+            conn.greet()
+            return
+        conn.milters = milters.session(conn.tls_macros)
+        conn.enter(Phase.CONNECT)
+        self._step = StepRun((StepCall("milter on_connect", conn.milters.connect, True, None),), (conn.peer,),
+                             conn.peer, self._milters_answered)
+        verdict = self._step.start()
+        if verdict is None:
+            conn.flow.hold("stage")
+            return
+        self._step = None
+        if verdict.reply is not None:
+            conn.refuse(verdict.reply)
+            return
         conn.greet()
+
+    def _milters_answered(self, verdict: Verdict) -> None:
+        self._step = None
+        conn = self._conn
+        if not conn.is_open():
+            return
+        conn.flow.release("stage")
+        if verdict.reply is not None:
+            conn.refuse(verdict.reply)
+            return
+        conn.greet()
+        conn.release_held()
 
     def _refused(self, score: Score) -> bool:
         conn = self._conn

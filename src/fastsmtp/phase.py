@@ -19,7 +19,8 @@ class Phase(enum.Enum):
     NEW = "new"
     #: A trusted balancer's PROXY header is awaited (timer: --proxy-timeout).
     PROXY = "proxy"
-    #: The on_connect stages think; the client's octets are held.
+    #: The on_connect stages think, or, after the screening, the milters'
+    #: connect; the client's octets are held.
     CONNECT = "connect"
     #: The greeting is delayed; talking now is refused (timer: --greeting-delay).
     GREETING = "greeting"
@@ -38,8 +39,8 @@ _OPENING = {Phase.PROXY, Phase.CONNECT, Phase.GREETING, Phase.COMMANDS, Phase.CL
 MOVES: dict[Phase, frozenset[Phase]] = {
     Phase.NEW: frozenset(_OPENING),
     Phase.PROXY: frozenset(_OPENING - {Phase.PROXY}),
-    Phase.CONNECT: frozenset({Phase.GREETING, Phase.COMMANDS, Phase.CLOSED}),
-    Phase.GREETING: frozenset({Phase.COMMANDS, Phase.CLOSED}),
+    Phase.CONNECT: frozenset({Phase.CONNECT, Phase.GREETING, Phase.COMMANDS, Phase.CLOSED}),
+    Phase.GREETING: frozenset({Phase.CONNECT, Phase.COMMANDS, Phase.CLOSED}),
     Phase.COMMANDS: frozenset({Phase.TARPIT, Phase.TLS, Phase.CLOSED}),
     Phase.TARPIT: frozenset({Phase.COMMANDS, Phase.CLOSED}),
     Phase.TLS: frozenset({Phase.COMMANDS, Phase.CLOSED}),

@@ -32,7 +32,7 @@ from .opening import Opening
 from .phase import MOVES, Phase
 from .server import Server
 from .session import CLOSED, DATA, NEED_DATA, PAUSED, Session
-from .tls import HandshakeFailed, describe, handshake
+from .tls import HandshakeFailed, describe, handshake, milter_macros
 
 __all__ = ["SMTPProtocol"]
 
@@ -61,6 +61,8 @@ class SMTPProtocol(asyncio.Protocol):
         self.milters: MilterSession | None = None
         #: The Received header's words once a TLS handshake is done.
         self.tls_info: str | None = None
+        #: The TLS macros for milters ({tls_version}, {cipher}, {cipher_bits}); none before TLS.
+        self.tls_macros: list[tuple[str, str]] = []
         self.session = Session(server.limits)
         self._loop = asyncio.get_running_loop()
         self._opening = Opening(self)
@@ -124,6 +126,7 @@ class SMTPProtocol(asyncio.Protocol):
             # header).
             self.session.tls = True
             self.tls_info = describe(transport.get_extra_info("ssl_object"))
+            self.tls_macros = milter_macros(transport.get_extra_info("ssl_object"))
             server.meter.tls(True)
         self._opening.start()
 
@@ -346,6 +349,9 @@ class SMTPProtocol(asyncio.Protocol):
             return  # the peer left during the handshake
         self._transport = new
         self.tls_info = describe(new.get_extra_info("ssl_object"))
+        self.tls_macros = milter_macros(new.get_extra_info("ssl_object"))
+        if self.milters is not None:
+            self.milters.tls = self.tls_macros
         self.enter(Phase.COMMANDS, self.server.config.idle_timeout, self._on_idle)
         self.flow.retarget(new)
         self.flow.release("tls")

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import ssl
 
-__all__ = ["server_context", "describe", "handshake", "HandshakeFailed"]
+__all__ = ["server_context", "describe", "handshake", "HandshakeFailed", "milter_macros"]
 
 log = logging.getLogger("fastsmtp")
 
@@ -44,6 +44,18 @@ def describe(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
         return f"using {version}"
     name, _, bits = cipher
     return f"using {version} with cipher {name} ({bits}/{bits} bits)"
+
+
+def milter_macros(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> list[tuple[str, str]]:
+    """The TLS macros as Postfix gives them to milters: {tls_version}, {cipher}, {cipher_bits}."""
+    if ssl_object is None:
+        return []
+    version = ssl_object.version() or ""
+    cipher = ssl_object.cipher()
+    if cipher is None:
+        return [("{tls_version}", version)]
+    name, _, bits = cipher
+    return [("{tls_version}", version), ("{cipher}", name), ("{cipher_bits}", str(bits))]
 
 
 async def handshake(

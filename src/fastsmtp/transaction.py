@@ -85,8 +85,8 @@ class Transaction:
 
     # -- recipients ---------------------------------------------------------------
 
-    def add_recipient(self, address: Address) -> Reply:
-        """The folder check for one RCPT; 250, or its refusal."""
+    def check_recipient(self, address: Address) -> str | Reply:
+        """The folder check (and greylisting) for one RCPT: its mailbox, or its refusal."""
         found = self._server.recipients.resolve(address)
         if isinstance(found, Reply):
             self._server.meter.recipient_refused(found.code)
@@ -100,10 +100,14 @@ class Transaction:
             if refusal is not None:
                 self._server.meter.recipient_refused(refusal.code)
                 return refusal
+        return found
+
+    def take_recipient(self, mailbox: str) -> Reply:
+        """A recipient that passed every check: its mailbox gets the message."""
         self._server.meter.recipient_accepted()
-        if found not in self.mailboxes:
+        if mailbox not in self.mailboxes:
             # user+a and user+b are one mailbox: one copy (RFC 5321 §3.3 allows it).
-            self.mailboxes.append(found)
+            self.mailboxes.append(mailbox)
         return RCPT_OK
 
     # -- content ------------------------------------------------------------------

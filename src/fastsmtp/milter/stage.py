@@ -84,8 +84,10 @@ class Milters:
         # A replaced body is held to the size a client's message may have.
         self.change_limit = config.max_message_size + MAX_HEADER_SECTION
 
-    def session(self) -> "MilterSession":
-        return MilterSession(self)
+    def session(self, tls: list[tuple[str, str]] | None = None) -> "MilterSession":
+        session = MilterSession(self)
+        session.tls = tls or []
+        return session
 
 
 class _Conversation:
@@ -113,6 +115,8 @@ class MilterSession:
         self.quarantine: str | None = None
         #: The changes to make before the message is stored (set by ``message``).
         self.rewrite: Edited | None = None
+        #: The TLS macros, once the session is encrypted (protocol.py sets them).
+        self.tls: list[tuple[str, str]] = []
 
     # -- the steps (StepCall targets) ----------------------------------------------------
 
@@ -133,7 +137,7 @@ class MilterSession:
         return await self._each(lambda c: c.connect(b"[" + peer.encode() + b"]", peer, 0, macros), connection=True)
 
     async def helo(self, info: SessionInfo, domain: str) -> Verdict:
-        macros = [("{tls_version}", ""), ("{cipher}", "")] if info.tls else []
+        macros = self.tls if info.tls else []
         return await self._each(lambda c: c.helo(domain.encode("utf-8", "replace"), macros), connection=True)
 
     async def mail(self, info: SessionInfo, address: Address | None) -> Verdict:
@@ -141,7 +145,10 @@ class MilterSession:
         for conv in self._convs:
             conv.done = False
         raw = address.raw if address is not None else b""
-        macros = [("{mail_addr}", raw.decode("utf-8", "replace")), ("{auth_authen}", "")]
+        # No {auth_authen}: Postfix defines it only after SASL AUTH, which an
+        # MX does not offer, and rspamd takes even an empty one for a logged-in
+        # user (auth=pass, and its checks for outside senders skipped).
+        macros = [("{mail_addr}", raw.decode("utf-8", "replace"))]
         return await self._each(lambda c: c.mail(raw, (), macros))
 
     async def rcpt(self, info: SessionInfo, address: Address) -> Verdict:

@@ -70,8 +70,8 @@ _HEADERS = (
 
 
 @contextlib.contextmanager
-def running_rspamd(home: Path) -> Iterator[int]:
-    """rspamd's proxy worker in milter mode: its port on 127.0.0.1.
+def running_rspamd(home: Path) -> Iterator[tuple[int, int]]:
+    """rspamd's proxy worker in milter mode: (its port on 127.0.0.1, the main process's PID).
 
     Skips the test where rspamd is not installed (CI installs it).  The first
     start compiles its regular expressions (about 15 s here); a ``home``
@@ -113,7 +113,7 @@ def running_rspamd(home: Path) -> Iterator[int]:
     try:
         wait_for(listening, 90, "rspamd to listen")
         assert proc.poll() is None, (home / "out.txt").read_text() + log_of(home)
-        yield port
+        yield port, proc.pid
     finally:
         stop_process(proc)
         out.close()

@@ -402,7 +402,7 @@ def test_opendkim_signs_mail_from_a_local_domain(tmp_path: Path, tmp_path_factor
 @pytest.fixture(scope="module")
 def rspamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
     home = tmp_path_factory.mktemp("rspamd")
-    with running_rspamd(home) as port:
+    with running_rspamd(home) as (port, _):
         yield port, home
 
 

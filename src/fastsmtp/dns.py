@@ -254,7 +254,7 @@ class Resolver:
         if entry is not None and entry[0] > _now():
             self.cache.move_to_end(ck)
             self.hits += 1
-            return entry[1]  # type: ignore[no-any-return]
+            return entry[1]
         return None
 
     def peek_a(self, name: str) -> tuple[str, ...] | None:

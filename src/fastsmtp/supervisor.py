@@ -49,7 +49,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any, Callable
 
 from .anvil import Anvil
 from .config import Config, ConfigError
@@ -248,15 +248,15 @@ class Supervisor:
         backing_off = self._spawn_after - time.monotonic()
         if backing_off > 0:
             timeout = min(timeout, backing_off)  # wake when the next start is due
-        rlist: list[object] = [self._wake_r, self._note_r]
-        wlist: list[object] = []
+        rlist: list[Any] = [self._wake_r, self._note_r]  # fds and sockets: select takes both
+        wlist: list[Any] = []
         http = self._metrics_http
         if http is not None:
             reading, writing = http.fds()
             rlist += reading
             wlist += writing
-        readable: list[object] = []
-        writable: list[object] = []
+        readable: list[Any] = []
+        writable: list[Any] = []
         try:
             readable, writable, _ = select.select(rlist, wlist, [], timeout)
         except InterruptedError:

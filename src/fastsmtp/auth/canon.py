@@ -243,15 +243,16 @@ class BodyCanon:
         if body:
             if self.held:
                 self._flush_held()  # the held CRLFs were not trailing after all
+            part: bytes | memoryview = data
             if body < len(data):
                 # A small copy costs less than a memoryview; a big one is not made.
-                data = data[:body] if body <= 4096 else memoryview(data)[:body]
+                part = data[:body] if body <= 4096 else memoryview(data)[:body]
             self.length += body
             for sink in self.sinks:
                 if sink.left is None:
-                    sink.hash.update(data)
+                    sink.hash.update(part)
                 else:
-                    self._emit_limited(sink, data, body)
+                    self._emit_limited(sink, part, body)
             self.content = True
         self.held += k
 

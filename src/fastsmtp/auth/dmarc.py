@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from email.utils import getaddresses
 from functools import lru_cache
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..dns import BadName, DNSError, Lookups
 
@@ -64,10 +64,10 @@ class DMARCResult:
     reason: str = ""
 
 
-_list = None
+_list: Any = None
 
 
-def _psl():  # type: ignore[no-untyped-def]
+def _psl() -> Any:  # publicsuffixlist has no type hints
     global _list
     if _list is None:
         from publicsuffixlist import PublicSuffixList

@@ -43,6 +43,14 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
 # -- layering ----------------------------------------------------------------------
 
 
+def test_a_list_flag_repeats_in_order_and_replaces_the_file(tmp_path: Path) -> None:
+    conf = write(tmp_path / "fastsmtp.toml", 'milter = ["inet:1@127.0.0.1"]\n')
+    config = _config_from(["serve", "--config", str(conf), "--milter", "inet:2@127.0.0.1",
+                           "--milter", "inet:3@127.0.0.1", "inet:4@127.0.0.1"])
+    assert config.milter == ("inet:2@127.0.0.1", "inet:3@127.0.0.1", "inet:4@127.0.0.1")
+    assert _config_from(["serve", "--trusted-networks", "10.0.0.0/8"]).trusted_networks == ("10.0.0.0/8",)
+
+
 def test_file_values_apply(tmp_path: Path) -> None:
     conf = write(tmp_path / "fastsmtp.toml", """
 listen = "[::1]:2526"

@@ -79,6 +79,29 @@ def test_every_step_reaches_the_milter_and_the_body_comes_in_packets(tmp_path: P
     assert "{auth_authen}" not in seen.macros and "{tls_version}" not in seen.macros
 
 
+def test_several_milters_are_asked_in_order_and_the_first_refusal_decides(tmp_path: Path) -> None:
+    with TestMilter("reject-rcpt") as first, TestMilter("edit") as second:
+        second.changes = [change(b"h", b"X-Second", b"was asked")]
+        srv = serve(tmp_path, first.endpoint, second.endpoint)
+        try:
+            c = session(srv)
+            c.send(b"MAIL FROM:<s@example.net>\r\n")
+            assert c.reply().startswith(b"250")
+            c.send(b"RCPT TO:<bob@example.com>\r\n")
+            assert c.reply() == b"550 5.7.1 Command rejected\r\n"  # the first milter's
+            c.send(b"RCPT TO:<alice@example.com>\r\nDATA\r\n")
+            assert c.reply().startswith(b"250") and c.reply().startswith(b"354")
+            c.send(MESSAGE + b"hello\r\n.\r\n")
+            assert c.reply().startswith(b"250 2.0.0")
+            c.close()
+            data = srv.messages("alice@example.com", 1)[0].read_bytes()
+        finally:
+            srv.stop()
+    # The second never heard of the refused recipient; both saw the message.
+    assert first.seen.commands.count(b"R") == 2 and second.seen.commands.count(b"R") == 1
+    assert b"X-Second: was asked\r\n" in data and first.seen.commands.count(b"E") == 1
+
+
 def test_the_milter_hears_only_of_recipients_that_exist(tmp_path: Path) -> None:
     with TestMilter("accept") as milter:
         srv = serve(tmp_path, milter.endpoint)

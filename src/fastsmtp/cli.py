@@ -69,8 +69,23 @@ def _add_flag(parser: argparse.ArgumentParser, setting: Setting) -> None:
         options["type"] = float
     elif setting.kind is Kind.STRINGS:
         assert isinstance(default, tuple)
-        options["nargs"], default = "+", list(default)
+        options["nargs"], options["action"], default = "+", _Repeatable, list(default)
     parser.add_argument(f"--{setting.key}", default=default, **options)
+
+
+class _Repeatable(argparse.Action):
+    """A list flag given as ``--milter A B`` or ``--milter A --milter B``, in order.
+
+    Its first use in a command line replaces the default (``--trusted-networks
+    X`` means only X); later ones add to it.
+    """
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        given: set[str] = namespace.__dict__.setdefault("_repeated", set())
+        items = list(getattr(namespace, self.dest, None) or []) if self.dest in given else []
+        given.add(self.dest)
+        setattr(namespace, self.dest, items + list(values))
 
 
 def _flag_values(given: argparse.Namespace) -> dict[str, Any]:

@@ -13,6 +13,9 @@ from typing import Callable, Iterator
 
 import pytest
 
+# The Dovecot fixtures (a Dovecot of the tests' own): dovecotrun.py.
+from dovecotrun import mail_user as mail_user
+from dovecotrun import root_dir as root_dir
 from helpers import HOSTNAME as HOSTNAME
 from helpers import LOOPS as LOOPS
 from helpers import MAILBOXES as MAILBOXES

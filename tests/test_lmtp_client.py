@@ -324,3 +324,22 @@ def test_a_failed_target_is_tried_after_the_others() -> None:
 
     later, again = run(go())
     assert later[1] == again[0]  # the silent one: last for retry_after seconds, then first again
+
+
+def test_an_address_that_cannot_be_sent_is_the_callers_error() -> None:
+    script = Script()
+
+    async def go() -> None:
+        s1, t1 = await scripted(script)
+        async with s1, LMTPClient([t1], lhlo_name="mx.test.example", **FAST) as client:
+            for bad in ("a@example.com>\r\nRCPT TO:<b@example.com", "a\n@example.com"):
+                with pytest.raises(ValueError):
+                    await client.deliver("s@example.net", [bad], MESSAGE)
+                with pytest.raises(ValueError):
+                    await client.deliver(bad, ["a@example.com"], MESSAGE)
+                with pytest.raises(ValueError):
+                    await client.probe(bad)
+            assert (await client.probe("a@example.com")).code == 250
+
+    run(go())
+    assert script.connections == 1 and not any(b"b@example.com" in line for line in script.seen)

@@ -47,6 +47,7 @@ from .protocol import (
     LMTPProtocolError,
     State,
     Step,
+    encode_address,
 )
 
 __all__ = [
@@ -393,8 +394,10 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _wire(address: str | bytes) -> bytes:
-    return address.encode("utf-8") if isinstance(address, str) else bytes(address)
+def _wire(address: str | bytes, what: str, allow_empty: bool = False) -> bytes:
+    # Checked before any connection is touched: an address that cannot be
+    # sent is the caller's error (CommandError, a ValueError), not the target's.
+    return encode_address(address, what, allow_empty)
 
 
 # -- several targets, a pool -------------------------------------------------------
@@ -417,6 +420,8 @@ class LMTPClient:
             raise ValueError("no LMTP target")
         self.targets = [t if isinstance(t, Target) else parse_target(t) for t in targets]
         self.lhlo_name = lhlo_name or socket.getfqdn()
+        if not self.lhlo_name.isascii() or any(c.isspace() for c in self.lhlo_name):
+            raise ValueError(f"LHLO name {self.lhlo_name!r} is not a domain")
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.data_timeout = data_timeout
@@ -441,7 +446,8 @@ class LMTPClient:
         Raises ``LMTPTemporaryError`` when no target gave every recipient a
         result; its ``partial`` holds the results that did come.
         """
-        rcpts = [_wire(r) for r in recipients]
+        rcpts = [_wire(r, "recipient") for r in recipients]
+        from_ = _wire(sender, "sender", allow_empty=True)
         if not rcpts:
             return []
         whole = isinstance(message, (bytes, bytearray, memoryview))
@@ -459,7 +465,7 @@ class LMTPClient:
                 # A message given in chunks cannot be read a second time.
                 break
             try:
-                got = await self._deliver_to(target, _wire(sender), [rcpts[i] for i in todo], message, size,
+                got = await self._deliver_to(target, from_, [rcpts[i] for i in todo], message, size,
                                              True if eight_bit is None else eight_bit)
             except _Failed as exc:
                 for i, result in zip(todo, exc.partial):
@@ -487,6 +493,10 @@ class LMTPClient:
                 if exc.stale and not attempt:
                     continue
                 raise
+            except BaseException:
+                # Cancelled, or the caller's message failed to read: the conversation is lost.
+                conn.close()
+                raise
             self._release(conn)
             return got
         raise AssertionError("unreachable")
@@ -499,14 +509,20 @@ class LMTPClient:
         ``lmtp_rcpt_check_quota``).  Raises ``LMTPTemporaryError`` when no
         target answers.
         """
+        rcpt, from_ = _wire(recipient, "recipient"), _wire(sender, "sender", allow_empty=True)
         errors: list[str] = []
         last: Target | None = None
         for target in self._order():
             for attempt in (0, 1):
+                conn = None
                 try:
                     conn = await self._acquire(target, fresh=attempt > 0)
-                    reply = await conn.probe(_wire(recipient), _wire(sender))
-                except _Failed as exc:
+                    reply = await conn.probe(rcpt, from_)
+                except BaseException as exc:
+                    if not isinstance(exc, _Failed):
+                        if conn is not None:
+                            conn.close()
+                        raise
                     if exc.stale and not attempt:
                         continue
                     errors.append(str(exc))

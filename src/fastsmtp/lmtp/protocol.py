@@ -60,7 +60,7 @@ from ..events import Reply
 
 __all__ = [
     "LMTPProtocolError", "CommandError", "State", "Step", "Answer", "SEND", "MAX_LINE", "MAX_REPLY",
-    "ReplyReader", "DotStuffer", "dot_stuff", "Conversation",
+    "ReplyReader", "DotStuffer", "dot_stuff", "encode_address", "Conversation",
 ]
 
 #: The longest reply line we read, CRLF included.  RFC 5321 §4.5.3.1.5
@@ -259,7 +259,8 @@ def dot_stuff(message: bytes | bytearray | memoryview) -> bytes:
 # -- the conversation --------------------------------------------------------------
 
 
-def _address(value: str | bytes, what: str, allow_empty: bool) -> bytes:
+def encode_address(value: str | bytes, what: str = "address", allow_empty: bool = False) -> bytes:
+    """An address as it goes between the angle brackets; ``CommandError`` if it cannot go there."""
     raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
     if not raw and not allow_empty:
         raise CommandError(f"an empty {what}")
@@ -332,7 +333,7 @@ class Conversation:
         a time), or when the envelope needs SMTPUTF8 and the server did not
         offer it: such a message cannot be delivered there at all.
         """
-        raw = _address(sender, "sender", allow_empty=True)
+        raw = encode_address(sender, "sender", allow_empty=True)
         if self._owed:
             raise CommandError("MAIL while replies of the last transaction are owed")
         if not raw.isascii() and not smtputf8:
@@ -353,7 +354,7 @@ class Conversation:
 
     def send_rcpt(self, recipient: str | bytes) -> bytes:
         """RCPT TO:<recipient>; its answer carries the recipient."""
-        raw = _address(recipient, "recipient", allow_empty=False)
+        raw = encode_address(recipient, "recipient")
         if not raw.isascii() and not self._smtputf8:
             raise CommandError("a non-ASCII recipient needs MAIL with SMTPUTF8")
         return self._send(Step.RCPT, b"RCPT TO:<" + raw + b">\r\n", [(Step.RCPT, raw)])

@@ -80,7 +80,9 @@ class Script:
 
     greeting: bytes = b"220 fake.example LMTP ready\r\n"
     pipelining: bool = True
+    mail: bytes = b"250 2.1.0 OK\r\n"
     rcpt: Callable[[bytes], bytes] = lambda r: b"250 2.1.5 OK\r\n"
+    data: bytes = b"354 OK\r\n"
     #: What follows the final dot, given the accepted recipients (None: the connection is dropped).
     delivery: Callable[[list[bytes]], bytes | None] = lambda rs: b"".join(
         b"250 2.0.0 <%s> Saved\r\n" % r for r in rs)
@@ -96,6 +98,7 @@ async def lmtp_server(script: Script, reader: asyncio.StreamReader, writer: asyn
     try:
         writer.write(script.greeting)
         accepted: list[bytes] = []
+        mail_ok = False
         transactions = 0
         while line := await reader.readline():
             script.seen.append(line)
@@ -105,18 +108,23 @@ async def lmtp_server(script: Script, reader: asyncio.StreamReader, writer: asyn
                              + (b"250 PIPELINING\r\n" if script.pipelining else b"250 CHUNKING\r\n"))
             elif verb == b"MAIL":
                 accepted = []
-                writer.write(b"250 2.1.0 OK\r\n")
+                mail_ok = script.mail.startswith(b"2")
+                writer.write(script.mail)
             elif verb == b"RCPT":
                 rcpt = line[9:].split(b">")[0]
                 reply = script.rcpt(rcpt)
-                if reply.startswith(b"2"):
+                if not mail_ok:
+                    reply = b"503 5.5.1 MAIL needed first\r\n"
+                elif reply.startswith(b"2"):
                     accepted.append(rcpt)
                 writer.write(reply)
             elif verb == b"DATA":
                 if not accepted:
                     writer.write(b"503 5.5.1 No valid recipients\r\n")
                     continue
-                writer.write(b"354 OK\r\n")
+                writer.write(script.data)
+                if not script.data.startswith(b"354"):
+                    continue
                 if script.drop_in_data:
                     await reader.read(10)
                     return
@@ -343,3 +351,34 @@ def test_an_address_that_cannot_be_sent_is_the_callers_error() -> None:
 
     run(go())
     assert script.connections == 1 and not any(b"b@example.com" in line for line in script.seen)
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_a_refused_mail_is_every_recipients_result(pipelining: bool) -> None:
+    script = Script(pipelining=pipelining, mail=b"451 4.3.0 <s@example.net> Temporary failure\r\n")
+
+    async def go() -> tuple[list[RecipientResult], int]:
+        s1, t1 = await scripted(script)
+        async with s1, LMTPClient([t1], lhlo_name="mx.test.example", **FAST) as client:
+            results = await client.deliver("s@example.net", ["a@example.com", "b@example.com"], MESSAGE)
+            return results, (await client.probe("a@example.com")).code
+
+    results, probed = run(go())
+    assert [(r.code, r.enhanced, r.temporary) for r in results] == [(451, "4.3.0", True)] * 2
+    assert probed == 451
+    expected = [b"LHLO", b"MAIL", b"RCPT", b"RCPT", b"DATA"] if pipelining else [b"LHLO", b"MAIL"]
+    assert verbs(script)[: len(expected)] == expected
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_a_refused_data_is_every_accepted_recipients_result(pipelining: bool) -> None:
+    script = Script(pipelining=pipelining, data=b"554 5.6.0 no\r\n",
+                    rcpt=lambda r: b"550 5.1.1 no\r\n" if r.startswith(b"x") else b"250 2.1.5 OK\r\n")
+
+    async def go() -> list[RecipientResult]:
+        s1, t1 = await scripted(script)
+        async with s1, LMTPClient([t1], lhlo_name="mx.test.example", **FAST) as client:
+            return await client.deliver("s@example.net", ["a@example.com", "x@example.com"], MESSAGE)
+
+    assert [(r.code, r.enhanced) for r in run(go())] == [(554, "5.6.0"), (550, "5.1.1")]
+    assert script.bodies == []

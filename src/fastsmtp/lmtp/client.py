@@ -152,8 +152,8 @@ class LMTPTemporaryError(Exception):
         self.partial = list(partial)
 
 
-class _Failed(Exception):
-    """One connection failed.
+class _Failed(LMTPTemporaryError):
+    """One connection failed (what ``LMTPConnection`` raises; the client then tries the next target).
 
     ``stale``: no reply had been read since it was taken from the pool (the
     server had closed it meanwhile: try a fresh one).  ``partial``: the
@@ -164,7 +164,8 @@ class _Failed(Exception):
                  started: bool = False) -> None:
         super().__init__(message)
         self.stale = stale
-        self.partial = list(partial)
+        self.slots = list(partial)
+        self.partial = [r for r in partial if r is not None]
         self.started = started
 
 
@@ -212,6 +213,10 @@ class LMTPConnection:
             if writer is not None:
                 writer.close()
             raise _Failed(f"{target}: {_why(exc)}") from None
+        except BaseException:
+            if writer is not None:
+                writer.close()
+            raise
         return conn
 
     @property
@@ -468,7 +473,7 @@ class LMTPClient:
                 got = await self._deliver_to(target, from_, [rcpts[i] for i in todo], message, size,
                                              True if eight_bit is None else eight_bit)
             except _Failed as exc:
-                for i, result in zip(todo, exc.partial):
+                for i, result in zip(todo, exc.slots):
                     results[i] = result
                 started = started or exc.started
                 errors.append(str(exc))

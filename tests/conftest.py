@@ -13,6 +13,12 @@ from typing import Callable, Iterator
 
 import pytest
 
+# The Dovecot fixtures (a Dovecot of the tests' own): dovecotrun.py, dovecotlmtp.py.
+from dovecotlmtp import lmtp_dovecot as lmtp_dovecot
+from dovecotlmtp import lmtp_dovecot_tempfail as lmtp_dovecot_tempfail
+from dovecotlmtp import proxy_dovecot as proxy_dovecot
+from dovecotrun import mail_user as mail_user
+from dovecotrun import root_dir as root_dir
 from helpers import HOSTNAME as HOSTNAME
 from helpers import LOOPS as LOOPS
 from helpers import MAILBOXES as MAILBOXES

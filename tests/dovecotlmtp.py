@@ -165,6 +165,11 @@ class LmtpDovecot(Dovecot):
         local, _, domain = user.partition("@")
         return self.root / "mail" / domain / local
 
+    def restart(self) -> None:
+        """Start the master again on the same configuration, ports and mail (after ``stop()``)."""
+        self.proc = start_dovecot(find_lmtp_dovecot(), self.root, (self.root / "dovecot.conf").read_text()).proc
+        wait_banner(self.lmtp_port, b"220 ", self)
+
     def files(self, user: str, folder: str = "") -> list[Path]:
         """The message files of ``user``'s INBOX (or ``folder``), new/ and cur/."""
         top = self.maildir(user) / (f".{folder}" if folder else "")

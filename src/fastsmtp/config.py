@@ -89,6 +89,8 @@ class Config:
     recipient_delimiter: str = "+"
     fsync: str = "batch"
     journal_dir: str = ""  # "" means MAIL_ROOT/.journal at validation time
+    deliver: tuple[str, ...] = ("maildir",)
+    dead_letter: str = ""  # "" means MAIL_ROOT/.dead-letter at validation time
     min_free: int = 64 * 1024 * 1024
     bare_lf: str = "reject"
     spill_threshold: int = 256 * 1024
@@ -171,9 +173,13 @@ def _checked_together(config: Config) -> Config:
     hostname = config.hostname or socket.getfqdn()
     if not hostname or any(c.isspace() or not c.isprintable() for c in hostname):
         raise ConfigError(f"hostname {hostname!r} is not a usable host name")
+    if config.deliver != ("maildir",) and config.fsync != "batch":
+        # LMTP delivery happens after the 250, from the journal: there must be one.
+        raise ConfigError("deliver lmtp:... needs fsync batch (the journal it delivers from)")
     journal_dir = config.journal_dir or os.path.join(config.mail_root, ".journal")
     screen_db = config.screen_db or os.path.join(config.mail_root, ".screen", "screen.db")
-    return replace(config, hostname=hostname, journal_dir=journal_dir, screen_db=screen_db)
+    dead_letter = config.dead_letter or os.path.join(config.mail_root, ".dead-letter")
+    return replace(config, hostname=hostname, journal_dir=journal_dir, screen_db=screen_db, dead_letter=dead_letter)
 
 
 def field_values(setting: Setting, value: Any) -> dict[str, Any]:

@@ -198,8 +198,17 @@ class Handlers:
         return self._ask(calls, (self._info(), event.address), lambda v: v.reply or self._rcpt_checked(txn, event))
 
     def _rcpt_checked(self, txn: Transaction, event: RcptTo) -> Reply | None:
-        """The folder check, then the milters: as in Postfix, a milter hears only of recipients we would take."""
-        found = txn.check_recipient(event.address)
+        """The store's check (a folder, or the LMTP backend's word), then greylisting, then the milters."""
+        backend = self._server.backend
+        if backend is None:
+            return self._rcpt_found(txn, event, self._server.recipients.resolve(event.address))
+        call = (StepCall("lmtp recipient check", backend.check, True, None),)
+        return self._ask(call, (event.address,),
+                         lambda v: self._rcpt_found(txn, event, v.reply or backend.target(event.address)))
+
+    def _rcpt_found(self, txn: Transaction, event: RcptTo, found: str | Reply) -> Reply | None:
+        """As in Postfix, a milter hears only of recipients we would take."""
+        found = txn.screened_recipient(event.address, found)
         if isinstance(found, Reply):
             return found
         milters = self._conn.milters

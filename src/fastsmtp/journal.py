@@ -12,11 +12,15 @@ Rules of this module:
   with its CRC.  The body holds the queue id, the stored name, the targets
   and the exact octets to store, trace headers included, so that recovery
   needs nothing but the record.
-- Targets are ``scheme:rest`` strings.  Today ``maildir:<path>``: the
+- Targets are ``scheme:rest`` strings.  ``maildir:<path>``: the
   message goes to ``<path>/new/<stored name>``, the path being relative to
   the mail root (absolute only for a Maildir outside it), so that a mail
-  root restored under another mount point still gets its journal.  Other schemes (LMTP) are
-  further targets in the same record, with the same retirement rule.
+  root restored under another mount point still gets its journal.
+  ``lmtp:<recipient>``: the message goes to the LMTP backends of
+  ``--deliver`` for that recipient, from the sender of the record's one
+  ``lmtp-from:<sender>`` target; the backends are not in the record, so a
+  message waiting for them follows a change of ``--deliver``.  The same
+  retirement rule holds for both.
 - Reading tells three outcomes apart (``scan``): records, a torn tail (a
   crash in the middle of an append: never acknowledged, since a 250 follows
   the flush of its whole batch, so it is dropped), and damage before the
@@ -49,12 +53,23 @@ from .spool import fsync_dir
 
 __all__ = [
     "MAGIC", "HEADER", "Record", "Damage", "Scan", "encode", "scan", "read_segment", "segment_name",
-    "segments", "segment_seq", "OwnFolder", "try_lock", "MAILDIR",
+    "segments", "segment_seq", "OwnFolder", "try_lock", "MAILDIR", "LMTP", "LMTP_FROM", "read_record",
+    "DONE", "DONE_MARK", "done_marks",
 ]
+
+#: Beside a segment, ``<segment>.done``: the offsets (8 octets each, little
+#: endian) of its records the LMTP backends took, so that a crash before
+#: the segment is retired does not deliver them again.  Written without a
+#: flush: a power cut may lose the last of them, and those messages are
+#: delivered twice (at least once, never lost); a torn last mark is ignored.
+DONE = ".done"
+DONE_MARK = struct.Struct("<Q")
 
 MAGIC = b"FSJ1"
 KIND_MESSAGE = 1
 MAILDIR = "maildir:"
+LMTP = "lmtp:"
+LMTP_FROM = "lmtp-from:"
 
 # magic, kind, 3 pad, the segment's sequence number, body length, body
 # CRC; then the CRC of those 24 octets.
@@ -165,6 +180,35 @@ def _parse(data: bytes | memoryview, offset: int) -> tuple[int, Record] | None:
     if pos > body_end:
         return None
     return seq, Record(queue_id, stored, tuple(targets), bytes(data[pos:body_end]), offset, body_end - offset)
+
+
+def done_marks(segment_path: str) -> set[int]:
+    """The offsets of a segment's records marked delivered (its ``.done`` file; none if it has none)."""
+    try:
+        with open(segment_path + DONE, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return set()
+    whole = len(data) - len(data) % DONE_MARK.size
+    return {DONE_MARK.unpack_from(data, i)[0] for i in range(0, whole, DONE_MARK.size)}
+
+
+def read_record(path: str, seq: int, offset: int) -> Record | None:
+    """The record at ``offset`` of one segment, read with two preads (not the whole segment); None if damaged."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        header = os.pread(fd, HEADER.size, offset)
+        if len(header) < HEADER.size:
+            return None
+        body_len = HEADER.unpack_from(header)[3]
+        body = os.pread(fd, body_len, offset + HEADER.size)
+    finally:
+        os.close(fd)
+    found = _parse(header + body, 0)
+    if found is None or found[0] != seq:
+        return None
+    record = found[1]
+    return Record(record.queue_id, record.stored, record.targets, record.content, offset, record.length)
 
 
 def scan(data: bytes, seq: int) -> Scan:

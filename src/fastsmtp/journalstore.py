@@ -48,8 +48,10 @@ from typing import Any, Sequence
 
 from . import metrics as counters
 from .errors import StorageError
-from .journal import MAILDIR, OwnFolder, encode
+from .journal import DONE, DONE_MARK, LMTP, LMTP_FROM, MAILDIR, OwnFolder, Record, encode
+from .lmtp.queue import Job, LmtpQueue
 from .maildir import Delivery, TmpFiles
+from .recovery import Recovered
 from .retirer import Segment, Segments
 from .spool import Spool, checked_for_submit, close_quiet, encode_host, fdatasync, new_name
 from .store import MessageSpool, Result, settle
@@ -68,17 +70,21 @@ _DSYNC = getattr(os, "RWF_DSYNC", 0)
 
 
 class Entry(Delivery):
-    """A message on its way: into the journal, then into its Maildirs."""
+    """A message on its way: into the journal, then into its Maildirs or to the LMTP backends."""
 
-    __slots__ = ("segment", "offset", "flushed", "attempts", "retry_at")
+    __slots__ = ("segment", "offset", "flushed", "attempts", "retry_at", "lmtp", "sender")
 
-    def __init__(self, spool: Spool, maildirs: list[str], future: "asyncio.Future[str]") -> None:
+    def __init__(self, spool: Spool, maildirs: list[str], future: "asyncio.Future[str]",
+                 lmtp: list[bytes] | None = None, sender: bytes = b"") -> None:
         super().__init__(spool, maildirs, future)
         self.segment: Segment | None = None
         self.offset = 0
         self.flushed = 0.0
         self.attempts = 0
         self.retry_at = 0.0
+        #: The recipients for the LMTP backends (targets ``lmtp:<rcpt>``), and the sender.
+        self.lmtp = lmtp or []
+        self.sender = sender
 
 
 class JournalStore:
@@ -97,6 +103,7 @@ class JournalStore:
         idle_close: float = 1.0,
         metrics: memoryview | None = None,
         anonymous_tmp: bool = True,
+        lmtp: LmtpQueue | None = None,
     ) -> None:
         if max_batch < 1 or max_batch_bytes < 1 or spill_threshold < 0 or segment_size < 1:
             raise ValueError("max_batch, max_batch_bytes, segment_size must be positive, spill_threshold >= 0")
@@ -112,6 +119,12 @@ class JournalStore:
         self._segment_size = segment_size
         self._idle_close = idle_close
         self._metrics = metrics
+        # --deliver lmtp:...: the messages go to the backends from here (lmtp/queue.py).
+        self._lmtp = lmtp
+        #: What the recovery before it found (worker.py adopts its LMTP records).
+        self.recovered: Recovered | None = None
+        # LMTP deliveries done and not yet marked in their segment's .done file.
+        self._done: list[tuple[Segment, int]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._folder: OwnFolder | None = None
         self._tmp_files = TmpFiles(anonymous_tmp)
@@ -148,6 +161,9 @@ class JournalStore:
         self._tmp_files.open()
         self._segments = Segments(self._folder, self._root, self._segment_size, self.stats, self._metrics)
         self._segments.start()
+        if self._lmtp is not None:
+            self._lmtp.start(loop)
+            os.makedirs(os.path.join(self._root, "tmp"), exist_ok=True)
         self._flusher = threading.Thread(target=self._flush_loop, name="fastsmtp-journal", daemon=False)
         self._flusher.start()
 
@@ -164,20 +180,33 @@ class JournalStore:
 
     def open_spool(self, maildir: str) -> Spool:
         name, queue_id = new_name(self._host)
+        if maildir.startswith(LMTP):
+            # A message for the LMTP backends spills into the journal's own
+            # tmp/ (its content goes into the journal all the same).
+            maildir = self._root
         return Spool(maildir, name, queue_id, self._spill_threshold)
 
-    def submit(self, spool: MessageSpool, maildirs: Sequence[str]) -> "asyncio.Future[str]":
-        """Queue the finished message for the next journal flush; the future resolves after it."""
+    def submit(self, spool: MessageSpool, maildirs: Sequence[str], sender: bytes = b"") -> "asyncio.Future[str]":
+        """Queue the finished message for the next journal flush; the future resolves after it.
+
+        ``maildirs`` are the Maildirs to deliver into, or, with LMTP, the
+        targets ``lmtp:<recipient>`` (``sender`` is then the reverse-path).
+        """
         if self._loop is None:
             raise RuntimeError("JournalStore.submit() before start()")
         spool = checked_for_submit(spool, maildirs, "store")
+        lmtp = [os.fsencode(t[len(LMTP):]) for t in maildirs if t.startswith(LMTP)]
+        if lmtp:
+            if self._lmtp is None:
+                raise ValueError("lmtp: targets without --deliver lmtp:...")
+            maildirs = [t for t in maildirs if not t.startswith(LMTP)]
         fut: asyncio.Future[str] = self._loop.create_future()
         if spool.failed is not None:
             spool.discard()
             fut.set_exception(_error(spool.queue_id, spool.failed))
             self.stats["refused"] += 1
             return fut
-        entry = Entry(spool, list(dict.fromkeys(maildirs)), fut)
+        entry = Entry(spool, list(dict.fromkeys(maildirs)), fut, list(dict.fromkeys(lmtp)), sender)
         with self._cv:
             if self._closing:
                 entry.cleanup()
@@ -192,6 +221,25 @@ class JournalStore:
             self._kick_pending = True
             self._loop.call_soon(self._kick)
         return fut
+
+    def adopt(self, records: Sequence[Record]) -> "list[asyncio.Future[str]]":
+        """(Loop, after start) a dead worker's records for the LMTP backends, journaled here anew.
+
+        Each keeps its queue id and stored name; its futures resolve once
+        this journal holds it (recovery.py then removes the old folder).
+        """
+        futures = []
+        for record in records:
+            sender = next((os.fsencode(t[len(LMTP_FROM):]) for t in record.targets if t.startswith(LMTP_FROM)), b"")
+            targets = [t for t in record.targets if t.startswith(LMTP)]
+            spool = Spool(self._root, record.stored.partition(",S=")[0], record.queue_id, self._spill_threshold)
+            spool.write(record.content)
+            futures.append(self.submit(spool, targets, sender))
+        return futures
+
+    @property
+    def lmtp(self) -> LmtpQueue | None:
+        return self._lmtp
 
     def _kick(self) -> None:
         self._kick_pending = False
@@ -337,6 +385,9 @@ class JournalStore:
         end = offset
         for entry in batch:
             targets = [MAILDIR + self._target(md) for md in entry.maildirs]
+            if entry.lmtp:
+                targets.append(LMTP_FROM + os.fsdecode(entry.sender))
+                targets += [LMTP + os.fsdecode(r) for r in entry.lmtp]
             entry.offset = end
             if entry.fd is None:
                 head, length = encode(segment.seq, entry.spool.queue_id, entry.stored, targets,
@@ -479,7 +530,10 @@ class JournalStore:
         failed: list[tuple[Entry, OSError]] = []
         lags: list[float] = []
         proc_fd = self._tmp_files.proc_fd
+        handed = {id(entry) for entry in batch if entry.lmtp and self._hand_to_lmtp(entry)}
         for entry in batch:
+            if id(entry) in handed:
+                continue
             try:
                 entry.write_out(self._tmp_files)
                 entry.link(proc_fd)
@@ -489,8 +543,8 @@ class JournalStore:
                 failed.append((entry, exc))
             else:
                 lags.append(time.monotonic() - entry.flushed)
-        delivered = len(batch) - len(failed)
-        missed = {id(entry) for entry, _ in failed}
+        delivered = len(batch) - len(failed) - len(handed)
+        missed = {id(entry) for entry, _ in failed} | handed
         segments = self.segments
         for entry in batch:
             if id(entry) not in missed:
@@ -514,6 +568,60 @@ class JournalStore:
         if self._closing:
             with self._delivered_cv:
                 self._delivered_cv.notify_all()
+
+
+    def _hand_to_lmtp(self, entry: Entry) -> bool:
+        """(Loop) a flushed message for the LMTP backends: a job of the queue; its segment waits for it.
+
+        The octets in memory serve the first attempt; a spilled message's
+        (and every retry's) are read back from its record.  Its spool's
+        memory and file are dropped here.
+        """
+        queue = self._lmtp
+        segment = entry.segment
+        assert queue is not None and segment is not None
+        content = None if entry.fd is not None else b"".join([*entry.prefix, entry.content])
+        entry.cleanup()
+
+        def done(job: Job) -> None:
+            if not self._done:
+                assert self._loop is not None
+                self._loop.call_soon(self._mark_done)
+            self._done.append((segment, job.offset))
+
+        queue.add(Job(entry.spool.queue_id, entry.stored, entry.sender, list(entry.lmtp), segment.path, segment.seq,
+                      entry.offset, content, done, accepted_at=time.time() - (time.monotonic() - entry.flushed)))
+        return True
+
+
+    def _mark_done(self) -> None:
+        """(Loop) note the LMTP deliveries done in their segments' .done files, then count them delivered.
+
+        In that order: a segment is retired only after its marks are
+        written, so no mark outlives its segment.  No flush: the marks
+        spare a crashed worker's successor most redeliveries, and one lost
+        to a power cut is a duplicate, not a loss.
+        """
+        done, self._done = self._done, []
+        marks: dict[str, list[bytes]] = {}
+        for segment, offset in done:
+            marks.setdefault(segment.path, []).append(DONE_MARK.pack(offset))
+        for path, packed in marks.items():
+            try:
+                fd = os.open(path + DONE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    os.write(fd, b"".join(packed))
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                log.warning("journal: could not mark %d LMTP deliveries done in %s (a crash now would deliver "
+                            "them again): %s", len(packed), path, exc)
+        wake = False
+        for segment, _ in done:
+            segment.delivered += 1
+            wake = wake or (segment.closed and not segment.pending)
+        if wake:
+            self.segments.wake()  # retirable now
 
 
 def _pwritev_all(fd: int, parts: list[bytes | bytearray], offset: int, flags: int = 0) -> None:

@@ -325,7 +325,7 @@ class MaildirWriter:
         name, queue_id = new_name(self._host)
         return Spool(maildir, name, queue_id, self._spill_threshold)
 
-    def submit(self, spool: MessageSpool, maildirs: Sequence[str]) -> asyncio.Future[str]:
+    def submit(self, spool: MessageSpool, maildirs: Sequence[str], sender: bytes = b"") -> asyncio.Future[str]:
         """Queue the complete message for its commit.
 
         Returns a future of the start() loop.  It resolves with the stored file

@@ -98,7 +98,17 @@ SET_ASIDE = _take()  # damaged records and undeliverable messages put aside at s
 JOURNAL_BYTES = _take()
 JOURNAL_SEGMENTS = _take()
 DELIVERY_PENDING = _take()
-GAUGE_SLOTS = (JOURNAL_BYTES, JOURNAL_SEGMENTS, DELIVERY_PENDING)
+# LMTP delivery (lmtp/queue.py, on the loop): recipients delivered, refused
+# for good (dead letters), attempts to be retried; the messages waiting, and
+# when the oldest of them was accepted (wall clock, ms; 0: none), which is
+# the minimum over the workers, not the sum (``totals``).
+LMTP_DELIVERED = _take()
+LMTP_DEAD = _take()
+LMTP_RETRIES = _take()
+LMTP_PENDING = _take()
+LMTP_OLDEST_MS = _take()
+GAUGE_SLOTS = (JOURNAL_BYTES, JOURNAL_SEGMENTS, DELIVERY_PENDING, LMTP_PENDING, LMTP_OLDEST_MS)
+_MIN_SLOTS = frozenset((LMTP_OLDEST_MS,))
 # Authentication (auth/): one slot per check and result (RFC 8601 §2.7).
 AUTH_CHECKS = ("spf", "dkim", "dmarc", "arc")
 AUTH_WORDS = ("none", "pass", "fail", "softfail", "neutral", "policy", "temperror", "permerror")
@@ -139,6 +149,7 @@ COMMIT_SECONDS = Histogram(_SECONDS, 1_000_000_000)
 TIME_TO_250 = Histogram(_SECONDS, 1_000_000_000)
 # One per milter (its place in --milter); answers of milters past MILTERS go into the last.
 MILTER_SECONDS = [Histogram(_SECONDS, 1_000_000_000) for _ in range(MILTERS)]
+LMTP_SECONDS = Histogram(_SECONDS, 1_000_000_000)
 DELIVERY_LAG = Histogram((0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
                          1_000_000_000)
 
@@ -299,7 +310,11 @@ class Metrics:
     def totals(self) -> list[int]:
         values = self._all.tolist()
         rows = [values[s * SLOTS : (s + 1) * SLOTS] for s in range(self.slots)]
-        return [sum(column) for column in zip(self.base, *rows)]
+        out = [sum(column) for column in zip(self.base, *rows)]
+        for slot in _MIN_SLOTS:
+            found = [row[slot] for row in rows if row[slot]]
+            out[slot] = min(found) if found else 0
+        return out
 
     def render(self) -> bytes:
         return render(self.totals())
@@ -333,6 +348,12 @@ _COUNTERS: list[tuple[str, str, int, list[str] | None]] = [
     ("fastsmtp_delivery_failures_total", "Deliveries from the journal that failed and will be retried.",
      DELIVERY_FAILURES, None),
     ("fastsmtp_recovered_total", "Journal records replayed into new/ by recovery at start.", RECOVERED, None),
+    ("fastsmtp_lmtp_delivered_total", "Recipients delivered over LMTP (--deliver lmtp:...), after the 250.",
+     LMTP_DELIVERED, None),
+    ("fastsmtp_lmtp_dead_letters_total", "Recipients an LMTP backend refused for good after the 250: the message "
+     "is in the dead-letter Maildir.", LMTP_DEAD, None),
+    ("fastsmtp_lmtp_retries_total", "LMTP delivery attempts that failed for now and will be retried (a backend "
+     "down, a 4xx).", LMTP_RETRIES, None),
     ("fastsmtp_set_aside_total", "Damaged journal records and undeliverable messages set aside by recovery.",
      SET_ASIDE, None),
     ("fastsmtp_auth_results_total", "Messages by authentication check and result (DKIM: pass if any signature "
@@ -355,6 +376,7 @@ _GAUGES: list[tuple[str, str, int]] = [
     ("fastsmtp_journal_bytes", "Octets in journal segments not yet retired.", JOURNAL_BYTES),
     ("fastsmtp_journal_segments", "Journal segments not yet retired.", JOURNAL_SEGMENTS),
     ("fastsmtp_delivery_pending", "Acknowledged messages not yet in every recipient's new/.", DELIVERY_PENDING),
+    ("fastsmtp_lmtp_pending", "Acknowledged messages waiting for their LMTP delivery.", LMTP_PENDING),
 ]
 # name, help, and the histogram of each label (one, unlabelled, for most).
 _HISTOGRAMS: list[tuple[str, str, list[tuple[str, Histogram]]]] = [
@@ -366,6 +388,8 @@ _HISTOGRAMS: list[tuple[str, str, list[tuple[str, Histogram]]]] = [
      [(f'milter="{i}"', h) for i, h in enumerate(MILTER_SECONDS)]),
     ("fastsmtp_delivery_lag_seconds", "From a message's journal flush (its 250) to its file in new/.",
      [("", DELIVERY_LAG)]),
+    ("fastsmtp_lmtp_seconds", "One LMTP delivery attempt: connection (or a kept one), LHLO, the transaction.",
+     [("", LMTP_SECONDS)]),
 ]
 
 
@@ -384,6 +408,11 @@ def render(totals: list[int]) -> bytes:
             out.extend(f"{name}{{{label}}} {totals[slot + i]}\n" for i, label in enumerate(labels))
     for name, help_text, slot in _GAUGES:
         out.append(f"# HELP {name} {help_text}\n# TYPE {name} gauge\n{name} {totals[slot]}\n")
+    since = totals[LMTP_OLDEST_MS]
+    age = max(0.0, time.time() - since / 1000) if since else 0.0
+    out.append("# HELP fastsmtp_lmtp_oldest_pending_seconds How long the oldest message waiting for its LMTP "
+               "delivery has waited since its 250.\n# TYPE fastsmtp_lmtp_oldest_pending_seconds gauge\n"
+               f"fastsmtp_lmtp_oldest_pending_seconds {_num(round(age, 3))}\n")
     for name, help_text, labelled in _HISTOGRAMS:
         out.append(f"# HELP {name} {help_text}\n# TYPE {name} histogram\n")
         for label, h in labelled:

@@ -17,6 +17,13 @@ Rules of this module:
   is written under ``tmp/``, fsynced, renamed into place, and each new/
   touched is fsynced.  Recovery is rare and small (a few segments), so it
   takes the simple, exact path rather than the fast one.
+- A record for the LMTP backends (``lmtp:`` targets) cannot be delivered
+  before the port opens: the backend may be down, and the MX must serve
+  meanwhile.  It is adopted instead (``adopt``): handed to this worker's
+  journal, which takes it as a new submission (flushed, then delivered
+  and retried like any other), and its old folder stays, locked, until
+  those records are flushed (``Recovered.release_adopted``).  A crash in
+  between adopts them again: at least once, never lost.
 - Nothing is silently dropped.  A torn tail (a crash in the middle of an
   append, never acknowledged) is dropped and logged.  Damage before the
   last good record, and a message whose Maildir is gone, are set aside as
@@ -29,7 +36,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from .journal import MAILDIR, Record, orphans, read_segment, scan, segment_seq, segments
+from .journal import LMTP, LMTP_FROM, MAILDIR, Record, done_marks, orphans, read_segment, scan, segment_seq, segments
 from .spool import FILE_MODE, OPEN_FLAGS, fsync_dir, unlink_quiet, write_all
 
 __all__ = ["Recovered", "recover", "deliver_to_maildir", "set_aside"]
@@ -49,6 +56,22 @@ class Recovered:
     set_aside: int = 0  # damaged stretches and undeliverable messages
     torn: int = 0  # octets of torn tails dropped
     failed: list[str] = field(default_factory=list)  # folders kept for the next start
+    #: Records for the LMTP backends, to be journaled anew (with ``adopt``).
+    adopted: list[Record] = field(default_factory=list)
+    #: Their folders and locks: removed once the adopted records are flushed.
+    kept: list[tuple[str, int]] = field(default_factory=list)
+
+    def release_adopted(self) -> None:
+        """The adopted records are in this worker's journal now: their old folders go."""
+        for folder, lock in self.kept:
+            try:
+                _remove_folder(folder)
+            except OSError as exc:
+                log.error("journal recovery: could not remove %s (adopted; it is recovered again at the next "
+                          "start, its messages delivered twice): %s", folder, exc)
+            finally:
+                os.close(lock)
+        self.kept = []
 
     def line(self) -> str:
         return (f"journal recovery: {self.folders} folder(s), {self.segments} segment(s), {self.records} record(s): "
@@ -56,19 +79,27 @@ class Recovered:
                 f"{self.torn} torn octet(s) dropped")
 
 
-def recover(root: str, mail_root: str, mine: str | None = None) -> Recovered:
-    """Recover every orphaned journal folder under ``root`` (not ``mine``) into ``mail_root``."""
+def recover(root: str, mail_root: str, mine: str | None = None, adopt: bool = False) -> Recovered:
+    """Recover every orphaned journal folder under ``root`` (not ``mine``) into ``mail_root``.
+
+    With ``adopt``, records for the LMTP backends come back in ``adopted``
+    (their folders in ``kept``, still locked); without, they are set aside.
+    """
     done = Recovered()
     for folder, lock in orphans(root, mine):
+        keep = False
         try:
-            _recover_folder(root, mail_root, folder, done)
+            keep = _recover_folder(root, mail_root, folder, done, adopt)
         except OSError as exc:
             # Kept as it is: the next start tries again.  Serving meanwhile is
             # right: new mail goes to a new folder.
             log.error("journal recovery of %s failed, kept for the next start: %s", folder, exc)
             done.failed.append(folder)
         finally:
-            os.close(lock)
+            if keep:
+                done.kept.append((folder, lock))
+            else:
+                os.close(lock)
     if done.folders:
         # A warning when it had work: something did not reach the disk in time.
         level = logging.WARNING if done.replayed or done.set_aside or done.torn else logging.INFO
@@ -76,11 +107,13 @@ def recover(root: str, mail_root: str, mine: str | None = None) -> Recovered:
     return done
 
 
-def _recover_folder(root: str, mail_root: str, folder: str, done: Recovered) -> None:
+def _recover_folder(root: str, mail_root: str, folder: str, done: Recovered, adopt: bool) -> bool:
+    """Recover one folder; True when it is kept for its adopted LMTP records."""
     done.folders += 1
     names = segments(folder)
     touched: set[str] = set()
     cur_index: dict[str, dict[str, str]] = {}
+    adopted = 0
     for name in names:
         path = os.path.join(folder, name)
         found = scan(read_segment(path), segment_seq(name))
@@ -93,12 +126,28 @@ def _recover_folder(root: str, mail_root: str, folder: str, done: Recovered) -> 
         if found.torn:
             log.warning("journal %s: torn last record (%d octet(s), never acknowledged) dropped", path, found.torn)
             done.torn += found.torn
+        delivered = done_marks(path)
         for record in found.records:
             done.records += 1
-            _replay(root, mail_root, record, done, touched, cur_index)
+            lmtp = any(t.startswith(LMTP) for t in record.targets)
+            if lmtp and record.offset in delivered:
+                done.present += 1  # the backends took it before the crash
+                continue
+            if adopt and lmtp:
+                done.adopted.append(record)
+                adopted += 1
+            _replay(root, mail_root, record, done, touched, cur_index, adopt)
     for new_dir in touched:
         fsync_dir(new_dir)
-    for name in names:
+    if adopted:
+        log.warning("journal %s: %d message(s) for the LMTP backends adopted by this worker", folder, adopted)
+        return True
+    _remove_folder(folder)
+    return False
+
+
+def _remove_folder(folder: str) -> None:
+    for name in segments(folder):
         os.unlink(os.path.join(folder, name))
     for leftover in os.listdir(folder):
         unlink_quiet(os.path.join(folder, leftover))
@@ -106,8 +155,20 @@ def _recover_folder(root: str, mail_root: str, folder: str, done: Recovered) -> 
 
 
 def _replay(root: str, mail_root: str, record: Record, done: Recovered, touched: set[str],
-            cur_index: dict[str, dict[str, str]]) -> None:
+            cur_index: dict[str, dict[str, str]], adopt: bool = False) -> None:
+    lmtp_set_aside = False
     for target in record.targets:
+        if target.startswith(LMTP_FROM):
+            continue
+        if target.startswith(LMTP):
+            if not adopt and not lmtp_set_aside:
+                # Journaled for LMTP backends that are no longer configured.
+                where = set_aside(root, f"{record.stored}.lmtp", record.content)
+                log.error("%s: for LMTP, but --deliver has no LMTP backend now; message set aside in %s",
+                          record.queue_id, where)
+                done.set_aside += 1
+                lmtp_set_aside = True
+            continue
         if not target.startswith(MAILDIR):
             where = set_aside(root, f"{record.stored}.unknown-target", record.content)
             log.error("%s: unknown target %r, message set aside in %s", record.queue_id, target, where)

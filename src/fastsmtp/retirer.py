@@ -39,7 +39,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import metrics as counters
-from .journal import OwnFolder, read_segment, scan
+from .journal import DONE, OwnFolder, read_segment, scan
 from .recovery import deliver_to_maildir, set_aside
 from .spool import close_quiet, fdatasync, unlink_quiet
 
@@ -319,7 +319,11 @@ class Segments:
         self.gauges()
 
     def _recycle(self, path: str) -> None:
-        """A retired segment's file: the next spare if none is waiting (and it is full size), else deleted."""
+        """A retired segment's file: the next spare if none is waiting (and it is full size), else deleted.
+
+        Its LMTP marks (journal.py's DONE) go with it.
+        """
+        unlink_quiet(path + DONE)
         with self._lock:
             keep = not self._spares and not self._stopping
         if keep and os.stat(path).st_size >= self._segment_size:

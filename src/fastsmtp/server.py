@@ -32,6 +32,8 @@ from .stages import NO_STAGES, Stages, resolve
 from .store import Store
 from .tls import server_context
 from .trace import TraceHeaders
+from .lmtp.client import LMTPClient
+from .lmtp.recipients import LmtpRecipients
 
 if TYPE_CHECKING:
     from .protocol import SMTPProtocol
@@ -52,6 +54,12 @@ class Server:
         # Connections per client address, summed over all workers (anvil.py).
         self.clients = clients if config.max_connections_per_ip else None
         self.recipients = FolderRecipients(config.mail_root, config.recipient_delimiter)
+        # --deliver lmtp:...: the backend says who exists, at RCPT (lmtp/recipients.py).
+        self.backend: LmtpRecipients | None = None
+        if config.deliver != ("maildir",):
+            # Short timeouts: a client waits on each RCPT.
+            self.backend = LmtpRecipients(LMTPClient(config.deliver, lhlo_name=config.hostname,
+                                                     connect_timeout=2.0, command_timeout=10.0))
         # MAIL is refused with 452 4.3.1 below the reserve (space.py): the
         # journal's file system and the mail root's.
         places = [config.mail_root] + ([config.journal_dir] if config.fsync == "batch" else [])

@@ -224,6 +224,21 @@ def _dnsbl_sites(value: tuple[str, ...]) -> str | None:
     return None
 
 
+def _deliver_targets(value: tuple[str, ...]) -> str | None:
+    from .lmtp.client import parse_target
+
+    if value == ("maildir",):
+        return None
+    if not value:
+        return "deliver: give maildir or at least one lmtp: target"
+    for target in value:
+        try:
+            parse_target(target)
+        except ValueError as exc:
+            return f"deliver: {exc}" + ("; maildir cannot be mixed with LMTP" if target == "maildir" else "")
+    return None
+
+
 def _milters(value: tuple[str, ...]) -> str | None:
     from .milter.client import parse_endpoint
 
@@ -476,6 +491,26 @@ SETTINGS: tuple[Setting, ...] = (
         doc="the write-ahead journal of `--fsync batch`; another device is fine, it is flushed on its own",
         comment="Folder of the write-ahead journal (--fsync batch), one subfolder per worker; \"\" means "
                 "MAIL_ROOT/.journal.  It may be on another device than the mail root."),
+    Setting(
+        "deliver", Kind.STRINGS, ("maildir",), _CONTENT, metavar="TARGET", check=_deliver_targets,
+        shown_default="`maildir`",
+        help="where accepted mail goes: maildir (default), or LMTP backends lmtp:unix:/path or lmtp:HOST:PORT, "
+             "several in order for failover",
+        doc="where accepted mail goes: `maildir` (MAIL_ROOT/<domain>/<user>/new/), or LMTP backends (RFC 2033: "
+            "Dovecot, Cyrus, Stalwart), `lmtp:unix:/path` or `lmtp:HOST:PORT`, several in order for failover; "
+            "recipients are then asked of the backend at RCPT, and mail is delivered from the journal after the "
+            "250, retried while the backend is down (needs `--fsync batch`)",
+        comment="Where accepted mail goes: [\"maildir\"], or LMTP backends in order (failover), e.g. "
+                "[\"lmtp:unix:/run/dovecot/lmtp\"] or [\"lmtp:10.0.0.5:24\", \"lmtp:10.0.0.6:24\"]; LMTP needs "
+                "fsync = \"batch\"."),
+    Setting(
+        "dead-letter", Kind.PATH, "", _CONTENT, metavar="DIR", shown_default="`MAIL_ROOT/.dead-letter`",
+        help="the Maildir for accepted mail an LMTP backend then refused for good (default: "
+             "MAIL_ROOT/.dead-letter)",
+        doc="the Maildir where accepted mail goes that an LMTP backend refused for good after the 250 (a 5xx), "
+            "with the backend's reply in a field above it, for the operator",
+        comment="Maildir for accepted mail an LMTP backend refused for good (5xx) after the 250; \"\" means "
+                "MAIL_ROOT/.dead-letter."),
     # Postfix's queue_minfree: refuse new mail while the disk is nearly full,
     # rather than accept it and fail at the end of its data.
     Setting(

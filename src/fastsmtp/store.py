@@ -77,8 +77,12 @@ class Store(Protocol):
     def open_spool(self, mailbox: str) -> MessageSpool:
         """A spool for a new message whose first recipient is ``mailbox``."""
 
-    def submit(self, spool: MessageSpool, mailboxes: Sequence[str]) -> "asyncio.Future[str]":
-        """Queue the finished message for ``mailboxes``; the future says when it is safe."""
+    def submit(self, spool: MessageSpool, mailboxes: Sequence[str], sender: bytes = b"") -> "asyncio.Future[str]":
+        """Queue the finished message for ``mailboxes``; the future says when it is safe.
+
+        A mailbox is a Maildir, or with ``--deliver lmtp:...`` a target
+        ``lmtp:<recipient>``, delivered from ``sender`` (the journal's only).
+        """
 
     def close(self) -> None:
         """Finish what was submitted, then stop (blocking: call off the loop)."""

@@ -52,6 +52,7 @@ class Transaction:
     __slots__ = (
         "_server", "_loop", "_session", "_peer", "_too_slow", "mailboxes", "spool", "started",
         "data_started", "data_ended", "_octets", "size", "_rate_timer", "auth", "_sink", "greylisted",
+        "_sender",
     )
 
     def __init__(
@@ -82,12 +83,17 @@ class Transaction:
         #: Whether its recipients are greylisted (screen.py): set at MAIL for
         #: a client that is neither trusted nor allow-listed.
         self.greylisted = False
+        # A milter's new sender (SMFIR_CHGFROM); None: the client's.
+        self._sender: bytes | None = None
 
     # -- recipients ---------------------------------------------------------------
 
     def check_recipient(self, address: Address) -> str | Reply:
         """The folder check (and greylisting) for one RCPT: its mailbox, or its refusal."""
-        found = self._server.recipients.resolve(address)
+        return self.screened_recipient(address, self._server.recipients.resolve(address))
+
+    def screened_recipient(self, address: Address, found: str | Reply) -> str | Reply:
+        """After the check of the store (a folder, or the LMTP backend): greylisting, and the counts."""
         if isinstance(found, Reply):
             self._server.meter.recipient_refused(found.code)
             return found
@@ -210,6 +216,8 @@ class Transaction:
         env = self._session.envelope
         original = env.mail_from.raw if env.mail_from is not None else b""
         sender = self._sender_after(*edited.sender) if edited.sender is not None else None
+        if sender is not None:
+            self._sender = sender
         spool = self.spool
         if spool is None or not (edited.header_changed or edited.body is not None or sender is not None):
             return True
@@ -230,7 +238,9 @@ class Transaction:
         return True
 
     def _recipients_after(self, edited: Edited) -> list[str]:
-        resolve = self._server.recipients.resolve
+        backend = self._server.backend
+        # With LMTP the backend answers at delivery for a recipient a milter added.
+        resolve = backend.target if backend is not None else self._server.recipients.resolve
         removed = set(edited.removed)
         mailboxes: list[str] = []
         for address in self._session.envelope.rcpt_to:
@@ -304,7 +314,11 @@ class Transaction:
         if headers:
             spool.prepend(headers)
         self.data_ended = self._loop.time()
-        return spool.queue_id, self._server.store.submit(spool, self.mailboxes)
+        sender = self._sender
+        if sender is None:
+            mail_from = self._session.envelope.mail_from
+            sender = mail_from.raw if mail_from is not None else b""
+        return spool.queue_id, self._server.store.submit(spool, self.mailboxes, sender)
 
     def committed(self, queue_id: str, future: "asyncio.Future[str]") -> Reply:
         """The store's answer as the reply to the end of data; counted and logged."""

@@ -101,6 +101,7 @@ async def serve(
         _clean_tmp(config)
     store = open_store(config, metrics)
     store.start(loop)
+    await adopt_recovered(store)
     if clients is None and config.max_connections_per_ip:
         from .anvil import Anvil
 
@@ -175,9 +176,18 @@ async def _wind_down(
         await asyncio.sleep(0.05)
     for conn in list(server.connections):
         conn.abort()
+    if server.backend is not None:
+        await server.backend.close()
+    lmtp = store.lmtp if isinstance(store, JournalStore) else None
+    if lmtp is not None:
+        await lmtp.drain(min(2.0, config.shutdown_timeout))
     # Commits still queued finish before the process ends: a message
     # whose 250 was lost to the abort is still stored (RFC 1047).
     await loop.run_in_executor(None, store.close)
+    if lmtp is not None:
+        # What the backends have not taken stays in the journal: the next
+        # start adopts it (recovery.py).
+        await lmtp.aclose()
 
 
 def heartbeat_interval(config: Config) -> float:
@@ -226,14 +236,41 @@ def open_store(config: Config, metrics: memoryview | None = None) -> Store:
         return MaildirWriter(
             hostname=config.hostname, fsync=config.fsync, spill_threshold=config.spill_threshold, metrics=metrics
         )
-    done = recover(config.journal_dir, config.mail_root)
+    lmtp = None
+    if config.deliver != ("maildir",):
+        from .lmtp.client import LMTPClient
+        from .lmtp.queue import LmtpQueue
+
+        lmtp = LmtpQueue(LMTPClient(config.deliver, lhlo_name=config.hostname), config.dead_letter, metrics=metrics)
+    done = recover(config.journal_dir, config.mail_root, adopt=lmtp is not None)
     if metrics is not None:
         metrics[RECOVERED] += done.replayed
         metrics[SET_ASIDE] += done.set_aside
-    return JournalStore(
+    store = JournalStore(
         hostname=config.hostname, journal_dir=config.journal_dir, mail_root=config.mail_root,
-        spill_threshold=config.spill_threshold, metrics=metrics,
+        spill_threshold=config.spill_threshold, metrics=metrics, lmtp=lmtp,
     )
+    store.recovered = done
+    return store
+
+
+async def adopt_recovered(store: Store) -> None:
+    """A dead worker's messages for the LMTP backends, journaled here before the port opens (recovery.py)."""
+    done = getattr(store, "recovered", None)
+    if not isinstance(store, JournalStore) or done is None or not done.kept:
+        return
+    results = await asyncio.gather(*store.adopt(done.adopted), return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        # Their old folders stay: the next start adopts them again.
+        log.error("journal: %d adopted message(s) could not be journaled (%s); their folders are kept",
+                  len(failed), failed[0])
+        for _, lock in done.kept:
+            os.close(lock)
+        done.kept = []
+        return
+    done.release_adopted()
+    log.info("journal: %d message(s) for the LMTP backends adopted from dead workers", len(done.adopted))
 
 
 def _clean_tmp(config: Config) -> None:

@@ -218,3 +218,78 @@ def test_a_worker_killed_after_delivering_does_not_deliver_again(tmp_path: Path,
     ids = _ids(got)
     # Every message once: the successor read the .done marks and adopted nothing.
     assert sorted(ids) == sorted(b"load-%d" % n for n in range(40))
+
+
+def test_a_refusal_after_the_250_goes_to_the_dead_letter_maildir(tmp_path: Path, lmtp_dovecot: LmtpDovecot) -> None:
+    from dovecotlmtp import QUOTA_USER
+
+    srv = serve(tmp_path, lmtp_dovecot)
+    try:
+        with smtplib.SMTP(srv.host, srv.port, timeout=30) as client:
+            # Under its 1 KiB quota at RCPT; this 60 KB message is over it
+            # after the final dot (552 5.2.2), when the client has its 250.
+            assert client.sendmail(SENDER, [QUOTA_USER, "alice@example.com"], MESSAGE) == {}
+        assert len(wait_imap(lmtp_dovecot, "alice@example.com", 1)) == 1
+        dead = tmp_path / "mail" / ".dead-letter" / "new"
+        deadline = time.monotonic() + 20
+        while not (dead.is_dir() and list(dead.iterdir())) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (letter,) = list(dead.iterdir())
+        srv.wait_output("refused for good by the LMTP backend")
+        assert metric(srv, "fastsmtp_lmtp_dead_letters_total") == 1
+        assert metric(srv, "fastsmtp_lmtp_delivered_total") == 1
+    finally:
+        srv.stop()
+    data = letter.read_bytes()
+    assert data.startswith(b"X-Fastsmtp-Dead-Letter: <quota@example.com> 552 5.2.2 ")
+    assert data.endswith(MESSAGE) and f",S={len(data)}" in letter.name
+    assert imap_messages(lmtp_dovecot, QUOTA_USER) == []
+
+
+def _cli(tmp: Path, dc: LmtpDovecot, *args: str) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "fastsmtp", "journal", *args, "--mail-root", str(tmp / "mail"),
+                           "--deliver", dc.tcp_target, "--hostname", "mx.test.example"],
+                          capture_output=True, text=True, timeout=60)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_the_journal_commands(tmp_path: Path, lmtp_dovecot: LmtpDovecot) -> None:
+    from dovecotrun import chown_tree, passwd_line
+    from fastsmtp.policy import add_mailbox
+
+    lmtp_dovecot.stop()
+    srv = serve(tmp_path, lmtp_dovecot)
+    try:
+        # Dovecot is down: dave is taken unverified; alice's two wait.
+        _send(srv, 0, 2, sessions=1)
+        with smtplib.SMTP(srv.host, srv.port, timeout=30) as client:
+            assert client.sendmail(SENDER, ["dave@example.com"], MESSAGE) == {}
+        code, out = _cli(tmp_path, lmtp_dovecot, "list")
+        assert code == 0 and "3 waiting for the LMTP backends, 0 dead letter(s)" in out, out
+        assert out.count("<sender@example.net> -> <alice@example.com>") == 2 and "(worker " in out
+        lmtp_dovecot.restart()
+        code, out = _cli(tmp_path, lmtp_dovecot, "retry")  # now, not after the backoff
+        assert code == 0 and "told" in out, out
+        assert len(wait_imap(lmtp_dovecot, "alice@example.com", 2, timeout=10)) == 2
+        # dave does not exist (yet): his message is a dead letter now.
+        srv.wait_output("refused for good by the LMTP backend")
+        code, out = _cli(tmp_path, lmtp_dovecot, "list")
+        assert "0 waiting" in out and "1 dead letter(s)" in out and "<dave@example.com> 550 5.1.1" in out, out
+        # The operator makes the user; the dead letter goes to him.
+        root = lmtp_dovecot.root
+        add_mailbox(str(root / "mail"), "dave@example.com")
+        chown_tree(root / "mail", lmtp_dovecot.owner.uid, lmtp_dovecot.owner.gid)
+        with open(root / "passwd", "a") as f:
+            f.write(passwd_line("dave@example.com", "dave-secret"))
+        time.sleep(1.5)  # Dovecot looks at a changed passwd-file once a second
+        code, out = _cli(tmp_path, lmtp_dovecot, "redeliver")
+        assert code == 0 and "delivered to dave@example.com" in out, out
+        assert not list((tmp_path / "mail" / ".dead-letter" / "new").iterdir())
+    finally:
+        srv.stop()
+    assert len(lmtp_dovecot.files("dave@example.com")) == 1
+    # Dovecot's Maildir files hold LF line ends (IMAP gives CRLF back).
+    assert lmtp_dovecot.files("dave@example.com")[0].read_bytes().endswith(MESSAGE.replace(b"\r\n", b"\n"))

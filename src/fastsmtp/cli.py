@@ -136,6 +136,17 @@ def build_parser(*, explicit_only: bool = False) -> argparse.ArgumentParser:
     config_sub.add_parser("example", help="print an example configuration file: every setting at its default, "
                                           "with what it means")
 
+    journal = sub.add_parser("journal", help="mail waiting for the LMTP backends (--deliver lmtp:...), and the "
+                                             "dead letters")
+    journal_sub = journal.add_subparsers(dest="action", required=True, metavar="ACTION")
+    journal_sub.add_parser("list", parents=[serve], help="the messages waiting for the LMTP backends, and the dead "
+                                                         "letters (takes serve's flags and --config)")
+    journal_sub.add_parser("retry", parents=[serve], help="have every running worker try its deferred LMTP "
+                                                          "deliveries now")
+    again = journal_sub.add_parser("redeliver", parents=[serve], help="deliver dead letters over LMTP again; "
+                                                                      "each one taken is removed")
+    again.add_argument("names", nargs="*", metavar="FILE", help="dead letters by file name (default: all)")
+
     mailbox = sub.add_parser("mailbox", help="create and list Maildir mailboxes")
     mailbox_sub = mailbox.add_subparsers(dest="action", required=True, metavar="ACTION")
     add = mailbox_sub.add_parser("add", help="create MAIL_ROOT/<domain>/<user>/{tmp,new,cur}")
@@ -236,6 +247,32 @@ def _config(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _journal(args: argparse.Namespace, argv: list[str]) -> int:
+    from . import journalcli
+
+    config = _config_from(argv)
+    if args.action == "list":
+        waiting = journalcli.pending(config.journal_dir)
+        for line in waiting:
+            print(line)
+        dead = journalcli.dead_letters(config.dead_letter)
+        for path, refusals in dead:
+            words = "; ".join(f"<{r.decode('utf-8', 'replace')}> {code} {text}" for r, code, text in refusals)
+            print(f"dead  {path.name}  {words}")
+        print(f"{len(waiting)} waiting for the LMTP backends, {len(dead)} dead letter(s) in {config.dead_letter}")
+        return 0
+    if args.action == "retry":
+        told = journalcli.retry(config.journal_dir)
+        print(f"told {len(told)} worker(s): " + " ".join(map(str, told)) if told else "no running worker found")
+        return 0 if told else 1
+    if config.deliver == ("maildir",):
+        raise ConfigError("journal redeliver needs --deliver lmtp:... (or the --config that has it)")
+    results = journalcli.redeliver(config, args.names)
+    for line in results:
+        print(line)
+    return 0 if all(": delivered" in line for line in results) else 1
+
+
 def _mailbox(args: argparse.Namespace) -> int:
     from .policy import add_mailbox, list_mailboxes
 
@@ -261,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(argv)
         if args.command == "config":
             return _config(args, argv)
+        if args.command == "journal":
+            return _journal(args, argv)
         return _mailbox(args)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"fastsmtp: error: {exc}", file=sys.stderr)

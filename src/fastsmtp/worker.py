@@ -102,6 +102,9 @@ async def serve(
     store = open_store(config, metrics)
     store.start(loop)
     await adopt_recovered(store)
+    if isinstance(store, JournalStore) and store.lmtp is not None:
+        # fastsmtp journal retry: the deferred LMTP deliveries, now.
+        loop.add_signal_handler(signal.SIGWINCH, store.lmtp.retry_now)
     if clients is None and config.max_connections_per_ip:
         from .anvil import Anvil
 

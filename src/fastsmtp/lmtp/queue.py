@@ -124,6 +124,16 @@ class LmtpQueue:
             task.cancel()
         self._waiting.clear()
 
+    def retry_now(self) -> None:
+        """(Loop) every deferred delivery, now (``fastsmtp journal retry``: SIGWINCH)."""
+        later, self._later = self._later, {}
+        for job, handle in later.items():
+            handle.cancel()
+            self._waiting.append(job)
+        if later:
+            log.info("lmtp: %d deferred deliveries tried now", len(later))
+        self._pump()
+
     async def drain(self, timeout: float) -> None:
         """Give the deliveries under way (and those waiting) up to ``timeout`` to finish."""
         assert self._loop is not None

@@ -404,5 +404,5 @@ def start_server(
         proc.wait(5)
         drain.join(5)
         raise RuntimeError("server did not start:\n" + drain.text())
-    port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
-    return RunningServer("127.0.0.1", port, mail_root, proc, drain.lines, drain)
+    host, _, port = line.split("listening on ")[1].split()[0].rpartition(":")
+    return RunningServer(host.strip("[]") or "127.0.0.1", int(port), mail_root, proc, drain.lines, drain)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .events import Reply
 from .phase import Phase
@@ -141,22 +141,31 @@ class Opening:
         server.meter.connection_accepted()
         calls = server.stages.on_connect
         if calls:
-            conn.enter(Phase.CONNECT)
-            self._step = StepRun(calls, (conn.peer,), conn.peer, self._connected)
-            verdict = self._step.start()
-            if verdict is None:
-                # The answer comes to _connected; reading waits for it, as
-                # for any stage (what arrives meanwhile is held, bounded).
-                conn.flow.hold("stage")
-                return
-            self._step = None
-            if verdict.reply is not None:
-                conn.refuse(verdict.reply)
-                return
-        self._welcome()
+            self._think(calls, self._welcome)
+        else:
+            self._welcome()
 
-    def _connected(self, verdict: Verdict) -> None:
-        """The on_connect stages' late answer: greet, or refuse instead of the greeting."""
+    def _think(self, calls: tuple[StepCall, ...], then: Callable[[], None]) -> None:
+        """Stages before the greeting (on_connect, the milters' connect), in the CONNECT phase; on a pass, ``then``.
+
+        What the client says meanwhile is held, as for any stage (bounded),
+        and read once they have answered.
+        """
+        conn = self._conn
+        conn.enter(Phase.CONNECT)
+        self._step = StepRun(calls, (conn.peer,), conn.peer, lambda verdict: self._thought(verdict, then))
+        verdict = self._step.start()
+        if verdict is None:
+            conn.flow.hold("stage")  # the answer comes to _thought
+            return
+        self._step = None
+        if verdict.reply is not None:
+            conn.refuse(verdict.reply)
+            return
+        then()
+
+    def _thought(self, verdict: Verdict, then: Callable[[], None]) -> None:
+        """The stages' late answer: go on, or refuse instead of the greeting."""
         self._step = None
         conn = self._conn
         if not conn.is_open():
@@ -165,7 +174,7 @@ class Opening:
         if verdict.reply is not None:
             conn.refuse(verdict.reply)
             return
-        self._welcome()
+        then()
         conn.release_held()
 
     def _welcome(self) -> None:
@@ -244,30 +253,7 @@ class Opening:
             conn.greet()
             return
         conn.milters = milters.session(conn.tls_macros)
-        conn.enter(Phase.CONNECT)
-        self._step = StepRun((StepCall("milter on_connect", conn.milters.connect, True, None),), (conn.peer,),
-                             conn.peer, self._milters_answered)
-        verdict = self._step.start()
-        if verdict is None:
-            conn.flow.hold("stage")
-            return
-        self._step = None
-        if verdict.reply is not None:
-            conn.refuse(verdict.reply)
-            return
-        conn.greet()
-
-    def _milters_answered(self, verdict: Verdict) -> None:
-        self._step = None
-        conn = self._conn
-        if not conn.is_open():
-            return
-        conn.flow.release("stage")
-        if verdict.reply is not None:
-            conn.refuse(verdict.reply)
-            return
-        conn.greet()
-        conn.release_held()
+        self._think((StepCall("milter on_connect", conn.milters.connect, True, None),), conn.greet)
 
     def _refused(self, score: Score) -> bool:
         conn = self._conn

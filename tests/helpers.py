@@ -52,6 +52,28 @@ def wait_for(check: Callable[[], T], timeout: float = 15.0, what: str = "conditi
         time.sleep(interval)
 
 
+def wait_port(proc: "subprocess.Popen[bytes]", port: int, timeout: float, what: str) -> None:
+    """Wait until ``proc`` (a daemon a test started) accepts on 127.0.0.1:``port``, or has exited."""
+
+    def listening() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return proc.poll() is not None
+
+    wait_for(listening, timeout, what)
+
+
+def kill_tree(srv: "RunningServer") -> None:
+    """SIGKILL a server's whole process tree (supervisor and workers), by PID, and wait until it is gone."""
+    tree = [srv.proc.pid, *children(srv.proc.pid)]
+    for pid in tree:
+        os.kill(pid, signal.SIGKILL)
+    srv.proc.wait(10)
+    wait_gone(tree)
+
+
 def never(check: Callable[[], object], within: float = 0.3, what: str = "it") -> None:
     """A "nothing happened" check: fail as soon as ``check`` turns true within ``within`` seconds.
 

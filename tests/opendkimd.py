@@ -6,7 +6,6 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -14,7 +13,7 @@ from typing import Iterator
 import pytest
 
 from dnsserver import free_port
-from helpers import stop_process, wait_for
+from helpers import stop_process, wait_port
 
 
 @contextlib.contextmanager
@@ -68,15 +67,8 @@ def _running(home: Path, port: int, settings: str) -> Iterator[None]:
     log = open(home / "log", "wb")
     proc = subprocess.Popen(["opendkim", "-f", "-x", str(conf)], stdout=log, stderr=subprocess.STDOUT)
 
-    def listening() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            return proc.poll() is not None
-
     try:
-        wait_for(listening, 15, "opendkim to listen")
+        wait_port(proc, port, 15, "opendkim to listen")
         assert proc.poll() is None, (home / "log").read_text()
         yield
     finally:

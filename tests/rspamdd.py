@@ -22,7 +22,6 @@ import contextlib
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -30,7 +29,7 @@ from typing import Iterator
 import pytest
 
 from dnsserver import free_port
-from helpers import stop_process, wait_for
+from helpers import stop_process, wait_port
 
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
@@ -103,15 +102,8 @@ def running_rspamd(home: Path) -> Iterator[tuple[int, int]]:
     out = open(home / "out.txt", "wb")
     proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
 
-    def listening() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            return proc.poll() is not None
-
     try:
-        wait_for(listening, 90, "rspamd to listen")
+        wait_port(proc, port, 90, "rspamd to listen")
         assert proc.poll() is None, (home / "out.txt").read_text() + log_of(home)
         yield port, proc.pid
     finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dovecotlmtp import FULL_USER, LIST_ID, SIEVE_USER, LmtpDovecot, imap_messages
-from helpers import RunningServer, metric, start_server
+from helpers import RunningServer, kill_tree, metric, start_server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -155,11 +155,6 @@ def test_dovecot_stopped_under_load(tmp_path: Path, lmtp_dovecot: LmtpDovecot) -
 
 @pytest.mark.parametrize("how", ["graceful", "sigkill"])
 def test_a_restart_with_mail_waiting_delivers_it(tmp_path: Path, lmtp_dovecot: LmtpDovecot, how: str) -> None:
-    import os
-    import signal
-
-    from helpers import children, wait_gone
-
     lmtp_dovecot.stop()
     srv = serve(tmp_path, lmtp_dovecot)
     try:
@@ -167,11 +162,7 @@ def test_a_restart_with_mail_waiting_delivers_it(tmp_path: Path, lmtp_dovecot: L
         if how == "graceful":
             srv.stop()
         else:
-            tree = [srv.proc.pid, *children(srv.proc.pid)]
-            for pid in tree:
-                os.kill(pid, signal.SIGKILL)
-            srv.proc.wait(10)
-            wait_gone(tree)
+            kill_tree(srv)
     finally:
         srv.stop()
     journal = tmp_path / "mail" / ".journal"
@@ -189,22 +180,13 @@ def test_a_restart_with_mail_waiting_delivers_it(tmp_path: Path, lmtp_dovecot: L
 
 
 def test_a_worker_killed_after_delivering_does_not_deliver_again(tmp_path: Path, lmtp_dovecot: LmtpDovecot) -> None:
-    import os
-    import signal
-
-    from helpers import children, wait_gone
-
     srv = serve(tmp_path, lmtp_dovecot)
     try:
         _send(srv, 0, 40)
         assert len(wait_imap(lmtp_dovecot, "alice@example.com", 40)) == 40
         # At once: the segments are not retired yet (closed after a second
         # idle, then checkpointed), so the journal still holds all 40.
-        tree = [srv.proc.pid, *children(srv.proc.pid)]
-        for pid in tree:
-            os.kill(pid, signal.SIGKILL)
-        srv.proc.wait(10)
-        wait_gone(tree)
+        kill_tree(srv)
     finally:
         srv.stop()
     journal = tmp_path / "mail" / ".journal"

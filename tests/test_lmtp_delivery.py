@@ -275,3 +275,19 @@ def test_the_journal_commands(tmp_path: Path, lmtp_dovecot: LmtpDovecot) -> None
     assert len(lmtp_dovecot.files("dave@example.com")) == 1
     # Dovecot's Maildir files hold LF line ends (IMAP gives CRLF back).
     assert lmtp_dovecot.files("dave@example.com")[0].read_bytes().endswith(MESSAGE.replace(b"\r\n", b"\n"))
+
+
+def test_a_message_that_spilled_to_disk_is_delivered_from_the_journal(tmp_path: Path,
+                                                                      lmtp_dovecot: LmtpDovecot) -> None:
+    big = MESSAGE + b"".join(b"spilled line %07d, past the 256 KiB kept in memory\r\n" % i for i in range(20000))
+    srv = serve(tmp_path, lmtp_dovecot)
+    try:
+        with smtplib.SMTP(srv.host, srv.port, timeout=30) as client:
+            assert client.sendmail(SENDER, ["bob@example.com"], big) == {}
+        (got,) = wait_imap(lmtp_dovecot, "bob@example.com", 1)
+    finally:
+        srv.stop()
+    assert len(big) > 1_000_000 and got.endswith(b"\r\n" + big)
+    # The spill file went with the delivery; this worker's spool folder is empty.
+    spools = list((tmp_path / "mail" / ".journal").glob("spool-*/tmp/*"))
+    assert spools == []

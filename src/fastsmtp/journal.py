@@ -54,7 +54,7 @@ from .spool import fsync_dir
 __all__ = [
     "MAGIC", "HEADER", "Record", "Damage", "Scan", "encode", "scan", "read_segment", "segment_name",
     "segments", "segment_seq", "OwnFolder", "try_lock", "MAILDIR", "LMTP", "LMTP_FROM", "read_record",
-    "DONE", "DONE_MARK", "done_marks",
+    "DONE", "DONE_MARK", "done_marks", "pid_alive",
 ]
 
 #: Beside a segment, ``<segment>.done``: the offsets (8 octets each, little
@@ -350,7 +350,7 @@ def segment_seq(name: str) -> int:
     return int(name[:16], 16)
 
 
-def _alive(pid_text: str) -> bool:
+def pid_alive(pid_text: str) -> bool:
     try:
         os.kill(int(pid_text), 0)
     except ValueError:
@@ -373,7 +373,7 @@ def orphans(root: str, mine: str | None = None) -> Iterator[tuple[str, int]]:
             # Being made by a live process, which locks it next: taking its
             # lock first would fail that process's start.  A dead one's is
             # empty (its records go to w-*): recover (remove) it.
-            if _alive(name[len(".new-"):].partition("-")[0]):
+            if pid_alive(name[len(".new-"):].partition("-")[0]):
                 continue
         elif not name.startswith("w-"):
             continue

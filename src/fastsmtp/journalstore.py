@@ -23,6 +23,13 @@ Rules of this module:
   meanwhile.  A file is visible in ``new/`` within a few milliseconds of
   its 250 (``fastsmtp_delivery_lag_seconds``).  Why on the loop and not in
   a thread: ``_flushed``.
+- With ``--deliver lmtp:...`` the targets are ``lmtp:<recipient>``: a
+  flushed message becomes a job of the LMTP queue (lmtp/queue.py) instead
+  of files, and its segment waits for the job.  Each job done is marked in
+  ``<segment>.done`` (journal.py) before it counts as delivered, so a
+  worker that dies leaves its successor only what the backends did not
+  take (recovery.py adopts it).  Such messages spill, when large, into
+  this worker's ``spool-<pid>/tmp/``.
 - A segment is closed when it reaches ``segment_size`` (or has been idle
   a second); the retirer (retirer.py) makes its files durable and retires
   it, and retries a delivery that failed (a full disk, a Maildir removed
@@ -42,13 +49,14 @@ import collections
 import errno
 import logging
 import os
+import shutil
 import threading
 import time
 from typing import Any, Sequence
 
 from . import metrics as counters
 from .errors import StorageError
-from .journal import DONE, DONE_MARK, LMTP, LMTP_FROM, MAILDIR, OwnFolder, Record, encode
+from .journal import DONE, DONE_MARK, LMTP, LMTP_FROM, MAILDIR, OwnFolder, Record, encode, pid_alive
 from .lmtp.queue import Job, LmtpQueue
 from .maildir import Delivery, TmpFiles
 from .recovery import Recovered
@@ -125,6 +133,9 @@ class JournalStore:
         self.recovered: Recovered | None = None
         # LMTP deliveries done and not yet marked in their segment's .done file.
         self._done: list[tuple[Segment, int]] = []
+        # Where messages for the LMTP backends spill (no Maildir is theirs):
+        # this process's, so that a dead one's leftovers can be removed.
+        self._spool_dir = os.path.join(journal_dir, f"spool-{os.getpid()}")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._folder: OwnFolder | None = None
         self._tmp_files = TmpFiles(anonymous_tmp)
@@ -163,7 +174,8 @@ class JournalStore:
         self._segments.start()
         if self._lmtp is not None:
             self._lmtp.start(loop)
-            os.makedirs(os.path.join(self._root, "tmp"), exist_ok=True)
+            _clear_dead_spools(self._root)
+            os.makedirs(os.path.join(self._spool_dir, "tmp"), exist_ok=True)
         self._flusher = threading.Thread(target=self._flush_loop, name="fastsmtp-journal", daemon=False)
         self._flusher.start()
 
@@ -181,9 +193,9 @@ class JournalStore:
     def open_spool(self, maildir: str) -> Spool:
         name, queue_id = new_name(self._host)
         if maildir.startswith(LMTP):
-            # A message for the LMTP backends spills into the journal's own
-            # tmp/ (its content goes into the journal all the same).
-            maildir = self._root
+            # A message for the LMTP backends spills into this worker's own
+            # spool folder (its content goes into the journal all the same).
+            maildir = self._spool_dir
         return Spool(maildir, name, queue_id, self._spill_threshold)
 
     def submit(self, spool: MessageSpool, maildirs: Sequence[str], sender: bytes = b"") -> "asyncio.Future[str]":
@@ -232,7 +244,7 @@ class JournalStore:
         for record in records:
             sender = next((os.fsencode(t[len(LMTP_FROM):]) for t in record.targets if t.startswith(LMTP_FROM)), b"")
             targets = [t for t in record.targets if t.startswith(LMTP)]
-            spool = Spool(self._root, record.stored.partition(",S=")[0], record.queue_id, self._spill_threshold)
+            spool = Spool(self._spool_dir, record.stored.partition(",S=")[0], record.queue_id, self._spill_threshold)
             spool.write(record.content)
             futures.append(self.submit(spool, targets, sender))
         return futures
@@ -622,6 +634,18 @@ class JournalStore:
             wake = wake or (segment.closed and not segment.pending)
         if wake:
             self.segments.wake()  # retirable now
+
+
+def _clear_dead_spools(root: str) -> None:
+    """Remove the LMTP spool folders (``spool-<pid>``) of processes that are gone: spills of messages
+    never acknowledged, or already in the journal."""
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.startswith("spool-") and not pid_alive(name[len("spool-"):]):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def _pwritev_all(fd: int, parts: list[bytes | bytearray], offset: int, flags: int = 0) -> None:

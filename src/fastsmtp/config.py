@@ -91,6 +91,7 @@ class Config:
     journal_dir: str = ""  # "" means MAIL_ROOT/.journal at validation time
     deliver: tuple[str, ...] = ("maildir",)
     dead_letter: str = ""  # "" means MAIL_ROOT/.dead-letter at validation time
+    lmtp_rcpt_cache: float = 30.0
     min_free: int = 64 * 1024 * 1024
     bare_lf: str = "reject"
     spill_threshold: int = 256 * 1024

@@ -59,7 +59,8 @@ class Server:
         if config.deliver != ("maildir",):
             # Short timeouts: a client waits on each RCPT.
             self.backend = LmtpRecipients(LMTPClient(config.deliver, lhlo_name=config.hostname,
-                                                     connect_timeout=2.0, command_timeout=10.0))
+                                                     connect_timeout=2.0, command_timeout=10.0),
+                                          remember=config.lmtp_rcpt_cache)
         # MAIL is refused with 452 4.3.1 below the reserve (space.py): the
         # journal's file system and the mail root's.
         places = [config.mail_root] + ([config.journal_dir] if config.fsync == "batch" else [])

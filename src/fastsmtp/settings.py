@@ -511,6 +511,15 @@ SETTINGS: tuple[Setting, ...] = (
             "with the backend's reply in a field above it, for the operator",
         comment="Maildir for accepted mail an LMTP backend refused for good (5xx) after the 250; \"\" means "
                 "MAIL_ROOT/.dead-letter."),
+    Setting(
+        "lmtp-rcpt-cache", Kind.SECONDS, 30.0, _CONTENT, metavar="SECONDS",
+        check=_seconds("lmtp-rcpt-cache", positive=False),
+        help="how long a recipient the LMTP backend took at RCPT is taken without asking again (default: "
+             "%(default)s; 0: ask every time)",
+        doc="how long a recipient the LMTP backend took at RCPT is taken again without asking (a yes only; 0 asks "
+            "every time), as Postfix's address verification remembers its answers",
+        comment="Seconds a recipient the LMTP backend took at RCPT is taken again without asking (0: ask each "
+                "time)."),
     # Postfix's queue_minfree: refuse new mail while the disk is nearly full,
     # rather than accept it and fail at the end of its data.
     Setting(

@@ -11,6 +11,13 @@ Rules of this module:
   the recipient is taken, as Postfix takes mail for its queue while the
   store is away, and the backend's answer comes at delivery (a refusal
   then goes to the dead-letter Maildir).  Said once a minute, counted.
+- A recipient the backend took is remembered for ``--lmtp-rcpt-cache``
+  seconds (30; 0: ask every time), as Postfix's address verification
+  remembers its answers (for 31 days there): a sender's run of messages to
+  one user costs one question.  Only a yes is remembered.  A user who goes
+  over quota within that time is told so at delivery instead, which a
+  backend with ``quota_full_tempfail = yes`` makes a retry.  At most
+  ``CACHE_SIZE`` addresses, the oldest forgotten first.
 - An address literal or an address without a domain is never a recipient
   here, as in the folder check: no relaying by another name.
 """
@@ -26,19 +33,25 @@ from ..journal import LMTP
 from ..stages import CONTINUE, Verdict
 from .client import LMTPClient, LMTPTemporaryError
 
-__all__ = ["LmtpRecipients"]
+__all__ = ["LmtpRecipients", "CACHE_SIZE"]
 
 log = logging.getLogger("fastsmtp.lmtp")
+
+CACHE_SIZE = 10_000
 
 
 class LmtpRecipients:
     """RCPT checks against the LMTP backends of ``--deliver``."""
 
-    def __init__(self, client: LMTPClient) -> None:
+    def __init__(self, client: LMTPClient, remember: float = 30.0) -> None:
         self.client = client
+        self.remember = remember
         #: RCPTs taken without the backend's word (it could not answer).
         self.unverified = 0
         self._said_at = -60.0
+        # lower-cased address -> until when the backend's yes holds (monotonic).
+        self._known: dict[bytes, float] = {}
+        self._clock = time.monotonic
 
     @staticmethod
     def target(address: Address) -> str:
@@ -50,17 +63,27 @@ class LmtpRecipients:
         if not address.domain or address.domain[:1] == b"[":
             shown = address.raw.decode("utf-8", "replace")
             return Verdict(Reply(550, "5.7.1", f"<{shown}>: Relay access denied"))
+        key = address.raw.lower()
+        now = self._clock()
+        until = self._known.get(key)
+        if until is not None:
+            if until > now:
+                return CONTINUE
+            del self._known[key]
         try:
             reply = await self.client.probe(address.raw)
         except LMTPTemporaryError as exc:
             self.unverified += 1
-            now = time.monotonic()
             if now - self._said_at >= 60:
                 self._said_at = now
                 log.warning("lmtp: the backend cannot check recipients (%s); taking them unverified "
                             "(%d so far)", exc, self.unverified)
             return CONTINUE
         if reply.code < 400:
+            if self.remember > 0:
+                if len(self._known) >= CACHE_SIZE:
+                    del self._known[next(iter(self._known))]
+                self._known[key] = now + self.remember
             return CONTINUE
         return Verdict(reply)
 

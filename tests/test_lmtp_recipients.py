@@ -1,0 +1,82 @@
+"""lmtp/recipients.py: what an RCPT is told when the store is an LMTP backend (the backend is scripted here;
+tests/test_lmtp_delivery.py asks a real Dovecot)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastsmtp.events import Address, Reply
+from fastsmtp.lmtp.client import LMTPTemporaryError
+from fastsmtp.lmtp.recipients import CACHE_SIZE, LmtpRecipients
+
+
+class Backend:
+    """Answers probes from a table; counts them; raises when told it is down."""
+
+    def __init__(self) -> None:
+        self.asked: list[bytes] = []
+        self.down = False
+
+    async def probe(self, recipient: bytes) -> Reply:
+        self.asked.append(recipient)
+        if self.down:
+            raise LMTPTemporaryError("connection refused")
+        if recipient.startswith(b"nobody"):
+            return Reply(550, "5.1.1", f"<{recipient.decode()}> User doesn't exist")
+        return Reply(250, "2.1.5", "OK")
+
+    async def close(self) -> None:
+        pass
+
+
+def address(text: bytes) -> Address:
+    local, _, domain = text.partition(b"@")
+    return Address(local, domain, text)
+
+
+def check(rcpts: LmtpRecipients, text: bytes) -> Reply | None:
+    return asyncio.run(rcpts.check(address(text))).reply
+
+
+def test_a_yes_is_remembered_a_no_is_not() -> None:
+    backend = Backend()
+    now = [100.0]
+    rcpts = LmtpRecipients(backend, remember=30.0)  # type: ignore[arg-type]
+    rcpts._clock = lambda: now[0]
+    assert check(rcpts, b"alice@example.com") is None
+    assert check(rcpts, b"Alice@Example.COM") is None  # one question for both spellings
+    refusal = check(rcpts, b"nobody@example.com")
+    assert refusal is not None and (refusal.code, refusal.enhanced) == (550, "5.1.1")
+    assert check(rcpts, b"nobody@example.com") is not None
+    assert backend.asked == [b"alice@example.com", b"nobody@example.com", b"nobody@example.com"]
+    now[0] += 31  # past the 30 s: asked again
+    assert check(rcpts, b"alice@example.com") is None and backend.asked[-1] == b"alice@example.com"
+
+
+def test_nothing_is_remembered_with_zero_and_the_memory_is_bounded() -> None:
+    backend = Backend()
+    rcpts = LmtpRecipients(backend, remember=0)  # type: ignore[arg-type]
+    check(rcpts, b"alice@example.com")
+    check(rcpts, b"alice@example.com")
+    assert len(backend.asked) == 2
+    many = LmtpRecipients(backend, remember=60)  # type: ignore[arg-type]
+    for i in range(CACHE_SIZE + 5):
+        check(many, b"user%d@example.com" % i)
+    assert len(many._known) == CACHE_SIZE and b"user0@example.com" not in many._known
+
+
+def test_a_backend_that_cannot_answer_does_not_stop_the_mx() -> None:
+    backend = Backend()
+    backend.down = True
+    rcpts = LmtpRecipients(backend)  # type: ignore[arg-type]
+    assert check(rcpts, b"alice@example.com") is None and rcpts.unverified == 1
+    # Not remembered as a yes: asked again once the backend is back.
+    backend.down = False
+    assert check(rcpts, b"nobody@example.com") is not None
+
+
+def test_no_relaying_by_another_name() -> None:
+    rcpts = LmtpRecipients(Backend())  # type: ignore[arg-type]
+    for text in (b"someone@[192.0.2.1]", b"postmaster"):
+        refusal = check(rcpts, text)
+        assert refusal is not None and refusal.code == 550 and "Relay access denied" in refusal.text

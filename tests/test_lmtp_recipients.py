@@ -80,3 +80,18 @@ def test_no_relaying_by_another_name() -> None:
     for text in (b"someone@[192.0.2.1]", b"postmaster"):
         refusal = check(rcpts, text)
         assert refusal is not None and refusal.code == 550 and "Relay access denied" in refusal.text
+
+
+def test_the_backend_gets_the_message_without_our_return_path() -> None:
+    from fastsmtp.lmtp.queue import without_return_path
+
+    rest = b"Received: from x\r\n\tby y\r\nSubject: s\r\n\r\nReturn-Path: <s@example.net>\r\n"
+    assert without_return_path(b"Return-Path: <s@example.net>\r\n" + rest, b"s@example.net") == rest
+    # Fields of the stages go above it (Authentication-Results, a milter's): they stay.
+    above = b"Authentication-Results: mx; spf=pass\r\nX-Spam: no\r\n"
+    stored = above + b"Return-Path: <s@example.net>\r\n" + rest
+    assert without_return_path(stored, b"s@example.net") == above + rest
+    # Only in the header section, and only the sender's own line.
+    assert without_return_path(b"Subject: s\r\n\r\nReturn-Path: <s@example.net>\r\n", b"s@example.net") \
+        == b"Subject: s\r\n\r\nReturn-Path: <s@example.net>\r\n"
+    assert without_return_path(b"Return-Path: <>\r\n" + rest, b"") == rest

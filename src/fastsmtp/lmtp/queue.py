@@ -199,12 +199,20 @@ class LmtpQueue:
                 delivered += 1
             else:
                 dead.append(result)
+        if dead:
+            try:
+                await self._dead_letter(job, content, dead)
+            except OSError as exc:
+                # Not kept anywhere yet: those recipients are tried again,
+                # and their refusal is written when it can be.
+                log.error("%s: could not write the dead letter into %s: %s", job.queue_id, self.dead_letter, exc)
+                later += [r.recipient for r in dead]
+                failure = failure or f"the dead letter could not be written: {exc}"
+                dead = []
         row = self._metrics
         if row is not None:
             row[counters.LMTP_DELIVERED] += delivered
             row[counters.LMTP_DEAD] += len(dead)
-        if dead:
-            await self._dead_letter(job, content, dead)
         if later:
             job.recipients = later
             self._retry(job, failure or "; ".join(

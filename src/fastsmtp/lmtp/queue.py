@@ -13,6 +13,9 @@ Rules of this module:
   backend down, a timeout, or a connection lost mid-DATA: that recipient is
   tried again, with backoff (1 s, doubling, at most 5 minutes), for as long
   as it takes, as Postfix's queue does.  Meanwhile the MX keeps accepting.
+  The first delivery that goes through after an outage sends every job
+  the outage deferred at once, rather than at its backoff's time (those
+  deferred by a recipient's own 4xx keep theirs).
 - The content is read once more from the journal for each retry (two
   preads of its record): a backlog costs a few dozen octets of memory per
   message, not the message.  The first attempt uses the octets still in
@@ -63,6 +66,8 @@ class Job:
     done: Callable[["Job"], None]
     accepted_at: float = field(default_factory=time.time)
     attempts: int = 0
+    #: Deferred because no backend could be reached (not by a recipient's 4xx).
+    outage: bool = False
 
 
 def without_return_path(content: bytes, sender: bytes) -> bytes:
@@ -96,6 +101,8 @@ class LmtpQueue:
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: set[asyncio.Task[None]] = set()
         self._later: dict[Job, asyncio.TimerHandle] = {}
+        # How many of _later an outage deferred (kept, so that a delivery never scans them).
+        self._outages = 0
         #: Every job not done yet (waiting, running or to be retried), oldest first.
         self._jobs: dict[Job, None] = {}
         self._closed = False
@@ -120,18 +127,20 @@ class LmtpQueue:
         for handle in self._later.values():
             handle.cancel()
         self._later.clear()
+        self._outages = 0
         for task in list(self._running):
             task.cancel()
         self._waiting.clear()
 
-    def retry_now(self) -> None:
-        """(Loop) every deferred delivery, now (``fastsmtp journal retry``: SIGWINCH)."""
-        later, self._later = self._later, {}
-        for job, handle in later.items():
-            handle.cancel()
+    def retry_now(self, outage_only: bool = False) -> None:
+        """(Loop) the deferred deliveries, now: all (``fastsmtp journal retry``: SIGWINCH), or those of an outage."""
+        now = [job for job in self._later if job.outage or not outage_only]
+        for job in now:
+            self._later.pop(job).cancel()
+            self._outages -= job.outage
             self._waiting.append(job)
-        if later:
-            log.info("lmtp: %d deferred deliveries tried now", len(later))
+        if now:
+            log.info("lmtp: %d deferred deliveries tried now", len(now))
         self._pump()
 
     async def drain(self, timeout: float) -> None:
@@ -213,8 +222,11 @@ class LmtpQueue:
         if row is not None:
             row[counters.LMTP_DELIVERED] += delivered
             row[counters.LMTP_DEAD] += len(dead)
+        if delivered and self._outages:
+            self.retry_now(outage_only=True)  # the backends are back
         if later:
             job.recipients = later
+            job.outage = failure is not None
             self._retry(job, failure or "; ".join(
                 f"<{r.decode('utf-8', 'replace')}>: {by_recipient[r].code} {by_recipient[r].text}"
                 for r in later if r in by_recipient))
@@ -236,9 +248,11 @@ class LmtpQueue:
             row[counters.LMTP_RETRIES] += 1
         assert self._loop is not None
         self._later[job] = self._loop.call_later(delay, self._again, job)
+        self._outages += job.outage
 
     def _again(self, job: Job) -> None:
-        self._later.pop(job, None)
+        if self._later.pop(job, None) is not None:
+            self._outages -= job.outage
         self._waiting.append(job)
         self._pump()
 

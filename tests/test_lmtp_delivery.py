@@ -138,6 +138,7 @@ def test_dovecot_stopped_under_load(tmp_path: Path, lmtp_dovecot: LmtpDovecot) -
         _send(srv, 20, 30)
         time.sleep(0.5)
         assert metric(srv, "fastsmtp_lmtp_pending") == 30
+        assert metric(srv, 'fastsmtp_lmtp_pending_by_target{target="0"}') == 30
         assert metric(srv, "fastsmtp_lmtp_oldest_pending_seconds") > 0
         assert metric(srv, "fastsmtp_lmtp_retries_total") >= 30
         lmtp_dovecot.restart()
@@ -291,3 +292,16 @@ def test_a_message_that_spilled_to_disk_is_delivered_from_the_journal(tmp_path: 
     # The spill file went with the delivery; this worker's spool folder is empty.
     spools = list((tmp_path / "mail" / ".journal").glob("spool-*/tmp/*"))
     assert spools == []
+
+
+def test_a_second_backend_takes_over_from_one_that_is_down(tmp_path: Path, lmtp_dovecot: LmtpDovecot) -> None:
+    from dnsserver import free_port
+
+    down = f"lmtp:127.0.0.1:{free_port()}"  # nothing listens there
+    srv = start_server(tmp_path / "mail", "--deliver", down, lmtp_dovecot.tcp_target, "--metrics", "127.0.0.1:0")
+    try:
+        _send(srv, 0, 10, sessions=2)
+        assert len(wait_imap(lmtp_dovecot, "alice@example.com", 10)) == 10
+        assert metric(srv, "fastsmtp_lmtp_pending") == 0 and metric(srv, "fastsmtp_lmtp_retries_total") == 0
+    finally:
+        srv.stop()

@@ -107,7 +107,12 @@ LMTP_DEAD = _take()
 LMTP_RETRIES = _take()
 LMTP_PENDING = _take()
 LMTP_OLDEST_MS = _take()
-GAUGE_SLOTS = (JOURNAL_BYTES, JOURNAL_SEGMENTS, DELIVERY_PENDING, LMTP_PENDING, LMTP_OLDEST_MS)
+# The messages waiting, by the place in --deliver of the target that last
+# failed them (the first, for one not tried yet); past LMTP_TARGETS, the last.
+LMTP_TARGETS = 8
+LMTP_PENDING_BY = _take(LMTP_TARGETS)
+GAUGE_SLOTS = (JOURNAL_BYTES, JOURNAL_SEGMENTS, DELIVERY_PENDING, LMTP_PENDING, LMTP_OLDEST_MS,
+               *range(LMTP_PENDING_BY, LMTP_PENDING_BY + LMTP_TARGETS))
 _MIN_SLOTS = frozenset((LMTP_OLDEST_MS,))
 # Authentication (auth/): one slot per check and result (RFC 8601 §2.7).
 AUTH_CHECKS = ("spf", "dkim", "dmarc", "arc")
@@ -408,6 +413,10 @@ def render(totals: list[int]) -> bytes:
             out.extend(f"{name}{{{label}}} {totals[slot + i]}\n" for i, label in enumerate(labels))
     for name, help_text, slot in _GAUGES:
         out.append(f"# HELP {name} {help_text}\n# TYPE {name} gauge\n{name} {totals[slot]}\n")
+    name = "fastsmtp_lmtp_pending_by_target"
+    out.append(f"# HELP {name} Acknowledged messages waiting for their LMTP delivery, by the target (its place "
+               "in --deliver, from 0) that last failed them; not yet tried: the first.\n# TYPE {name} gauge\n")
+    out.extend(f'{name}{{target="{i}"}} {totals[LMTP_PENDING_BY + i]}\n' for i in range(LMTP_TARGETS))
     since = totals[LMTP_OLDEST_MS]
     age = max(0.0, time.time() - since / 1000) if since else 0.0
     out.append("# HELP fastsmtp_lmtp_oldest_pending_seconds How long the oldest message waiting for its LMTP "

@@ -68,6 +68,8 @@ class Job:
     attempts: int = 0
     #: Deferred because no backend could be reached (not by a recipient's 4xx).
     outage: bool = False
+    #: The place in --deliver of the target that last failed it (0: none yet).
+    target: int = 0
 
 
 def without_return_path(content: bytes, sender: bytes) -> bytes:
@@ -103,6 +105,8 @@ class LmtpQueue:
         self._later: dict[Job, asyncio.TimerHandle] = {}
         # How many of _later an outage deferred (kept, so that a delivery never scans them).
         self._outages = 0
+        # The jobs by the target that last failed them (counts kept, not counted).
+        self._by_target = [0] * counters.LMTP_TARGETS
         #: Every job not done yet (waiting, running or to be retried), oldest first.
         self._jobs: dict[Job, None] = {}
         self._closed = False
@@ -117,6 +121,7 @@ class LmtpQueue:
     def add(self, job: Job) -> None:
         """(Loop) a message whose record is flushed: deliver it."""
         self._jobs[job] = None
+        self._by_target[self._slot(job)] += 1
         self._waiting.append(job)
         self._gauges()
         self._pump()
@@ -192,6 +197,10 @@ class LmtpQueue:
             failure: str | None = None
         except LMTPTemporaryError as exc:
             results, failure = exc.partial, str(exc)
+            if exc.target is not None and exc.target in self.client.targets:
+                self._by_target[self._slot(job)] -= 1
+                job.target = self.client.targets.index(exc.target)
+                self._by_target[self._slot(job)] += 1
         self._observe(time.perf_counter() - started)
         await self._settle(job, content, results, failure)
 
@@ -234,6 +243,7 @@ class LmtpQueue:
         log.info("%s: delivered over LMTP (%d recipient(s), %d refused, attempt %d)", job.queue_id, delivered,
                  len(dead), job.attempts)
         del self._jobs[job]
+        self._by_target[self._slot(job)] -= 1
         self._gauges()
         job.done(job)
 
@@ -274,6 +284,10 @@ class LmtpQueue:
         await self._loop.run_in_executor(None, _store_dead, self.dead_letter, fields + content, name,
                                          deliver_to_maildir)
 
+    @staticmethod
+    def _slot(job: Job) -> int:
+        return min(job.target, counters.LMTP_TARGETS - 1)
+
     def _observe(self, seconds: float) -> None:
         row = self._metrics
         if row is not None:
@@ -285,6 +299,8 @@ class LmtpQueue:
             row[counters.LMTP_PENDING] = len(self._jobs)
             oldest = next(iter(self._jobs), None)
             row[counters.LMTP_OLDEST_MS] = int(oldest.accepted_at * 1000) if oldest is not None else 0
+            for i, count in enumerate(self._by_target):
+                row[counters.LMTP_PENDING_BY + i] = count
 
 
 def _store_dead(maildir: str, data: bytes, name: str, deliver: Any) -> None:

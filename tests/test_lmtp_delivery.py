@@ -305,3 +305,21 @@ def test_a_second_backend_takes_over_from_one_that_is_down(tmp_path: Path, lmtp_
         assert metric(srv, "fastsmtp_lmtp_pending") == 0 and metric(srv, "fastsmtp_lmtp_retries_total") == 0
     finally:
         srv.stop()
+
+
+def test_a_quoted_angle_bracket_in_a_sender_is_carried_over_lmtp(tmp_path: Path, lmtp_dovecot: LmtpDovecot) -> None:
+    # RFC 5321 §4.1.2: qtextSMTP includes "<" and ">"; the LMTP command line carries them quoted.
+    srv = serve(tmp_path, lmtp_dovecot)
+    try:
+        with smtplib.SMTP(srv.host, srv.port, timeout=30) as client:
+            client.ehlo()
+            assert client.mail('"odd<name>"@example.net')[0] == 250
+            code, text = client.rcpt('"x<y"@example.com')  # no such user: the backend's own word
+            assert code == 550, text
+            assert client.rcpt("alice@example.com")[0] == 250
+            assert client.data(MESSAGE)[0] == 250
+        (got,) = wait_imap(lmtp_dovecot, "alice@example.com", 1)
+        assert metric(srv, "fastsmtp_lmtp_pending") == 0 and metric(srv, "fastsmtp_lmtp_dead_letters_total") == 0
+    finally:
+        srv.stop()
+    assert got.startswith(b'Return-Path: <"odd<name>"@example.net>\r\n'), got[:200]

@@ -4,6 +4,7 @@ tests/test_lmtp_delivery.py asks a real Dovecot)."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from fastsmtp.events import Address, Reply
 from fastsmtp.lmtp.client import LMTPTemporaryError
@@ -27,6 +28,9 @@ class Backend:
 
     async def close(self) -> None:
         pass
+
+    def all_down(self) -> bool:
+        return False
 
 
 def address(text: bytes) -> Address:
@@ -95,3 +99,48 @@ def test_the_backend_gets_the_message_without_our_return_path() -> None:
     assert without_return_path(b"Subject: s\r\n\r\nReturn-Path: <s@example.net>\r\n", b"s@example.net") \
         == b"Subject: s\r\n\r\nReturn-Path: <s@example.net>\r\n"
     assert without_return_path(b"Return-Path: <>\r\n" + rest, b"") == rest
+
+
+def test_a_delivery_that_breaks_is_tried_again_never_left_stuck(tmp_path: Path) -> None:
+    from fastsmtp.journal import encode
+    from fastsmtp.lmtp.client import RecipientResult
+    from fastsmtp.lmtp.queue import Job, LmtpQueue
+
+    # The record the retry reads back, as the journal wrote it.
+    content = b"Return-Path: <s@example.net>\r\nSubject: x\r\n\r\nbody\r\n"
+    head, _ = encode(1, "Q1", "1.M1P1.host,S=10", ["lmtp-from:s@example.net", "lmtp:a@example.com"], [content])
+    segment = tmp_path / "0000000000000001.seg"
+    segment.write_bytes(b"".join(head) + content)
+
+    class Flaky:
+        """Fault injection: a bug on the first attempt, then the backend takes it."""
+
+        targets: list[object] = []
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def deliver(self, sender: bytes, rcpts: list[bytes], message: bytes) -> list[RecipientResult]:
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("a bug")
+            return [RecipientResult(r, 250, "2.0.0", "ok") for r in rcpts]
+
+        async def close(self) -> None:
+            pass
+
+    async def scenario() -> tuple[int, list[Job], int]:
+        client = Flaky()
+        queue = LmtpQueue(client, str(tmp_path / "dead"), retry_base=0.01)  # type: ignore[arg-type]
+        queue.start(asyncio.get_running_loop())
+        done: list[Job] = []
+        queue.add(Job("Q1", "1.M1P1.host,S=10", b"s@example.net", [b"a@example.com"], str(segment), 1, 0,
+                      content, done.append))
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if done:
+                break
+        return client.calls, done, queue.pending
+
+    calls, done, pending = asyncio.run(scenario())
+    assert calls == 2 and len(done) == 1 and pending == 0

@@ -198,8 +198,8 @@ def read_record(path: str, seq: int, offset: int) -> Record | None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         header = os.pread(fd, HEADER.size, offset)
-        if len(header) < HEADER.size:
-            return None
+        if len(header) < HEADER.size or zlib.crc32(header[:24]) != HEADER.unpack_from(header)[5]:
+            return None  # a length not checked is never trusted (no 4 GiB read)
         body_len = HEADER.unpack_from(header)[3]
         body = os.pread(fd, body_len, offset + HEADER.size)
     finally:
@@ -295,9 +295,19 @@ class OwnFolder:
     def __init__(self, root: str) -> None:
         os.makedirs(root, mode=0o700, exist_ok=True)
         self.root = root
-        tag = f"{os.getpid()}-{next(_folder_seq)}"
-        hidden = os.path.join(root, f".new-{tag}")
-        os.mkdir(hidden, 0o700)
+        # A name no folder has: a dead process with this pid (pids repeat,
+        # in a container at every start) may have left w-<pid>-0 behind,
+        # kept for adoption, or a .new- one.
+        while True:
+            tag = f"{os.getpid()}-{next(_folder_seq)}"
+            hidden = os.path.join(root, f".new-{tag}")
+            if os.path.lexists(os.path.join(root, f"w-{tag}")):
+                continue
+            try:
+                os.mkdir(hidden, 0o700)
+            except FileExistsError:
+                continue
+            break
         lock = try_lock(hidden)
         if lock is None:
             raise OSError(errno.EBUSY, "could not lock a journal folder just made", hidden)

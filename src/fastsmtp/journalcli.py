@@ -28,11 +28,12 @@ from typing import Iterator
 
 from .config import Config
 from .journal import LMTP, LMTP_FROM, done_marks, read_segment, scan, segment_seq, segments
+from .spool import fsync_dir, write_all
 
 __all__ = ["pending", "dead_letters", "retry", "redeliver", "DEAD_FIELD"]
 
 DEAD_FIELD = b"X-Fastsmtp-Dead-Letter: "
-_DEAD = re.compile(rb"X-Fastsmtp-Dead-Letter: <([^>]*)> (\d{3}) ([^\r\n]*)\r\n")
+_DEAD = re.compile(rb"X-Fastsmtp-Dead-Letter: <(.*)> (\d{3}) ([^\r\n]*)\r\n")
 _FOLDER = re.compile(r"w-(\d+)-\d+")
 
 
@@ -86,10 +87,15 @@ def dead_letters(dead_letter: str) -> list[tuple[Path, list[tuple[bytes, int, st
     if not new.is_dir():
         return out
     for path in sorted(new.iterdir()):
+        refusals = []
         with open(path, "rb") as f:
-            head = f.read(65536)
-        refusals = [(m.group(1), int(m.group(2)), m.group(3).decode("utf-8", "replace"))
-                    for m in _DEAD.finditer(head.split(b"\r\n\r\n", 1)[0] + b"\r\n")]
+            # Our fields come first, one line each, however many recipients.
+            for line in f:
+                if not line.startswith(DEAD_FIELD):
+                    break
+                m = _DEAD.match(line)
+                if m is not None:
+                    refusals.append((m.group(1), int(m.group(2)), m.group(3).decode("utf-8", "replace")))
         out.append((path, refusals))
     return out
 
@@ -121,6 +127,9 @@ async def _redeliver(config: Config, names: list[str]) -> list[str]:
         for path, refusals in dead_letters(config.dead_letter):
             if names and path.name not in names:
                 continue
+            if not refusals:
+                out.append(f"{path.name}: no X-Fastsmtp-Dead-Letter field to take the recipients from; kept")
+                continue
             data = path.read_bytes()
             message = data
             while message.startswith(DEAD_FIELD):
@@ -144,8 +153,14 @@ async def _redeliver(config: Config, names: list[str]) -> list[str]:
                 fields = b"".join(DEAD_FIELD + b"<" + r.recipient + b"> " + f"{r.code} {r.enhanced} ".encode()
                                   + " ".join(r.text.split()).encode("utf-8", "replace") + b"\r\n" for r in left)
                 tmp = path.parent.parent / "tmp" / (path.name + ".redeliver")
-                tmp.write_bytes(fields + message)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                try:
+                    write_all(fd, fields + message)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
                 os.replace(tmp, path)
+                fsync_dir(str(path.parent))
             words = "; ".join(f"<{r.recipient.decode('utf-8', 'replace')}> {r.code} {r.text}" for r in left)
             out.append(f"{path.name}: kept: {words}")
     return out

@@ -56,7 +56,7 @@ from typing import Any, Sequence
 
 from . import metrics as counters
 from .errors import StorageError
-from .journal import DONE, DONE_MARK, LMTP, LMTP_FROM, MAILDIR, OwnFolder, Record, encode, pid_alive
+from .journal import DONE, DONE_MARK, LMTP, LMTP_FROM, MAILDIR, OwnFolder, encode, pid_alive, read_record
 from .lmtp.queue import Job, LmtpQueue
 from .maildir import Delivery, TmpFiles
 from .recovery import Recovered
@@ -73,6 +73,8 @@ _IOV_MAX = 1024
 # Octets written into a new (growing) segment after which a spare is made:
 # the load is steady then.
 _WARM = 1 << 20
+# Records adopted from a dead worker's journal, read and journaled at a time.
+_ADOPT_BATCH = 256
 # pwritev2(2) flag (Linux 4.7+): the write is durable when it returns.
 _DSYNC = getattr(os, "RWF_DSYNC", 0)
 
@@ -211,7 +213,10 @@ class JournalStore:
         if lmtp:
             if self._lmtp is None:
                 raise ValueError("lmtp: targets without --deliver lmtp:...")
-            maildirs = [t for t in maildirs if not t.startswith(LMTP)]
+            if len(lmtp) != len(maildirs):
+                # One message goes one way: a .done mark covers its whole record.
+                raise ValueError("a message for both Maildirs and LMTP backends")
+            maildirs = []
         fut: asyncio.Future[str] = self._loop.create_future()
         if spool.failed is not None:
             spool.discard()
@@ -234,20 +239,44 @@ class JournalStore:
             self._loop.call_soon(self._kick)
         return fut
 
-    def adopt(self, records: Sequence[Record]) -> "list[asyncio.Future[str]]":
+    async def adopt(self, where: Sequence[tuple[str, int, int]], seen: set[str]) -> bool:
         """(Loop, after start) a dead worker's records for the LMTP backends, journaled here anew.
 
-        Each keeps its queue id and stored name; its futures resolve once
-        this journal holds it (recovery.py then removes the old folder).
+        ``where``: (segment path, sequence number, offset) of each record.
+        They are read and submitted a few hundred at a time, so memory holds
+        a batch, not the backlog.  A queue id in ``seen`` (adopted already,
+        from another copy of the same folder's records) is skipped.  True
+        once every record is flushed in this journal; False if any could
+        not be read or journaled (the caller keeps the old folder).
         """
-        futures = []
-        for record in records:
-            sender = next((os.fsencode(t[len(LMTP_FROM):]) for t in record.targets if t.startswith(LMTP_FROM)), b"")
-            targets = [t for t in record.targets if t.startswith(LMTP)]
-            spool = Spool(self._spool_dir, record.stored.partition(",S=")[0], record.queue_id, self._spill_threshold)
-            spool.write(record.content)
-            futures.append(self.submit(spool, targets, sender))
-        return futures
+        assert self._loop is not None
+        ok = True
+        for start in range(0, len(where), _ADOPT_BATCH):
+            futures = []
+            for path, seq, offset in where[start:start + _ADOPT_BATCH]:
+                record = await self._loop.run_in_executor(None, read_record, path, seq, offset)
+                if record is None:
+                    log.error("journal: the record at %s:%d cannot be read to be adopted; kept there", path, offset)
+                    ok = False
+                    continue
+                if record.queue_id in seen:
+                    continue
+                seen.add(record.queue_id)
+                sender = next((os.fsencode(t[len(LMTP_FROM):]) for t in record.targets if t.startswith(LMTP_FROM)),
+                              b"")
+                targets = [t for t in record.targets if t.startswith(LMTP)]
+                # Its own name and queue id (and so its age); two copies of one
+                # record never meet in a spill file, ``seen`` saw to that.
+                spool = Spool(self._spool_dir, record.stored.partition(",S=")[0], record.queue_id,
+                              self._spill_threshold)
+                spool.write(record.content)
+                futures.append(self.submit(spool, targets, sender))
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:
+                log.error("journal: %d adopted message(s) could not be journaled: %s", len(failed), failed[0])
+                ok = False
+        return ok
 
     @property
     def lmtp(self) -> LmtpQueue | None:
@@ -601,8 +630,12 @@ class JournalStore:
                 self._loop.call_soon(self._mark_done)
             self._done.append((segment, job.offset))
 
+        # Accepted when its name says (Maildir names start with the second:
+        # an adopted message keeps its age), else when it was flushed.
+        head = entry.stored.partition(".")[0]
+        accepted = float(head) if head.isdigit() else time.time() - (time.monotonic() - entry.flushed)
         queue.add(Job(entry.spool.queue_id, entry.stored, entry.sender, list(entry.lmtp), segment.path, segment.seq,
-                      entry.offset, content, done, accepted_at=time.time() - (time.monotonic() - entry.flushed)))
+                      entry.offset, content, done, accepted_at=accepted))
         return True
 
 

@@ -22,8 +22,9 @@ Rules of this module:
   meanwhile.  It is adopted instead (``adopt``): handed to this worker's
   journal, which takes it as a new submission (flushed, then delivered
   and retried like any other), and its old folder stays, locked, until
-  those records are flushed (``Recovered.release_adopted``).  A crash in
-  between adopts them again: at least once, never lost.
+  those records are flushed (``Recovered.release``).  A crash in between
+  adopts them again: at least once, never lost.  Only where the records
+  are is kept, not their octets, so a backlog of any size can be adopted.
 - Nothing is silently dropped.  A torn tail (a crash in the middle of an
   append, never acknowledged) is dropped and logged.  Damage before the
   last good record, and a message whose Maildir is gone, are set aside as
@@ -56,22 +57,25 @@ class Recovered:
     set_aside: int = 0  # damaged stretches and undeliverable messages
     torn: int = 0  # octets of torn tails dropped
     failed: list[str] = field(default_factory=list)  # folders kept for the next start
-    #: Records for the LMTP backends, to be journaled anew (with ``adopt``).
-    adopted: list[Record] = field(default_factory=list)
-    #: Their folders and locks: removed once the adopted records are flushed.
-    kept: list[tuple[str, int]] = field(default_factory=list)
+    #: Per folder kept (still locked: its lock fd), where its records for the
+    #: LMTP backends are: (segment path, sequence number, offset).  Only
+    #: where they are, not their octets: a backlog need not fit in memory.
+    adopted: dict[str, tuple[int, list[tuple[str, int, int]]]] = field(default_factory=dict)
 
-    def release_adopted(self) -> None:
-        """The adopted records are in this worker's journal now: their old folders go."""
-        for folder, lock in self.kept:
-            try:
+    def release(self, folder: str, journaled: bool) -> None:
+        """``folder``'s adopted records are in this worker's journal now (``journaled``): it goes.
+
+        Otherwise it is left as it is, unlocked, for the next recovery.
+        """
+        lock, _ = self.adopted.pop(folder)
+        try:
+            if journaled:
                 _remove_folder(folder)
-            except OSError as exc:
-                log.error("journal recovery: could not remove %s (adopted; it is recovered again at the next "
-                          "start, its messages delivered twice): %s", folder, exc)
-            finally:
-                os.close(lock)
-        self.kept = []
+        except OSError as exc:
+            log.error("journal recovery: could not remove %s (adopted; it is recovered again, its messages "
+                      "delivered twice): %s", folder, exc)
+        finally:
+            os.close(lock)
 
     def line(self) -> str:
         return (f"journal recovery: {self.folders} folder(s), {self.segments} segment(s), {self.records} record(s): "
@@ -87,19 +91,19 @@ def recover(root: str, mail_root: str, mine: str | None = None, adopt: bool = Fa
     """
     done = Recovered()
     for folder, lock in orphans(root, mine):
-        keep = False
+        found: list[tuple[str, int, int]] = []
         try:
-            keep = _recover_folder(root, mail_root, folder, done, adopt)
+            _recover_folder(root, mail_root, folder, done, found if adopt else None)
         except OSError as exc:
-            # Kept as it is: the next start tries again.  Serving meanwhile is
-            # right: new mail goes to a new folder.
+            # Kept as it is (nothing of it adopted): the next start tries again.
+            # Serving meanwhile is right: new mail goes to a new folder.
             log.error("journal recovery of %s failed, kept for the next start: %s", folder, exc)
             done.failed.append(folder)
-        finally:
-            if keep:
-                done.kept.append((folder, lock))
-            else:
-                os.close(lock)
+            found = []
+        if found:
+            done.adopted[folder] = (lock, found)
+        else:
+            os.close(lock)
     if done.folders:
         # A warning when it had work: something did not reach the disk in time.
         level = logging.WARNING if done.replayed or done.set_aside or done.torn else logging.INFO
@@ -107,16 +111,21 @@ def recover(root: str, mail_root: str, mine: str | None = None, adopt: bool = Fa
     return done
 
 
-def _recover_folder(root: str, mail_root: str, folder: str, done: Recovered, adopt: bool) -> bool:
-    """Recover one folder; True when it is kept for its adopted LMTP records."""
+def _recover_folder(root: str, mail_root: str, folder: str, done: Recovered,
+                    adopt: list[tuple[str, int, int]] | None) -> None:
+    """Recover one folder: its Maildir records replayed, where its LMTP ones are put in ``adopt``.
+
+    The folder is removed unless it has records to adopt (it then stays
+    until they are journaled again, ``Recovered.release``).
+    """
     done.folders += 1
     names = segments(folder)
     touched: set[str] = set()
     cur_index: dict[str, dict[str, str]] = {}
-    adopted = 0
     for name in names:
         path = os.path.join(folder, name)
-        found = scan(read_segment(path), segment_seq(name))
+        seq = segment_seq(name)
+        found = scan(read_segment(path), seq)
         done.segments += 1
         for damage in found.damaged:
             where = set_aside(root, f"{os.path.basename(folder)}-{name}-{damage.offset}.damaged", damage.data)
@@ -133,17 +142,15 @@ def _recover_folder(root: str, mail_root: str, folder: str, done: Recovered, ado
             if lmtp and record.offset in delivered:
                 done.present += 1  # the backends took it before the crash
                 continue
-            if adopt and lmtp:
-                done.adopted.append(record)
-                adopted += 1
-            _replay(root, mail_root, record, done, touched, cur_index, adopt)
+            if adopt is not None and lmtp:
+                adopt.append((path, seq, record.offset))
+            _replay(root, mail_root, record, done, touched, cur_index, adopt is not None)
     for new_dir in touched:
         fsync_dir(new_dir)
-    if adopted:
-        log.warning("journal %s: %d message(s) for the LMTP backends adopted by this worker", folder, adopted)
-        return True
+    if adopt:
+        log.warning("journal %s: %d message(s) for the LMTP backends adopted by this worker", folder, len(adopt))
+        return
     _remove_folder(folder)
-    return False
 
 
 def _remove_folder(folder: str) -> None:

@@ -255,7 +255,8 @@ class Transaction:
             except LocalProtocolError:
                 log.warning("%s: a milter added the recipient %r, not an address: not delivered", self._peer, text)
                 continue
-            found = resolve(address)
+            literal = not address.domain or address.domain[:1] == b"["
+            found = Reply(550, "5.7.1", "no domain, or an address literal") if literal else resolve(address)
             if isinstance(found, Reply):
                 log.warning("%s: a milter added the recipient <%s>, which is not local (%d %s): not delivered",
                             self._peer, text, found.code, found.enhanced)

@@ -38,7 +38,7 @@ from .logs import event_log, reopen_logs, set_role
 from .journalstore import JournalStore
 from .maildir import MaildirWriter, clean_tmp
 from .metrics import RECOVERED, SET_ASIDE
-from .recovery import recover
+from .recovery import Recovered, recover
 from .server import Server
 from .store import Store
 
@@ -48,6 +48,12 @@ if TYPE_CHECKING:
 __all__ = ["bind_socket", "bind_listeners", "serve", "run_worker", "drop_privileges", "check_mail_root"]
 
 log = logging.getLogger("fastsmtp")
+
+# Seconds between two looks for journal folders that workers which are gone
+# left with mail for the LMTP backends (--deliver lmtp:...).
+ORPHAN_SCAN = 60.0
+# LMTP transactions one worker runs at once.
+LMTP_CONCURRENCY = 8
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -102,9 +108,14 @@ async def serve(
     store = open_store(config, metrics)
     store.start(loop)
     await adopt_recovered(store)
+    orphan_scan: asyncio.Task[None] | None = None
     if isinstance(store, JournalStore) and store.lmtp is not None:
-        # fastsmtp journal retry: the deferred LMTP deliveries, now.
-        loop.add_signal_handler(signal.SIGWINCH, store.lmtp.retry_now)
+        orphan_scan = loop.create_task(_adopt_orphans(config, store, metrics))
+        try:
+            # fastsmtp journal retry: the deferred LMTP deliveries, now.
+            loop.add_signal_handler(signal.SIGWINCH, store.lmtp.retry_now)
+        except (RuntimeError, ValueError):  # not the main thread (an embedding): no signal
+            pass
     if clients is None and config.max_connections_per_ip:
         from .anvil import Anvil
 
@@ -133,6 +144,8 @@ async def serve(
     finally:
         for listener in listeners:
             listener.close()
+        if orphan_scan is not None:
+            orphan_scan.cancel()
         await _wind_down(config, server, store, drain, quick)
         if beat is not None:
             beat.cancel()
@@ -183,13 +196,17 @@ async def _wind_down(
         await server.backend.close()
     lmtp = store.lmtp if isinstance(store, JournalStore) else None
     if lmtp is not None:
-        await lmtp.drain(min(2.0, config.shutdown_timeout))
+        if not quick.is_set():
+            await lmtp.drain(min(2.0, config.shutdown_timeout))
+        # Stopped before the journal lets its folder go: no delivery of ours
+        # may run while another worker adopts what is left (a duplicate).
+        lmtp.close()
     # Commits still queued finish before the process ends: a message
     # whose 250 was lost to the abort is still stored (RFC 1047).
     await loop.run_in_executor(None, store.close)
     if lmtp is not None:
         # What the backends have not taken stays in the journal: the next
-        # start adopts it (recovery.py).
+        # worker adopts it (recovery.py).
         await lmtp.aclose()
 
 
@@ -244,7 +261,9 @@ def open_store(config: Config, metrics: memoryview | None = None) -> Store:
         from .lmtp.client import LMTPClient
         from .lmtp.queue import LmtpQueue
 
-        lmtp = LmtpQueue(LMTPClient(config.deliver, lhlo_name=config.hostname), config.dead_letter, metrics=metrics)
+        # A kept connection for each transaction that may run at once.
+        lmtp = LmtpQueue(LMTPClient(config.deliver, lhlo_name=config.hostname, pool_size=LMTP_CONCURRENCY),
+                         config.dead_letter, metrics=metrics, concurrency=LMTP_CONCURRENCY)
     done = recover(config.journal_dir, config.mail_root, adopt=lmtp is not None)
     if metrics is not None:
         metrics[RECOVERED] += done.replayed
@@ -257,23 +276,45 @@ def open_store(config: Config, metrics: memoryview | None = None) -> Store:
     return store
 
 
-async def adopt_recovered(store: Store) -> None:
-    """A dead worker's messages for the LMTP backends, journaled here before the port opens (recovery.py)."""
-    done = getattr(store, "recovered", None)
-    if not isinstance(store, JournalStore) or done is None or not done.kept:
+async def adopt_recovered(store: Store, done: Recovered | None = None) -> None:
+    """Dead workers' messages for the LMTP backends, journaled here (recovery.py), folder by folder.
+
+    A folder goes once all its records are in this journal; one that
+    could not be adopted whole stays, for the next recovery.
+    """
+    if not isinstance(store, JournalStore):
         return
-    results = await asyncio.gather(*store.adopt(done.adopted), return_exceptions=True)
-    failed = [r for r in results if isinstance(r, BaseException)]
-    if failed:
-        # Their old folders stay: the next start adopts them again.
-        log.error("journal: %d adopted message(s) could not be journaled (%s); their folders are kept",
-                  len(failed), failed[0])
-        for _, lock in done.kept:
-            os.close(lock)
-        done.kept = []
+    done = done if done is not None else store.recovered
+    if done is None:
         return
-    done.release_adopted()
-    log.info("journal: %d message(s) for the LMTP backends adopted from dead workers", len(done.adopted))
+    seen: set[str] = set()
+    for folder in list(done.adopted):
+        _, where = done.adopted[folder]
+        journaled = await store.adopt(where, seen)
+        done.release(folder, journaled)
+        if journaled:
+            log.info("journal: %d message(s) for the LMTP backends adopted from %s", len(where), folder)
+
+
+async def _adopt_orphans(config: Config, store: JournalStore, metrics: memoryview | None) -> None:
+    """Now and then, what a worker that is gone left for the LMTP backends: adopted here.
+
+    A worker that stops with mail waiting (a reload while the backend is
+    away) leaves its folder; only a start looked for such folders before,
+    so its mail would wait for the next one.
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(ORPHAN_SCAN)
+        try:
+            done = await loop.run_in_executor(None, recover, config.journal_dir, config.mail_root, store.folder,
+                                              True)
+            if metrics is not None:
+                metrics[RECOVERED] += done.replayed
+                metrics[SET_ASIDE] += done.set_aside
+            await adopt_recovered(store, done)
+        except Exception:  # logged; tried again at the next scan
+            log.exception("journal: looking for orphaned journal folders failed")
 
 
 def _clean_tmp(config: Config) -> None:

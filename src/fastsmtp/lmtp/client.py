@@ -538,6 +538,11 @@ class LMTPClient:
                 return reply
         raise LMTPTemporaryError("; ".join(errors) or "no LMTP target", last)
 
+    def all_down(self) -> bool:
+        """Whether every target failed within the last ``retry_after`` seconds."""
+        now = asyncio.get_running_loop().time()
+        return all(pool.down_until > now for pool in self._pools.values())
+
     async def close(self) -> None:
         """QUIT every kept connection."""
         conns = [c for pool in self._pools.values() for c in pool.idle]

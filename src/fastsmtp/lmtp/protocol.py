@@ -265,10 +265,25 @@ def encode_address(value: str | bytes, what: str = "address", allow_empty: bool 
     if not raw and not allow_empty:
         raise CommandError(f"an empty {what}")
     # CR/LF would end the command early and start another one of the
-    # caller's choosing; angle brackets would end the path early.
-    if any(c in raw for c in (b"\r", b"\n", b"\0", b"<", b">")) or len(raw) > 1000:
+    # caller's choosing; an angle bracket would end the path early, except
+    # inside a quoted local part, where RFC 5321 §4.1.2's qtextSMTP has them.
+    if any(c in raw for c in (b"\r", b"\n", b"\0")) or len(raw) > 1000 or _bracket_outside_quotes(raw):
         raise CommandError(f"a {what} that cannot be sent: {raw[:80]!r}")
     return raw
+
+
+def _bracket_outside_quotes(raw: bytes) -> bool:
+    quoted = escaped = False
+    for c in raw:
+        if escaped:
+            escaped = False
+        elif quoted and c == 0x5C:  # quoted-pairSMTP: a backslash and the octet after it
+            escaped = True
+        elif c == 0x22:
+            quoted = not quoted
+        elif not quoted and c in (0x3C, 0x3E):
+            return True
+    return quoted  # an unclosed quote would carry the closing bracket with it
 
 
 class Conversation:

@@ -41,6 +41,7 @@ from .. import metrics as counters
 from ..journal import read_record
 from ..trace import return_path
 from .client import LMTPClient, LMTPTemporaryError, RecipientResult
+from .protocol import CommandError, encode_address
 
 __all__ = ["Job", "LmtpQueue", "without_return_path"]
 
@@ -70,6 +71,14 @@ class Job:
     outage: bool = False
     #: The place in --deliver of the target that last failed it (0: none yet).
     target: int = 0
+
+
+def _sendable(address: bytes, allow_empty: bool = False) -> bool:
+    try:
+        encode_address(address, "address", allow_empty)
+    except CommandError:
+        return False
+    return True
 
 
 def without_return_path(content: bytes, sender: bytes) -> bytes:
@@ -122,6 +131,8 @@ class LmtpQueue:
         """(Loop) a message whose record is flushed: deliver it."""
         self._jobs[job] = None
         self._by_target[self._slot(job)] += 1
+        if len(self._running) >= self.concurrency:
+            job.content = None  # it waits: the journal has it, memory need not
         self._waiting.append(job)
         self._gauges()
         self._pump()
@@ -178,6 +189,16 @@ class LmtpQueue:
         self._pump()
 
     async def _attempt(self, job: Job) -> None:
+        """One attempt; whatever goes wrong, the job is tried again or done, never left stuck."""
+        try:
+            await self._try(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug, or the disk: logged, and tried again later
+            log.exception("%s: LMTP delivery failed unexpectedly", job.queue_id)
+            self._retry(job, f"{type(exc).__name__}: {exc}")
+
+    async def _try(self, job: Job) -> None:
         job.attempts += 1
         content = job.content
         job.content = None  # a retry reads the journal: a backlog holds no messages in memory
@@ -185,16 +206,25 @@ class LmtpQueue:
             assert self._loop is not None
             record = await self._loop.run_in_executor(None, read_record, job.path, job.seq, job.offset)
             if record is None:
-                # Not what was flushed (damage since): the operator's, never silently dropped.
-                log.error("%s: its journal record at %s:%d cannot be read; kept in the journal", job.queue_id,
-                          job.path, job.offset)
+                # Not what was flushed: kept in the journal, tried again, never silently dropped.
+                self._retry(job, f"its journal record at {job.path}:{job.offset} cannot be read")
                 return
             content = record.content
+        # An address the LMTP command line cannot carry (a quoted "<" or ">"
+        # in a local part, RFC 5321 §4.1.2 allows them) is refused for good
+        # here, not sent: the backend could never take it.
+        bad_sender = not _sendable(job.sender, allow_empty=True)
+        refused = [RecipientResult(r, 553, "5.1.7" if bad_sender else "5.1.3", "the mail store cannot take this address")
+                   for r in job.recipients if bad_sender or not _sendable(r)]
+        unsendable = {x.recipient for x in refused}
+        sendable = [r for r in job.recipients if r not in unsendable]
         message = without_return_path(content, job.sender)
         started = time.perf_counter()
+        failure: str | None = None
+        results: list[RecipientResult] = []
         try:
-            results = await self.client.deliver(job.sender, job.recipients, message)
-            failure: str | None = None
+            if sendable:
+                results = await self.client.deliver(job.sender, sendable, message)
         except LMTPTemporaryError as exc:
             results, failure = exc.partial, str(exc)
             if exc.target is not None and exc.target in self.client.targets:
@@ -202,7 +232,7 @@ class LmtpQueue:
                 job.target = self.client.targets.index(exc.target)
                 self._by_target[self._slot(job)] += 1
         self._observe(time.perf_counter() - started)
-        await self._settle(job, content, results, failure)
+        await self._settle(job, content, refused + results, failure)
 
     async def _settle(self, job: Job, content: bytes, results: list[RecipientResult], failure: str | None) -> None:
         by_recipient = {r.recipient: r for r in results}
@@ -279,8 +309,8 @@ class LmtpQueue:
                       self.dead_letter)
         assert self._loop is not None
         # One file per refusal: a message refused for one recipient now and
-        # another later is two dead letters.
-        name = f"{job.stored.partition(',S=')[0]}-{job.attempts}"
+        # another later (or after a restart) is two dead letters.
+        name = f"{job.stored.partition(',S=')[0]}-{time.time_ns()}"
         await self._loop.run_in_executor(None, _store_dead, self.dead_letter, fields + content, name,
                                          deliver_to_maildir)
 

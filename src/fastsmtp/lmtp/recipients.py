@@ -32,6 +32,7 @@ from ..events import Address, Reply
 from ..journal import LMTP
 from ..stages import CONTINUE, Verdict
 from .client import LMTPClient, LMTPTemporaryError
+from .protocol import CommandError
 
 __all__ = ["LmtpRecipients", "CACHE_SIZE"]
 
@@ -70,8 +71,16 @@ class LmtpRecipients:
             if until > now:
                 return CONTINUE
             del self._known[key]
+        if self.client.all_down():
+            # Every backend failed lately: no question, no wait on each RCPT.
+            self.unverified += 1
+            return CONTINUE
         try:
             reply = await self.client.probe(address.raw)
+        except CommandError:
+            # A quoted "<" or ">" (RFC 5321 §4.1.2 allows them): LMTP cannot carry it.
+            shown = address.raw.decode("utf-8", "replace")
+            return Verdict(Reply(553, "5.1.3", f"<{shown}>: the mail store cannot take this address"))
         except LMTPTemporaryError as exc:
             self.unverified += 1
             if now - self._said_at >= 60:

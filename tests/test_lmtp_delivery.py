@@ -323,3 +323,25 @@ def test_a_quoted_angle_bracket_in_a_sender_is_carried_over_lmtp(tmp_path: Path,
     finally:
         srv.stop()
     assert got.startswith(b'Return-Path: <"odd<name>"@example.net>\r\n'), got[:200]
+
+
+def test_mail_a_worker_left_at_a_reload_is_taken_over(tmp_path: Path, lmtp_dovecot: LmtpDovecot) -> None:
+    import signal
+
+    lmtp_dovecot.stop()
+    srv = serve(tmp_path, lmtp_dovecot, "--workers", "1", "--lmtp-orphan-scan", "1")
+    try:
+        _send(srv, 0, 5, sessions=1)
+        journal = tmp_path / "mail" / ".journal"
+        before = {p.name for p in journal.iterdir() if p.name.startswith("w-")}
+        # SIGHUP: a new worker starts (its recovery finds the old folder
+        # still locked), then the old one retires with its mail waiting.
+        srv.proc.send_signal(signal.SIGHUP)
+        srv.wait_output("adopted from")  # a minute at most by default; a second here
+        after = {p.name for p in journal.iterdir() if p.name.startswith("w-")}
+        assert before and not (before & after)  # the old folder went once its mail was journaled anew
+        lmtp_dovecot.restart()
+        got = wait_imap(lmtp_dovecot, "alice@example.com", 5, timeout=60)
+    finally:
+        srv.stop()
+    assert sorted(_ids(got)) == sorted(b"load-%d" % n for n in range(5))

@@ -92,6 +92,7 @@ class Config:
     deliver: tuple[str, ...] = ("maildir",)
     dead_letter: str = ""  # "" means MAIL_ROOT/.dead-letter at validation time
     lmtp_rcpt_cache: float = 30.0
+    lmtp_orphan_scan: float = 60.0
     min_free: int = 64 * 1024 * 1024
     bare_lf: str = "reject"
     spill_threshold: int = 256 * 1024

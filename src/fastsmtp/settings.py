@@ -520,6 +520,14 @@ SETTINGS: tuple[Setting, ...] = (
             "every time), as Postfix's address verification remembers its answers",
         comment="Seconds a recipient the LMTP backend took at RCPT is taken again without asking (0: ask each "
                 "time)."),
+    Setting(
+        "lmtp-orphan-scan", Kind.SECONDS, 60.0, _CONTENT, metavar="SECONDS",
+        check=_seconds("lmtp-orphan-scan", positive=True),
+        help="how often a worker looks for journals that stopped workers left with mail for the LMTP backends "
+             "(default: %(default)s)",
+        doc="how often a running worker looks for journal folders that workers which are gone left with mail for "
+            "the LMTP backends (one retired at a reload while the backend was away), and takes that mail over",
+        comment="Seconds between a worker's looks for journals left by stopped workers with LMTP mail waiting."),
     # Postfix's queue_minfree: refuse new mail while the disk is nearly full,
     # rather than accept it and fail at the end of its data.
     Setting(

@@ -49,9 +49,6 @@ __all__ = ["bind_socket", "bind_listeners", "serve", "run_worker", "drop_privile
 
 log = logging.getLogger("fastsmtp")
 
-# Seconds between two looks for journal folders that workers which are gone
-# left with mail for the LMTP backends (--deliver lmtp:...).
-ORPHAN_SCAN = 60.0
 # LMTP transactions one worker runs at once.
 LMTP_CONCURRENCY = 8
 
@@ -305,7 +302,7 @@ async def _adopt_orphans(config: Config, store: JournalStore, metrics: memoryvie
     """
     loop = asyncio.get_running_loop()
     while True:
-        await asyncio.sleep(ORPHAN_SCAN)
+        await asyncio.sleep(config.lmtp_orphan_scan)
         try:
             done = await loop.run_in_executor(None, recover, config.journal_dir, config.mail_root, store.folder,
                                               True)

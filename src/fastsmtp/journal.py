@@ -94,6 +94,17 @@ class Record:
     offset: int  # where its header starts in the segment
     length: int  # header and body
 
+    def lmtp_envelope(self) -> tuple[bytes, list[bytes]]:
+        """Its sender and recipients for the LMTP backends (no recipients: it is not for them)."""
+        sender = b""
+        recipients = []
+        for target in self.targets:
+            if target.startswith(LMTP_FROM):
+                sender = os.fsencode(target[len(LMTP_FROM):])
+            elif target.startswith(LMTP):
+                recipients.append(os.fsencode(target[len(LMTP):]))
+        return sender, recipients
+
 
 @dataclass(frozen=True, slots=True)
 class Damage:

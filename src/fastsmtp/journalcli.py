@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Iterator
 
 from .config import Config
-from .journal import LMTP, LMTP_FROM, done_marks, read_segment, scan, segment_seq, segments
-from .spool import fsync_dir, write_all
+from .journal import done_marks, read_segment, scan, segment_seq, segments
+from .lmtp.queue import DEAD_FIELD
 
-__all__ = ["pending", "dead_letters", "retry", "redeliver", "DEAD_FIELD"]
+__all__ = ["pending", "dead_letters", "retry", "redeliver"]
 
-DEAD_FIELD = b"X-Fastsmtp-Dead-Letter: "
 _DEAD = re.compile(rb"X-Fastsmtp-Dead-Letter: <(.*)> (\d{3}) ([^\r\n]*)\r\n")
 _FOLDER = re.compile(r"w-(\d+)-\d+")
 
@@ -46,6 +45,10 @@ def _folders(journal_dir: str) -> Iterator[tuple[str, int]]:
         m = _FOLDER.fullmatch(name)
         if m is not None:
             yield os.path.join(journal_dir, name), int(m.group(1))
+
+
+def _text(address: bytes) -> str:
+    return address.decode("utf-8", "replace")
 
 
 def _is_fastsmtp(pid: int) -> bool:
@@ -70,13 +73,12 @@ def pending(journal_dir: str) -> list[str]:
                 continue  # retired meanwhile
             done = done_marks(path)
             for record in found.records:
-                rcpts = [t[len(LMTP):] for t in record.targets if t.startswith(LMTP)]
+                sender, rcpts = record.lmtp_envelope()
                 if not rcpts or record.offset in done:
                     continue
-                sender = next((t[len(LMTP_FROM):] for t in record.targets if t.startswith(LMTP_FROM)), "")
                 age = now - float(record.stored.split(".", 1)[0]) if record.stored[:1].isdigit() else 0.0
-                lines.append(f"{record.queue_id}  {age:7.0f}s  {len(record.content):>9}  <{sender}> -> "
-                             + ", ".join(f"<{r}>" for r in rcpts) + f"  ({owner})")
+                lines.append(f"{record.queue_id}  {age:7.0f}s  {len(record.content):>9}  <{_text(sender)}> -> "
+                             + ", ".join(f"<{_text(r)}>" for r in rcpts) + f"  ({owner})")
     return lines
 
 
@@ -120,7 +122,7 @@ def redeliver(config: Config, names: list[str]) -> list[str]:
 
 async def _redeliver(config: Config, names: list[str]) -> list[str]:
     from .lmtp.client import LMTPClient, LMTPTemporaryError
-    from .lmtp.queue import without_return_path
+    from .lmtp.queue import dead_letter_fields, store_dead_letter, without_return_path
 
     out = []
     async with LMTPClient(config.deliver, lhlo_name=config.hostname) as client:
@@ -145,22 +147,14 @@ async def _redeliver(config: Config, names: list[str]) -> list[str]:
             left = [r for r in results if not r.delivered]
             if not left:
                 path.unlink()
-                out.append(f"{path.name}: delivered to " + ", ".join(r.decode("utf-8", "replace") for r in rcpts))
+                out.append(f"{path.name}: delivered to " + ", ".join(map(_text, rcpts)))
                 continue
             if len(left) < len(results):
                 # Only the refusals left stay above the message: a later
                 # redeliver does not deliver the others twice.
-                fields = b"".join(DEAD_FIELD + b"<" + r.recipient + b"> " + f"{r.code} {r.enhanced} ".encode()
-                                  + " ".join(r.text.split()).encode("utf-8", "replace") + b"\r\n" for r in left)
-                tmp = path.parent.parent / "tmp" / (path.name + ".redeliver")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                try:
-                    write_all(fd, fields + message)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, path)
-                fsync_dir(str(path.parent))
-            words = "; ".join(f"<{r.recipient.decode('utf-8', 'replace')}> {r.code} {r.text}" for r in left)
+                store_dead_letter(config.dead_letter, dead_letter_fields(left) + message,
+                                  path.name.partition(",S=")[0] + "-r")
+                path.unlink()
+            words = "; ".join(f"<{_text(r.recipient)}> {r.code} {r.text}" for r in left)
             out.append(f"{path.name}: kept: {words}")
     return out

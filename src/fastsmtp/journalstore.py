@@ -262,9 +262,8 @@ class JournalStore:
                 if record.queue_id in seen:
                     continue
                 seen.add(record.queue_id)
-                sender = next((os.fsencode(t[len(LMTP_FROM):]) for t in record.targets if t.startswith(LMTP_FROM)),
-                              b"")
-                targets = [t for t in record.targets if t.startswith(LMTP)]
+                sender, recipients = record.lmtp_envelope()
+                targets = [LMTP + os.fsdecode(r) for r in recipients]
                 # Its own name and queue id (and so its age); two copies of one
                 # record never meet in a spill file, ``seen`` saw to that.
                 spool = Spool(self._spool_dir, record.stored.partition(",S=")[0], record.queue_id,
@@ -571,7 +570,11 @@ class JournalStore:
         failed: list[tuple[Entry, OSError]] = []
         lags: list[float] = []
         proc_fd = self._tmp_files.proc_fd
-        handed = {id(entry) for entry in batch if entry.lmtp and self._hand_to_lmtp(entry)}
+        handed = set()
+        for entry in batch:
+            if entry.lmtp:
+                self._hand_to_lmtp(entry)
+                handed.add(id(entry))
         for entry in batch:
             if id(entry) in handed:
                 continue
@@ -610,8 +613,7 @@ class JournalStore:
             with self._delivered_cv:
                 self._delivered_cv.notify_all()
 
-
-    def _hand_to_lmtp(self, entry: Entry) -> bool:
+    def _hand_to_lmtp(self, entry: Entry) -> None:
         """(Loop) a flushed message for the LMTP backends: a job of the queue; its segment waits for it.
 
         The octets in memory serve the first attempt; a spilled message's
@@ -636,8 +638,6 @@ class JournalStore:
         accepted = float(head) if head.isdigit() else time.time() - (time.monotonic() - entry.flushed)
         queue.add(Job(entry.spool.queue_id, entry.stored, entry.sender, list(entry.lmtp), segment.path, segment.seq,
                       entry.offset, content, done, accepted_at=accepted))
-        return True
-
 
     def _mark_done(self) -> None:
         """(Loop) note the LMTP deliveries done in their segments' .done files, then count them delivered.

@@ -61,6 +61,8 @@ __all__ = [
     "add_mailbox",
     "list_mailboxes",
     "ensure_mail_root",
+    "no_domain_name",
+    "relay_denied",
 ]
 
 StrPath = str | os.PathLike[str]
@@ -161,6 +163,18 @@ def _put(cache: dict[str, _V], key: str, value: _V, limit: int) -> None:
     cache[key] = value
 
 
+def no_domain_name(domain: bytes) -> bool:
+    """An address literal, or no domain at all: never a local domain, whatever the store.
+
+    Delivering to [ip] would make us an open relay by another name.
+    """
+    return not domain or domain[0] == 91  # '['
+
+
+def relay_denied(address: Address) -> Reply:
+    return Reply(550, "5.7.1", f"<{_shown(address.raw)}>: Relay access denied")
+
+
 def _shown(raw: bytes) -> str:
     """The address for a reply text: control characters must never reach the wire."""
     return _control_re.sub(b"?", raw).decode("utf-8", "replace")
@@ -227,10 +241,8 @@ class FolderRecipients:
                 "5.1.3",
                 f"<{_shown(address.raw)}>: Recipient address rejected: invalid mailbox name",
             )
-        # An address literal or no domain at all is never a local domain
-        # here: delivering to [ip] would make us an open relay by another name.
-        if not domain or domain[0] == 91:  # '['
-            return self._relay_denied(address)
+        if no_domain_name(domain):
+            return relay_denied(address)
         try:
             self._check_root()
             lower = os.fsdecode(domain).lower()
@@ -244,7 +256,7 @@ class FolderRecipients:
                 del self._local[lower]
             domain_dir = self._domain_dir(lower)
             if domain_dir is None:
-                return self._relay_denied(address)
+                return relay_denied(address)
             _put(self._local, lower, domain_dir, MAX_DOMAINS)
             if domain_dir != remembered:
                 found = self._mailbox(domain_dir, local)
@@ -255,9 +267,6 @@ class FolderRecipients:
         return Reply(
             550, "5.1.1", f"<{_shown(address.raw)}>: Recipient address rejected: User unknown"
         )
-
-    def _relay_denied(self, address: Address) -> Reply:
-        return Reply(550, "5.7.1", f"<{_shown(address.raw)}>: Relay access denied")
 
     def _check_root(self) -> None:
         """Forget the domain folders if MAIL_ROOT may have changed (at most once per ROOT_RECHECK_NS)."""

@@ -138,7 +138,7 @@ def _recover_folder(root: str, mail_root: str, folder: str, done: Recovered,
         delivered = done_marks(path)
         for record in found.records:
             done.records += 1
-            lmtp = any(t.startswith(LMTP) for t in record.targets)
+            lmtp = bool(record.lmtp_envelope()[1])
             if lmtp and record.offset in delivered:
                 done.present += 1  # the backends took it before the crash
                 continue

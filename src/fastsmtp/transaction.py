@@ -25,7 +25,7 @@ from ._abnf import parse_mail_argument, parse_rcpt_argument
 from .errors import LocalProtocolError, StorageError
 from .events import Address, Reply
 from .hooks import MessageInfo
-from .policy import is_maildir
+from .policy import is_maildir, no_domain_name, relay_denied
 from .store import MessageSpool
 from .trace import return_path
 
@@ -255,8 +255,7 @@ class Transaction:
             except LocalProtocolError:
                 log.warning("%s: a milter added the recipient %r, not an address: not delivered", self._peer, text)
                 continue
-            literal = not address.domain or address.domain[:1] == b"["
-            found = Reply(550, "5.7.1", "no domain, or an address literal") if literal else resolve(address)
+            found = relay_denied(address) if no_domain_name(address.domain) else resolve(address)
             if isinstance(found, Reply):
                 log.warning("%s: a milter added the recipient <%s>, which is not local (%d %s): not delivered",
                             self._peer, text, found.code, found.enhanced)

@@ -261,16 +261,20 @@ def open_store(config: Config, metrics: memoryview | None = None) -> Store:
         # A kept connection for each transaction that may run at once.
         lmtp = LmtpQueue(LMTPClient(config.deliver, lhlo_name=config.hostname, pool_size=LMTP_CONCURRENCY),
                          config.dead_letter, metrics=metrics, concurrency=LMTP_CONCURRENCY)
-    done = recover(config.journal_dir, config.mail_root, adopt=lmtp is not None)
-    if metrics is not None:
-        metrics[RECOVERED] += done.replayed
-        metrics[SET_ASIDE] += done.set_aside
+    done = _counted(recover(config.journal_dir, config.mail_root, adopt=lmtp is not None), metrics)
     store = JournalStore(
         hostname=config.hostname, journal_dir=config.journal_dir, mail_root=config.mail_root,
         spill_threshold=config.spill_threshold, metrics=metrics, lmtp=lmtp,
     )
     store.recovered = done
     return store
+
+
+def _counted(done: Recovered, metrics: memoryview | None) -> Recovered:
+    if metrics is not None:
+        metrics[RECOVERED] += done.replayed
+        metrics[SET_ASIDE] += done.set_aside
+    return done
 
 
 async def adopt_recovered(store: Store, done: Recovered | None = None) -> None:
@@ -306,10 +310,7 @@ async def _adopt_orphans(config: Config, store: JournalStore, metrics: memoryvie
         try:
             done = await loop.run_in_executor(None, recover, config.journal_dir, config.mail_root, store.folder,
                                               True)
-            if metrics is not None:
-                metrics[RECOVERED] += done.replayed
-                metrics[SET_ASIDE] += done.set_aside
-            await adopt_recovered(store, done)
+            await adopt_recovered(store, _counted(done, metrics))
         except Exception:  # logged; tried again at the next scan
             log.exception("journal: looking for orphaned journal folders failed")
 

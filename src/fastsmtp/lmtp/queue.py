@@ -35,17 +35,22 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from .. import metrics as counters
 from ..journal import read_record
+from ..recovery import deliver_to_maildir
+from ..spool import fsync_dir
 from ..trace import return_path
 from .client import LMTPClient, LMTPTemporaryError, RecipientResult
 from .protocol import CommandError, encode_address
 
-__all__ = ["Job", "LmtpQueue", "without_return_path"]
+__all__ = ["Job", "LmtpQueue", "without_return_path", "dead_letter_fields", "store_dead_letter", "DEAD_FIELD"]
 
 log = logging.getLogger("fastsmtp.lmtp")
+
+#: The field above a dead letter, one per refusal (``fastsmtp journal`` reads them back).
+DEAD_FIELD = b"X-Fastsmtp-Dead-Letter: "
 
 
 @dataclass(slots=True, eq=False)
@@ -298,11 +303,6 @@ class LmtpQueue:
 
     async def _dead_letter(self, job: Job, content: bytes, dead: list[RecipientResult]) -> None:
         """Into the dead-letter Maildir, durably, with each refusal in a field above the message."""
-        from ..recovery import deliver_to_maildir
-
-        fields = b"".join(
-            b"X-Fastsmtp-Dead-Letter: <" + r.recipient + b"> " + f"{r.code} {r.enhanced} ".encode()
-            + " ".join(r.text.split()).encode("utf-8", "replace") + b"\r\n" for r in dead)
         for r in dead:
             log.error("%s: <%s> refused for good by the LMTP backend after the 250 (%d %s %s); message kept in %s",
                       job.queue_id, r.recipient.decode("utf-8", "replace"), r.code, r.enhanced, r.text,
@@ -311,8 +311,8 @@ class LmtpQueue:
         # One file per refusal: a message refused for one recipient now and
         # another later (or after a restart) is two dead letters.
         name = f"{job.stored.partition(',S=')[0]}-{time.time_ns()}"
-        await self._loop.run_in_executor(None, _store_dead, self.dead_letter, fields + content, name,
-                                         deliver_to_maildir)
+        await self._loop.run_in_executor(None, store_dead_letter, self.dead_letter,
+                                         dead_letter_fields(dead) + content, name)
 
     @staticmethod
     def _slot(job: Job) -> int:
@@ -333,10 +333,15 @@ class LmtpQueue:
                 row[counters.LMTP_PENDING_BY + i] = count
 
 
-def _store_dead(maildir: str, data: bytes, name: str, deliver: Any) -> None:
-    from ..spool import fsync_dir
+def dead_letter_fields(refusals: list[RecipientResult]) -> bytes:
+    """One ``X-Fastsmtp-Dead-Letter:`` field per refusal: the recipient, the backend's code and words."""
+    return b"".join(DEAD_FIELD + b"<" + r.recipient + b"> " + f"{r.code} {r.enhanced} ".encode()
+                    + " ".join(r.text.split()).encode("utf-8", "replace") + b"\r\n" for r in refusals)
 
+
+def store_dead_letter(maildir: str, data: bytes, name: str) -> None:
+    """``data`` into the dead-letter Maildir's new/ as ``<name>,S=<size>``, durably (file and folder)."""
     for sub in ("tmp", "new", "cur"):
         os.makedirs(os.path.join(maildir, sub), exist_ok=True)
-    deliver(data, maildir, f"{name},S={len(data)}")
+    deliver_to_maildir(data, maildir, f"{name},S={len(data)}")
     fsync_dir(os.path.join(maildir, "new"))

@@ -30,6 +30,7 @@ import time
 
 from ..events import Address, Reply
 from ..journal import LMTP
+from ..policy import no_domain_name, relay_denied
 from ..stages import CONTINUE, Verdict
 from .client import LMTPClient, LMTPTemporaryError
 from .protocol import CommandError
@@ -61,9 +62,8 @@ class LmtpRecipients:
 
     async def check(self, address: Address) -> Verdict:
         """The backend's word on one recipient: CONTINUE, or its refusal."""
-        if not address.domain or address.domain[:1] == b"[":
-            shown = address.raw.decode("utf-8", "replace")
-            return Verdict(Reply(550, "5.7.1", f"<{shown}>: Relay access denied"))
+        if no_domain_name(address.domain):
+            return Verdict(relay_denied(address))
         key = address.raw.lower()
         now = self._clock()
         until = self._known.get(key)

@@ -85,11 +85,6 @@ class Edited:
         return b"".join(raw for _, raw in self.fields)
 
     @property
-    def rewrites_content(self) -> bool:
-        """Whether the stored octets change (a field, the body, or the sender's Return-Path)."""
-        return self.header_changed or self.body is not None or self.sender is not None
-
-    @property
     def changes_recipients(self) -> bool:
         return bool(self.added or self.removed)
 

@@ -133,7 +133,7 @@ def test_lines_round_trip(impl: ModuleType, lines: list[bytes], cuts: list[int])
 
 # -- relaxed_wsp: DKIM's relaxed body whitespace (RFC 6376 §3.4.4 a) ----------------
 
-WSP_PIECES = [b" ", b"  ", b"\t", b" \t ", b"\r\n", b" \r\n", b"\r", b"\n", b"x", b"yz", b"\xff"]
+WSP_PIECES = [b" ", b"  ", b"\t", b" \t ", b"\r\n", b" \r\n", b"\r", b"\n", b"x", b"yz", b"\xff", b"abcdefghijk"]
 wsp_text = st.lists(st.sampled_from(WSP_PIECES), max_size=60).map(b"".join)
 
 

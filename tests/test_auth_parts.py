@@ -209,3 +209,120 @@ def test_networks_answer_and_remember_within_their_bound() -> None:
         assert f"10.0.{i // 256}.{i % 256}" not in trusted
     assert len(trusted._known) <= networks.MEMO
     assert "127.0.0.2" in trusted  # still right after the memo was cleared
+
+
+# -- the end of data inline: MessageAuth.ready() --------------------------------------
+
+
+class CachedLookups:
+    """TXT and A answers from dicts; names in ``cold`` are not in the cache: peek says so and txt() waits."""
+
+    def __init__(self, txt: dict[str, bytes], cold: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        self._txt = txt
+        self.cold = set(cold)
+
+    def peek_txt(self, name: str) -> tuple[bytes, ...] | None:
+        name = name.lower()
+        return None if name in self.cold else self._answer(name)
+
+    def _answer(self, name: str) -> tuple[bytes, ...]:
+        value = self._txt.get(name)
+        return () if value is None else (value,)
+
+    async def txt(self, name: str) -> tuple[bytes, ...]:
+        name = name.lower()
+        if name in self.cold:
+            await asyncio.sleep(0)  # a question on the wire
+        return self._answer(name)
+
+    async def a(self, name: str) -> tuple[str, ...]:
+        if name.lower() in self.cold:
+            await asyncio.sleep(0)
+        return ("192.0.2.1",) if name.lower() == "mx.example.com" else ()
+
+    async def aaaa(self, name: str) -> tuple[str, ...]:
+        return ()
+
+    async def mx(self, name: str) -> tuple[tuple[int, str], ...]:
+        return ()
+
+    async def ptr(self, address: str) -> tuple[str, ...]:
+        return ()
+
+
+def _signed_message() -> tuple[bytes, dict[str, bytes]]:
+    import dkim as dkimpy
+
+    from dkimtools import rsa_key
+
+    key = rsa_key(2048)
+    plain = (b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\nSubject: inline\r\n\r\n"
+             b"Hello, inline.\r\n")
+    sig = dkimpy.sign(plain, b"sel", b"example.com", key.private, canonicalize=(b"relaxed", b"relaxed"),
+                      include_headers=[b"from", b"to", b"subject"])
+    message = sig.replace(b"\n", b"\r\n").replace(b"\r\r\n", b"\r\n") + plain
+    return message, {
+        "sel._domainkey.example.com": key.record,
+        "example.com": b"v=spf1 ip4:192.0.2.1 -all",
+        "mx.example.com": b"v=spf1 a -all",
+        "_dmarc.example.com": b"v=DMARC1; p=reject",
+    }
+
+
+def _checks(lookups: CachedLookups):  # type: ignore[no-untyped-def]
+    """One transaction's MessageAuth, begun at MAIL FROM:<alice@example.com> from 192.0.2.1."""
+    from fastsmtp.auth.stage import Authenticator
+    from fastsmtp.config import Config
+    from fastsmtp.events import Address
+    from fastsmtp.metrics import NO_METER
+
+    config = Config(hostname="mx.test.example", trusted_networks=("::1/128",)).validate()
+    auth = Authenticator(config, NO_METER, lookups)  # type: ignore[arg-type]
+    checks = auth.begin("192.0.2.1", b"mx.example.com", Address(b"alice", b"example.com", b"alice@example.com"))
+    assert checks is not None
+    return checks
+
+
+async def _through(lookups: CachedLookups, message: bytes) -> tuple[bool, object]:
+    """The message through one MessageAuth: (ready() at its end, finish()'s verdict, run as the server runs it)."""
+    from fastsmtp.eager import eager
+
+    checks = _checks(lookups)
+    await asyncio.sleep(0.01)  # RCPT and DATA: SPF's questions, if any, are answered meanwhile
+    tap = checks.tap(lambda data: None)
+    tap.write(message)
+    ready = checks.ready()
+    if ready:
+        fut = eager(checks.finish())
+        assert fut.done(), "ready() promised an answer without waiting"
+        return ready, fut.result()
+    return ready, await checks.finish()
+
+
+def test_the_end_of_data_runs_inline_only_when_every_answer_is_cached() -> None:
+    message, txt = _signed_message()
+    ready, verdict = asyncio.run(_through(CachedLookups(txt), message))
+    assert ready
+    field = verdict.headers.decode()  # type: ignore[attr-defined]
+    assert "dkim=pass" in field and "dmarc=pass" in field and "spf=pass" in field, field
+    for cold in ("sel._domainkey.example.com", "_dmarc.example.com"):
+        ready, slow = asyncio.run(_through(CachedLookups(txt, {cold}), message))
+        assert not ready, cold
+        assert slow == verdict  # the task's way gives the same field
+    # SPF still asking at the end of data (no loop turn since MAIL): not inline either.
+    async def spf_waits() -> bool:
+        checks = _checks(CachedLookups(txt, {"example.com"}))
+        checks.tap(lambda data: None).write(message)
+        return bool(checks.ready())
+
+    assert not asyncio.run(spf_waits())
+
+
+def test_dmarc_answerable_from_the_cache() -> None:
+    cached = {"_dmarc.example.com": (b"v=DMARC1; p=none",), "_dmarc.sub.example.org": (), "_dmarc.example.org": ()}
+    peek = cached.get
+    assert dmarc.answerable(peek, [b"a@example.com"])
+    assert dmarc.answerable(peek, [b"a@sub.example.org"])  # no record there: the organization's is cached
+    assert not dmarc.answerable(peek, [b"a@sub.example.net"])
+    assert not dmarc.answerable(peek, [b"a@example.com, b@example.org"])  # several domains: gathered, with tasks
+    assert dmarc.answerable(peek, [])  # no From: domain: permerror, nothing asked

@@ -261,6 +261,11 @@ class Resolver:
         """The cached A answer for ``name`` (``()`` for a cached NXDOMAIN), or None: no coroutine."""
         return self._warm((name.lower(), _A))
 
+    def peek_txt(self, name: str) -> tuple[bytes, ...] | None:
+        """The cached TXT answer for ``name``, or None; no coroutine, and no hit counted (txt() counts its own)."""
+        entry = self.cache.get((name.lower(), _TXT))
+        return entry[1] if entry is not None and entry[0] > _now() else None
+
     async def txt(self, name: str) -> tuple[bytes, ...]:
         ck = (name.lower(), _TXT)
         found = self._warm(ck)

@@ -247,7 +247,8 @@ class Handlers:
         if auth is not None:
             # Authentication first: its results are what the later stages
             # (the policy's on_message) see.
-            call = StepCall("authentication", auth.finish, True, None)  # bounded by --auth-timeout
+            # Bounded by --auth-timeout; inline (no task) when every answer is cached.
+            call = StepCall("authentication", auth.finish, True, None, eager=auth.ready())
             return self._ask((call,), (), lambda v: self._authenticated(txn, event, v))
         return self._stages_at_end(txn, event, None)
 

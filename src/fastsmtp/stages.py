@@ -18,6 +18,11 @@ Rules of this module:
   the rest of the step runs as one task, and the caller is called back with
   the verdict: the glue holds reading meanwhile, so pipelined commands wait
   in order.  ``cancel()`` drops it (the client left).
+- An async call marked ``eager`` (ours only: the authentication stage when
+  its answers are all cached) is started inline (eager.py); if it ends
+  without waiting, the step goes on at once, with no task, no hold on
+  reading and no loop turn.  An operator's coroutine is never started that
+  way: it may use ``asyncio.timeout``, which needs a task.
 - A stage that raises, answers something else, or (async) outlasts its
   timeout gives ``451 4.3.0`` and one log line; the session goes on.
 """
@@ -30,6 +35,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
+from .eager import eager
 from .events import Reply
 
 __all__ = ["Verdict", "CONTINUE", "STAGE_FAILED", "StepCall", "Stages", "NO_STAGES", "resolve", "StepRun"]
@@ -64,6 +70,9 @@ class StepCall:
     #: None: the call bounds itself (the authentication stage's budget),
     #: and is awaited without wait_for's task.
     timeout: float | None
+    #: Start the coroutine inline (eager.py): the step needs no task when
+    #: it ends without waiting.  Only for calls made to expect it.
+    eager: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +138,18 @@ class StepRun:
         """Run the sync stages; None: an async one runs and ``done`` will be called."""
         headers = b""
         for i, call in enumerate(self._calls):
+            started: asyncio.Future[Any] | None = None
+            if call.is_async and call.eager and call.timeout is None:
+                started = self._start(call)
+                if started.done():
+                    verdict = self._ended(call, started)
+                    if verdict.reply is not None:
+                        return verdict
+                    headers = _merge(headers, verdict)
+                    continue
             if call.is_async:
                 loop = asyncio.get_running_loop()
-                self._task = loop.create_task(self._rest(i, headers))
+                self._task = loop.create_task(self._rest(i, headers, started))
                 self._task.add_done_callback(self._finished)
                 return None
             verdict = self._sync(call)
@@ -142,6 +160,8 @@ class StepRun:
 
     def cancel(self) -> None:
         if self._task is not None:
+            # An eager call's own task, awaited inside this one, is
+            # cancelled with it (awaiting a task forwards the cancellation).
             self._task.cancel()
             self._task = None
 
@@ -152,9 +172,28 @@ class StepRun:
             log.error("%s failed for %s: %r", call.name, self._peer, exc)
             return Verdict(STAGE_FAILED)
 
-    async def _rest(self, first: int, headers: bytes) -> Verdict:
+    def _start(self, call: StepCall) -> asyncio.Future[Any]:
+        try:
+            return eager(call.call(*self._args))
+        except Exception as exc:  # raised before it was a coroutine
+            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            return failed
+
+    def _ended(self, call: StepCall, started: asyncio.Future[Any]) -> Verdict:
+        """The verdict of an eager call that ended inline."""
+        exc = started.exception()
+        if exc is not None:
+            log.error("%s failed for %s: %r", call.name, self._peer, exc)
+            return Verdict(STAGE_FAILED)
+        return _verdict(call, started.result())
+
+    async def _rest(self, first: int, headers: bytes, started: asyncio.Future[Any] | None = None) -> Verdict:
         for call in self._calls[first:]:
-            if call.is_async:
+            if started is not None:  # the eager call that waited: its task goes on
+                verdict = await self._async(call, started)
+                started = None
+            elif call.is_async:
                 verdict = await self._async(call)
             else:
                 verdict = self._sync(call)
@@ -163,9 +202,9 @@ class StepRun:
             headers = _merge(headers, verdict)
         return Verdict(None, headers) if headers else CONTINUE
 
-    async def _async(self, call: StepCall) -> Verdict:
+    async def _async(self, call: StepCall, started: Awaitable[object] | None = None) -> Verdict:
         try:
-            answer: Awaitable[object] = call.call(*self._args)
+            answer: Awaitable[object] = call.call(*self._args) if started is None else started
             if call.timeout is None:
                 return _verdict(call, await answer)
             return _verdict(call, await asyncio.wait_for(answer, call.timeout))

@@ -184,6 +184,16 @@ class Verifier:
         self._shared = len(self._entries) > 1 or self._arc.instances > 0
 
     @property
+    def arc_free(self) -> bool:
+        """Whether the message has no ARC header field (then arc() asks nothing)."""
+        return self._arc.instances == 0
+
+    def key_names(self) -> list[str]:
+        """The DNS names of the keys dkim() will ask for (§3.6.2.1), one per parsed signature."""
+        return [f"{e.sig.selector}._domainkey.{e.sig.domain}" for e in self._entries
+                if e.sig is not None and e.problem is None]
+
+    @property
     def body_hashes(self) -> BodyHashes:
         """The shared running hashes (tests count them)."""
         return self._hashes

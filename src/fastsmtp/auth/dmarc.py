@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from email.utils import getaddresses
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..dns import BadName, DNSError, Lookups
 
@@ -188,6 +188,27 @@ async def discover(lookups: Lookups, domain: str) -> tuple[Policy | None, bool]:
     if org == domain:
         return None, False
     return await _record(lookups, org), True
+
+
+def answerable(peek: Callable[[str], tuple[bytes, ...] | None], from_values: Sequence[bytes]) -> bool:
+    """Whether ``check`` can answer from the cache alone (``peek``: a cached TXT answer, or None).
+
+    True for one From: domain whose _dmarc record is cached, and, when
+    that answer holds no DMARC record, its organization's too; for no
+    From: domain at all (permerror, nothing asked).  Several From:
+    domains are checked at once, with tasks: False.
+    """
+    domains = author_domains(from_values)
+    if len(domains) != 1:
+        return not domains
+    domain = domains[0]
+    answers = peek("_dmarc." + domain)
+    if answers is None:
+        return False
+    if any(a[:8].lower() == b"v=dmarc1" for a in answers):
+        return True
+    org = organizational_domain(domain)
+    return org == domain or peek("_dmarc." + org) is not None
 
 
 def _sampled(policy: str, pct: int, roll: float) -> str:

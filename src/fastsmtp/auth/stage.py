@@ -9,11 +9,19 @@ Rules of this module:
   (reported, and its failures refused, as the table below says).  DMARC
   uses the SPF and DKIM results; with either off, DMARC sees it as none.
 - Work starts as early as it can, and never blocks the loop: the SPF
-  checks (MAIL FROM and HELO) start at MAIL as a task and run while RCPT
-  and DATA go on; the DKIM and ARC body hashes are updated chunk by chunk
-  as the content passes to the spool (``tap``), so the body is read once;
-  at the end of data DKIM (the key lookups of several signatures at
-  once), ARC, then DMARC.
+  checks (MAIL FROM and HELO) start at MAIL and run while RCPT and DATA go
+  on; the DKIM and ARC body hashes are updated chunk by chunk as the
+  content passes to the spool (``tap``), so the body is read once; at the
+  end of data DKIM (the key lookups of several signatures at once), ARC,
+  then DMARC.
+- No task where nothing waits (eager.py): SPF starts inline at MAIL and is
+  a task only from its first DNS question the cache cannot answer; the
+  end of data runs inline, without the budget's timer, when ``ready()``
+  finds every answer it needs in the resolver's cache (its peek, a dict
+  probe each), so the usual message costs no task, no hold on reading and
+  no loop turn.  Should an answer expire between that look and its use (a
+  race of microseconds), the one question asked is bounded by
+  ``--dns-timeout`` instead of the budget.
 - The checks have a budget (``--auth-timeout``): SPF from MAIL on, and
   what runs at the end of data from then on, so the client waits at most
   that long after its data.  What has not answered by then is temperror,
@@ -41,10 +49,12 @@ ARC fail                      ``550 5.7.29`` (ARC validation failure, RFC 8617)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
+from ..eager import eager
 from ..events import Address, Reply
 from ..networks import Networks
 from ..stages import CONTINUE, Verdict
@@ -139,9 +149,11 @@ class MessageAuth:
         self.quarantine = False
         loop = asyncio.get_running_loop()
         self._deadline = loop.time() + auth.budget
-        self._spf: asyncio.Task[tuple[SPFResult | None, SPFResult | None]] | None = None
+        self._spf: asyncio.Future[tuple[SPFResult | None, SPFResult | None]] | None = None
         if auth.spf != "off" or auth.dmarc != "off":
-            self._spf = loop.create_task(self._check_spf())
+            # Inline up to its first DNS wait (eager.py): with the answers
+            # cached, it ends here, with no task.
+            self._spf = eager(self._check_spf(), loop)
 
     # -- SPF, from MAIL on -------------------------------------------------------
 
@@ -202,6 +214,33 @@ class MessageAuth:
         verifier = Verifier(headers)
         self._verifier = verifier
         return verifier.body if verifier.needs_body else None
+
+    def ready(self) -> bool:
+        """The content is over: whether ``finish()`` can answer from what is known now, with no DNS wait.
+
+        The header tap is ended here (as finish() does: a section without
+        its empty line ends with the content).  Then: SPF has ended; each DKIM key, and the From: domain's DMARC policy,
+        is in the resolver's cache; there is no ARC set to validate (its
+        keys are not looked at here: such mail takes the task's way).
+        Then ``finish()`` may run inline (stages.py, ``eager``).
+        """
+        if self._tap is not None:
+            self._tap.end()
+        if self._spf is not None and not self._spf.done():
+            return False
+        auth = self._auth
+        peek = getattr(auth.lookups, "peek_txt", None)
+        if peek is None:
+            return False  # a Lookups without a cache of its own (a test's): never inline
+        verifier = self._verifier
+        overflow = self._tap is not None and self._tap.overflow
+        if verifier is not None:
+            if not verifier.arc_free:
+                return False
+            if (auth.dkim != "off" or auth.dmarc != "off") and not all(
+                    peek(name) is not None for name in verifier.key_names()):
+                return False
+        return auth.dmarc == "off" or overflow or dmarc_check.answerable(peek, self._from)
 
     def abandon(self) -> None:
         """The transaction ended without a message (RSET, a refusal, a lost client)."""
@@ -271,8 +310,12 @@ class MessageAuth:
         dkim: list[DKIMResult] | None = [] if verifier is None or not run_dkim else None
         arc: ARCResult | None = None
         dmarc_result: DMARCResult | None = None
+        # Outside a task this runs inline, as ready() allowed: nothing here
+        # waits, and asyncio.timeout could not be used anyway (eager.py).
+        budget: contextlib.AbstractAsyncContextManager[object] = (asyncio.timeout_at(asyncio.get_running_loop().time() + auth.budget)
+                  if asyncio.current_task() is not None else contextlib.nullcontext())
         try:
-            async with asyncio.timeout_at(asyncio.get_running_loop().time() + auth.budget):
+            async with budget:
                 if verifier is not None:
                     verifier.end()
                     if run_dkim:

@@ -178,3 +178,42 @@ def test_relaxed_wsp_bounds(impl: ModuleType) -> None:
     assert impl.relaxed_wsp(b"a  b\r\n", 6) == b"a b\r\n"
     assert impl.relaxed_wsp(b"a b \r\n", 4) is None  # the CRLF is beyond end: not seen
     assert impl.relaxed_wsp(b"plain text\r\n", 12) is None
+
+
+# -- tag_list and relaxed_headers: DKIM's tag lists and relaxed header fields --------
+
+TAG_PIECES = [b"a", b"Z", b"bh", b"x9", b"_", b"9", b"=", b";", b" ", b"\t", b"\r\n", b"\r\n ", b"v=1", b"\x00",
+              b"\x7f", b"\xc3\xa9", b"b=abc+/=", b"h=from:to"]
+tag_text = st.lists(st.sampled_from(TAG_PIECES), max_size=40).map(b"".join)
+
+
+@SETTINGS
+@given(text=tag_text)
+def test_tag_list_twin_equals_compiled(text: bytes) -> None:
+    python = _parser_py.tag_list(text)
+    if not PURE:
+        got = compiled().tag_list(text)
+        assert got == python
+        assert got is None or list(got) == list(python or {})  # the list's order, too (§3.6.1: v= first)
+
+
+def test_tag_list_takes_only_what_it_is_sure_of(impl: ModuleType) -> None:
+    assert impl.tag_list(b" v = 1 ; b=\r\n ab ;") == {"v": "1", "b": "ab"}
+    assert impl.tag_list(b"") == {}
+    assert impl.tag_list(b"a=1;; b=2") is None  # an empty spec before the end
+    assert impl.tag_list(b"a=1; a=2") is None  # twice: the careful parser names it
+    assert impl.tag_list(b"a_b=1") is None and impl.tag_list(b"9a=1") is None
+    assert impl.tag_list(b"a=\x01") is None and impl.tag_list("a=é".encode()) is None
+
+
+HEADER_PIECES = [b" ", b"\t", b"\r", b"\n", b"\r\n", b"\r\n ", b"a", b"B", b"Z", b":", b"\x0b", b"\x0c", b"\xff", b"[",
+                 b"@"]
+header_field = st.lists(st.sampled_from(HEADER_PIECES), max_size=30).map(b"".join)
+
+
+@SETTINGS
+@given(fields=st.lists(header_field, max_size=6))
+def test_relaxed_headers_twin_equals_compiled(fields: list[bytes]) -> None:
+    python = _parser_py.relaxed_headers(fields)
+    if not PURE:
+        assert compiled().relaxed_headers(fields) == python

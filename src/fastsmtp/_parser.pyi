@@ -1,6 +1,6 @@
 # Type stubs for the compiled parser; _parser_py.py has the same interface
 # and documents the contract.
-from typing import Final, Union
+from typing import Final, Sequence, Union
 
 from ._parser_common import LineTooLong as LineTooLong
 
@@ -40,3 +40,5 @@ class DataReader:
     def reset(self) -> None: ...
 
 def relaxed_wsp(data: bytes, end: int) -> bytes | None: ...
+def tag_list(data: bytes) -> dict[str, str] | None: ...
+def relaxed_headers(fields: Sequence[bytes]) -> bytes: ...

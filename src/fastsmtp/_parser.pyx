@@ -38,7 +38,7 @@ cdef enum:
     BARE_LF = 1     # LineReader.bare bits
     BARE_CR = 2
 
-__all__ = ["LineTooLong", "LineReader", "DataReader", "relaxed_wsp", "DEBUG"]
+__all__ = ["LineTooLong", "LineReader", "DataReader", "relaxed_wsp", "tag_list", "relaxed_headers", "DEBUG"]
 
 #: True in builds made with FASTSMTP_DEBUG set (the ``_debug_*`` counters count).
 DEBUG = FASTSMTP_DEBUG
@@ -466,3 +466,131 @@ cdef Py_ssize_t _rewrite(const unsigned char *p, Py_ssize_t i, Py_ssize_t end, u
         i = fs_wsp_next(p, j, end)
     memcpy(q + o, p + run, <size_t>(end - run))
     return o + end - run
+
+
+# -- DKIM's tag lists (RFC 6376 §3.2) and relaxed header fields (§3.4.2) -----------
+
+
+cdef inline bint _fws(unsigned char c) noexcept nogil:
+    return c == 32 or c == 9 or c == CR or c == LF
+
+
+cdef inline bint _alpha(unsigned char c) noexcept nogil:
+    return (c | 0x20) >= 97 and (c | 0x20) <= 122
+
+
+def tag_list(bytes data):
+    """The common tag-list as {name: value}, FWS stripped from both; None where the caller must look closer.
+
+    None: an octet outside ASCII or a control octet other than HTAB, CR
+    and LF; a spec without "=" that is not an empty last one (after a
+    final ";"); a name that is not ALPHA *ALNUM; a name twice.  The
+    caller's careful parser then decides, and names the fault.
+    """
+    cdef const unsigned char *p = <const unsigned char *>data
+    cdef Py_ssize_t n = len(data), i, start = 0, end, eq, ns, ne, vs, ve
+    cdef unsigned char c
+    cdef dict tags = {}
+    for i in range(n):
+        c = p[i]
+        if c >= 0x7F or (c < 0x20 and c != 9 and c != CR and c != LF):
+            return None
+    while True:
+        end = start
+        while end < n and p[end] != 59:  # ";"
+            end += 1
+        eq = start
+        while eq < end and p[eq] != 61:  # "="
+            eq += 1
+        if eq == end:
+            # No "=": only the list's very end may be empty (a trailing ";").
+            ns = start
+            while ns < end and _fws(p[ns]):
+                ns += 1
+            return tags if end == n and ns == end else None
+        ns, ne = start, eq
+        while ns < ne and _fws(p[ns]):
+            ns += 1
+        while ne > ns and _fws(p[ne - 1]):
+            ne -= 1
+        if ns == ne or not _alpha(p[ns]):
+            return None
+        for i in range(ns + 1, ne):
+            c = p[i]
+            if not (_alpha(c) or (c >= 48 and c <= 57)):
+                return None
+        vs, ve = eq + 1, end
+        while vs < ve and _fws(p[vs]):
+            vs += 1
+        while ve > vs and _fws(p[ve - 1]):
+            ve -= 1
+        name = (<const char *>p)[ns:ne].decode("ascii")
+        if name in tags:
+            return None
+        tags[name] = (<const char *>p)[vs:ve].decode("ascii")
+        if end == n:
+            return tags
+        start = end + 1
+
+
+def relaxed_headers(fields):
+    """Each field in the relaxed header canonicalisation (RFC 6376 §3.4.2), concatenated.
+
+    Per field: the name (up to the first ":") lower-cased and without WSP
+    at its end; the value with every CRLF removed (unfolding), each run of
+    SP and HTAB as one SP and none at its ends; then CRLF.  A field with no
+    colon is all name.  Any octets, any input: the twin gives the same.
+    """
+    cdef Py_ssize_t total = 0, n, colon, i, o = 0, name_end
+    cdef const unsigned char *p
+    cdef unsigned char *q
+    cdef unsigned char c
+    cdef bint pending, started
+    cdef PyObject *out = NULL
+    cdef bytes field
+    for field in fields:
+        total += len(field) + 3   # at most the field, a colon and CRLF
+    out = _bytes_alloc(NULL, total)
+    try:
+        q = <unsigned char *>_bytes_data(out)
+        for field in fields:
+            p = <const unsigned char *>field
+            n = len(field)
+            colon = 0
+            while colon < n and p[colon] != 58:  # ":"
+                colon += 1
+            name_end = colon
+            while name_end > 0 and (p[name_end - 1] == 32 or p[name_end - 1] == 9):
+                name_end -= 1
+            for i in range(name_end):
+                c = p[i]
+                q[o] = c + 32 if 65 <= c <= 90 else c
+                o += 1
+            q[o] = 58
+            o += 1
+            pending = started = False
+            i = colon + 1
+            while i < n:
+                c = p[i]
+                if c == CR and i + 1 < n and p[i + 1] == LF:
+                    i += 2   # unfolding: the CRLF goes, the WSP after it stays
+                    continue
+                if c == 32 or c == 9:
+                    pending = True
+                else:
+                    if pending and started:
+                        q[o] = 32
+                        o += 1
+                    pending = False
+                    started = True
+                    q[o] = c
+                    o += 1
+                i += 1
+            q[o] = CR
+            q[o + 1] = LF
+            o += 2
+        if o != total:
+            _PyBytes_Resize(&out, o)
+        return <object>out
+    finally:
+        Py_XDECREF(out)

@@ -54,10 +54,11 @@ LF, wait for the next octet).
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
 from ._parser_common import LineTooLong  # the one class, shared with _parser
 
-__all__ = ["LineTooLong", "LineReader", "DataReader", "relaxed_wsp", "DEBUG"]
+__all__ = ["LineTooLong", "LineReader", "DataReader", "relaxed_wsp", "tag_list", "relaxed_headers", "DEBUG"]
 
 #: The pure-Python twin has no debug counters.
 DEBUG = False
@@ -308,3 +309,51 @@ def relaxed_wsp(data: bytes, end: int) -> bytes | None:
         out = out.replace(b" \r\n", b"\r\n")
     return out
 
+
+
+# -- DKIM's tag lists (RFC 6376 §3.2) and relaxed header fields (§3.4.2) -----------
+
+# The octets no tag value may hold (§3.2 tval: VCHAR and WSP, FWS between).
+_CONTROL = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
+_FWS = " \t\r\n"
+_WSP_RUN = re.compile(rb"[ \t]+")
+
+
+def tag_list(data: bytes) -> dict[str, str] | None:
+    """The common tag-list as {name: value}, FWS stripped from both; None where the caller must look closer.
+
+    None: an octet outside ASCII or a control octet other than HTAB, CR
+    and LF; a spec without "=" that is not an empty last one (after a
+    final ";"); a name that is not ALPHA *ALNUM; a name twice.
+    """
+    if not data.isascii() or len(data.translate(None, _CONTROL)) != len(data):
+        return None
+    tags: dict[str, str] = {}
+    specs = data.decode("ascii").split(";")
+    last = len(specs) - 1
+    for n, spec in enumerate(specs):
+        name, eq, value = spec.partition("=")
+        name = name.strip(_FWS)
+        # ASCII isalnum with a letter first (digits sort below "A").
+        if not (eq and name.isalnum() and name[0] > "@"):
+            return tags if n == last and not spec.strip(_FWS) else None
+        if name in tags:
+            return None
+        tags[name] = value.strip(_FWS)
+    return tags
+
+
+def relaxed_headers(fields: Sequence[bytes]) -> bytes:
+    """Each field in the relaxed header canonicalisation (RFC 6376 §3.4.2), concatenated.
+
+    Per field: the name (up to the first ":") lower-cased and without WSP
+    at its end; the value with every CRLF removed (unfolding), each run of
+    SP and HTAB as one SP and none at its ends; then CRLF.  A field with no
+    colon is all name.
+    """
+    out = []
+    for field in fields:
+        name, _, value = field.partition(b":")
+        value = _WSP_RUN.sub(b" ", value.replace(b"\r\n", b"")).strip(b" ")
+        out.append(name.rstrip(b" \t").lower() + b":" + value + b"\r\n")
+    return b"".join(out)

@@ -217,3 +217,31 @@ def test_relaxed_headers_twin_equals_compiled(fields: list[bytes]) -> None:
     python = _parser_py.relaxed_headers(fields)
     if not PURE:
         assert compiled().relaxed_headers(fields) == python
+
+
+SECTION_PIECES = [b"From", b"x-y", b":", b" ", b"\t", b"a", b"\r\n", b"\r\n ", b"\r\n\t", b"\r", b"\n", b"\x7f",
+                  b"\xff", b"@"]
+section = st.lists(st.sampled_from(SECTION_PIECES), max_size=40).map(b"".join)
+
+
+@SETTINGS
+@given(text=section, cut=st.integers(0, 400))
+def test_header_fields_twin_equals_compiled(text: bytes, cut: int) -> None:
+    end = min(cut, len(text))
+    python = _parser_py.header_fields(text, end)
+    if python is not None:
+        assert b"".join(raw for _, raw in python) == text[:end]  # every octet, in order, in one field
+    if not PURE:
+        assert compiled().header_fields(text, end) == python
+
+
+def test_header_fields_edges(impl: ModuleType) -> None:
+    section = b"From: a\r\nSubject: b\r\n\tc\r\nX-Obs : d\r\n"
+    assert impl.header_fields(section + b"\r\nbody", len(section)) == [
+        (b"From", b"From: a\r\n"), (b"Subject", b"Subject: b\r\n\tc\r\n"), (b"X-Obs", b"X-Obs : d\r\n")]
+    assert impl.header_fields(b"From: a\r\n", 5) is None  # cut inside its line
+    assert impl.header_fields(b"From: a\rb\r\n", 11) is None  # a bare CR
+    assert impl.header_fields(b" x: a\r\n", 7) is None  # no name
+    assert impl.header_fields(b"", 0) == []
+    with pytest.raises(ValueError):
+        impl.header_fields(b"ab", 3)

@@ -38,7 +38,7 @@ cdef enum:
     BARE_LF = 1     # LineReader.bare bits
     BARE_CR = 2
 
-__all__ = ["LineTooLong", "LineReader", "DataReader", "relaxed_wsp", "tag_list", "relaxed_headers", "DEBUG"]
+__all__ = ["LineTooLong", "LineReader", "DataReader", "relaxed_wsp", "tag_list", "relaxed_headers", "header_fields", "DEBUG"]
 
 #: True in builds made with FASTSMTP_DEBUG set (the ``_debug_*`` counters count).
 DEBUG = FASTSMTP_DEBUG
@@ -594,3 +594,44 @@ def relaxed_headers(fields):
         return <object>out
     finally:
         Py_XDECREF(out)
+
+
+def header_fields(bytes data, Py_ssize_t end):
+    """data[:end], a whole header section without its empty line, as [(name, raw field)]; None if a line is no field.
+
+    A field (RFC 5322 §2.2, §3.6.8): a name of printable ASCII but ":",
+    optional WSP (the obsolete "name :", §4.5), ":", the rest of the line
+    and its CRLF, then each folded line (one starting with SP or HTAB,
+    §2.2.3) with its CRLF.  A bare CR or LF, a line that starts no field,
+    or a field cut by ``end``: None, and the caller reads line by line.
+    """
+    cdef const unsigned char *p = <const unsigned char *>data
+    cdef Py_ssize_t pos = 0, start, name_end
+    cdef unsigned char c
+    cdef list fields = []
+    if end < 0 or end > len(data):
+        raise ValueError("end is outside data")
+    while pos < end:
+        start = pos
+        while pos < end:
+            c = p[pos]
+            if c < 33 or c > 126 or c == 58:
+                break
+            pos += 1
+        if pos == start:
+            return None
+        name_end = pos
+        while pos < end and (p[pos] == 32 or p[pos] == 9):
+            pos += 1
+        if pos == end or p[pos] != 58:
+            return None
+        while True:   # the line, then each folded line after it
+            while pos < end and p[pos] != CR and p[pos] != LF:
+                pos += 1
+            if pos + 1 >= end or p[pos] != CR or p[pos + 1] != LF:
+                return None
+            pos += 2
+            if pos == end or (p[pos] != 32 and p[pos] != 9):
+                break
+        fields.append(((<const char *>p)[start:name_end], (<const char *>p)[start:pos]))
+    return fields

@@ -58,7 +58,7 @@ from typing import Sequence
 
 from ._parser_common import LineTooLong  # the one class, shared with _parser
 
-__all__ = ["LineTooLong", "LineReader", "DataReader", "relaxed_wsp", "tag_list", "relaxed_headers", "DEBUG"]
+__all__ = ["LineTooLong", "LineReader", "DataReader", "relaxed_wsp", "tag_list", "relaxed_headers", "header_fields", "DEBUG"]
 
 #: The pure-Python twin has no debug counters.
 DEBUG = False
@@ -357,3 +357,28 @@ def relaxed_headers(fields: Sequence[bytes]) -> bytes:
         value = _WSP_RUN.sub(b" ", value.replace(b"\r\n", b"")).strip(b" ")
         out.append(name.rstrip(b" \t").lower() + b":" + value + b"\r\n")
     return b"".join(out)
+
+
+# One field: its name (ftext, RFC 5322 §3.6.8; "name :" is obsolete, §4.5),
+# the colon, its first line and its folded continuation lines (§2.2.3).
+_FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
+
+
+def header_fields(data: bytes, end: int) -> list[tuple[bytes, bytes]] | None:
+    """data[:end], a whole header section without its empty line, as [(name, raw field)]; None if a line is no field.
+
+    One regex match per field; a line it does not match, or a field cut by
+    ``end``: None.
+    """
+    if end < 0 or end > len(data):
+        raise ValueError("end is outside data")
+    fields = []
+    pos = 0
+    match = _FIELD.match
+    while pos < end:
+        m = match(data, pos, end)
+        if m is None:
+            return None
+        fields.append((m.group(1), m.group()))
+        pos = m.end()
+    return fields

@@ -13,21 +13,21 @@ from typing import TYPE_CHECKING
 
 from ._parser_common import LineTooLong
 
-__all__ = ["LineReader", "DataReader", "LineTooLong", "relaxed_wsp", "tag_list", "relaxed_headers", "IMPLEMENTATION"]
+__all__ = ["LineReader", "DataReader", "LineTooLong", "relaxed_wsp", "tag_list", "relaxed_headers", "header_fields", "IMPLEMENTATION"]
 
 IMPLEMENTATION: str
 
 if TYPE_CHECKING:  # one interface for the type checker: _parser.pyi
-    from ._parser import DataReader, LineReader, relaxed_headers, relaxed_wsp, tag_list
+    from ._parser import DataReader, LineReader, header_fields, relaxed_headers, relaxed_wsp, tag_list
 elif os.environ.get("FASTSMTP_PUREPYTHON", "") not in ("", "0"):
-    from ._parser_py import DataReader, LineReader, relaxed_headers, relaxed_wsp, tag_list
+    from ._parser_py import DataReader, LineReader, header_fields, relaxed_headers, relaxed_wsp, tag_list
 
     IMPLEMENTATION = "python"
 else:
     try:
-        from ._parser import DataReader, LineReader, relaxed_headers, relaxed_wsp, tag_list
+        from ._parser import DataReader, LineReader, header_fields, relaxed_headers, relaxed_wsp, tag_list
     except ImportError:
-        from ._parser_py import DataReader, LineReader, relaxed_headers, relaxed_wsp, tag_list
+        from ._parser_py import DataReader, LineReader, header_fields, relaxed_headers, relaxed_wsp, tag_list
 
         IMPLEMENTATION = "python"
     else:

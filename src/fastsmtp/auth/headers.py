@@ -20,8 +20,9 @@ Rules of this module:
 
 from __future__ import annotations
 
-import re
 from typing import Callable
+
+from ..parser import header_fields
 
 __all__ = ["Header", "HeaderTap", "MAX_HEADER_SECTION", "authserv_id", "field_value"]
 
@@ -33,9 +34,6 @@ Header = tuple[bytes, bytes]
 MAX_HEADER_SECTION = 512 * 1024
 
 _WSP = (0x20, 0x09)
-# One field: its name (ftext, RFC 5322 §3.6.8; "name :" is obsolete, §4.5),
-# the colon, its first line and its folded continuation lines (§2.2.3).
-_FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
 # RFC 5322 §3.6.8: ftext is printable US-ASCII except ":".
 _FTEXT = frozenset(range(33, 127)) - {ord(":")}
 
@@ -100,33 +98,28 @@ class HeaderTap:
     def _whole(self, data: bytes | bytearray | memoryview) -> bool:
         """The common case, done at C speed: the first chunk holds the whole section.
 
-        Fields are matched by one regex each; anything it does not match
-        (a bare CR, a line that is no field) leaves the line-by-line reader
-        to decide, from the start.  False: nothing was consumed.
+        The fields are split by one pass of the compiled parser
+        (``parser.header_fields``; its twin: one regex per field).  Anything
+        it does not take (a bare CR, a line that is no field) leaves the
+        line-by-line reader to decide, from the start.  False: nothing was
+        consumed.
         """
         data = bytes(data)
         end = data.find(b"\r\n\r\n")
         if end < 0 or end + 2 > MAX_HEADER_SECTION:
             return False
         end += 2  # past the last field's CRLF
-        headers: list[Header] = []
+        headers = header_fields(data, end)
+        if headers is None:
+            return False
         kept: list[bytes] | None = None  # made at the first field dropped
-        pos = 0
-        match = _FIELD.match
         drop = self._drop
-        while pos < end:
-            m = match(data, pos)
-            if m is None or m.end() > end:
-                return False
-            raw = m.group()
-            name = m.group(1)
-            headers.append((name, raw))
+        for n, (name, raw) in enumerate(headers):
             if drop(name, raw):
                 if kept is None:
-                    kept = [raw for _, raw in headers[:-1]]
+                    kept = [raw for _, raw in headers[:n]]
             elif kept is not None:
                 kept.append(raw)
-            pos = m.end()
         self.headers = headers
         self._held = end
         # One write for the whole section and its empty line.

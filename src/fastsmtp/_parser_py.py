@@ -359,9 +359,10 @@ def relaxed_headers(fields: Sequence[bytes]) -> bytes:
     return b"".join(out)
 
 
-# One field: its name (ftext, RFC 5322 §3.6.8; "name :" is obsolete, §4.5),
-# the colon, its first line and its folded continuation lines (§2.2.3).
-_FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
+#: One field: its name (ftext, RFC 5322 §3.6.8; "name :" is obsolete, §4.5),
+#: the colon, its first line and its folded continuation lines (§2.2.3).
+#: The one grammar of a field: header_fields (both) and the milter stage.
+FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
 
 
 def header_fields(data: bytes, end: int) -> list[tuple[bytes, bytes]] | None:
@@ -374,7 +375,7 @@ def header_fields(data: bytes, end: int) -> list[tuple[bytes, bytes]] | None:
         raise ValueError("end is outside data")
     fields = []
     pos = 0
-    match = _FIELD.match
+    match = FIELD.match
     while pos < end:
         m = match(data, pos, end)
         if m is None:

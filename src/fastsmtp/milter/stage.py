@@ -38,7 +38,8 @@ import re
 import time
 from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
 
-from ..auth.headers import _FIELD, MAX_HEADER_SECTION  # one field grammar (RFC 5322 §2.2) for both
+from .._parser_py import FIELD  # one field grammar (RFC 5322 §2.2), header_fields' too
+from ..auth.headers import MAX_HEADER_SECTION
 from ..events import Address, Reply
 from ..metrics import NO_METER, Meter
 from ..stages import CONTINUE, Verdict
@@ -348,7 +349,7 @@ def _fields(spool: MessageSpool) -> tuple[list[tuple[bytes, bytes]], int]:
     fields: list[tuple[bytes, bytes]] = []
     pos, stop = 0, end + 2
     while pos < stop:
-        m = _FIELD.match(head, pos, stop)
+        m = FIELD.match(head, pos, stop)
         if m is None:
             line_end = head.index(b"\r\n", pos) + 2
             fields.append((b"", head[pos:line_end]))

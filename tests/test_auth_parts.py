@@ -7,11 +7,13 @@ end-to-end tests (test_auth.py) run a real DNS server.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dkimtools import FakeLookups
 from fastsmtp.auth import dmarc
 from fastsmtp.auth.headers import MAX_HEADER_SECTION, HeaderTap, authserv_id, field_value
 from fastsmtp.dns import DNSError
@@ -214,43 +216,33 @@ def test_networks_answer_and_remember_within_their_bound() -> None:
 # -- the end of data inline: MessageAuth.ready() --------------------------------------
 
 
-class CachedLookups:
-    """TXT and A answers from dicts; names in ``cold`` are not in the cache: peek says so and txt() waits."""
+@dataclass
+class CachedLookups(FakeLookups):
+    """FakeLookups with a cache to peek into: names in ``cold`` are not in it, and txt() waits for them."""
 
-    def __init__(self, txt: dict[str, bytes], cold: set[str] = frozenset()) -> None:  # type: ignore[assignment]
-        self._txt = txt
-        self.cold = set(cold)
+    cold: set[str] = field(default_factory=set)
 
     def peek_txt(self, name: str) -> tuple[bytes, ...] | None:
         name = name.lower()
-        return None if name in self.cold else self._answer(name)
-
-    def _answer(self, name: str) -> tuple[bytes, ...]:
-        value = self._txt.get(name)
-        return () if value is None else (value,)
+        value = self.records.get(name, ())
+        return None if name in self.cold or isinstance(value, BaseException) else value
 
     async def txt(self, name: str) -> tuple[bytes, ...]:
-        name = name.lower()
-        if name in self.cold:
-            await asyncio.sleep(0)  # a question on the wire
-        return self._answer(name)
+        if name.lower() not in self.cold:
+            value = self.records.get(name.lower(), ())  # cached: no wait, as Resolver.txt's warm path
+            assert not isinstance(value, BaseException)
+            return value
+        return await super().txt(name)
 
     async def a(self, name: str) -> tuple[str, ...]:
-        if name.lower() in self.cold:
-            await asyncio.sleep(0)
-        return ("192.0.2.1",) if name.lower() == "mx.example.com" else ()
-
-    async def aaaa(self, name: str) -> tuple[str, ...]:
-        return ()
-
-    async def mx(self, name: str) -> tuple[tuple[int, str], ...]:
-        return ()
-
-    async def ptr(self, address: str) -> tuple[str, ...]:
-        return ()
+        if name.lower() not in self.cold:
+            value = self.addresses.get(name, ())
+            assert not isinstance(value, BaseException)
+            return value
+        return await super().a(name)
 
 
-def _signed_message() -> tuple[bytes, dict[str, bytes]]:
+def _signed_message() -> tuple[bytes, dict[str, tuple[bytes, ...]]]:
     import dkim as dkimpy
 
     from dkimtools import rsa_key
@@ -262,11 +254,15 @@ def _signed_message() -> tuple[bytes, dict[str, bytes]]:
                       include_headers=[b"from", b"to", b"subject"])
     message = sig.replace(b"\n", b"\r\n").replace(b"\r\r\n", b"\r\n") + plain
     return message, {
-        "sel._domainkey.example.com": key.record,
-        "example.com": b"v=spf1 ip4:192.0.2.1 -all",
-        "mx.example.com": b"v=spf1 a -all",
-        "_dmarc.example.com": b"v=DMARC1; p=reject",
+        "sel._domainkey.example.com": (key.record,),
+        "example.com": (b"v=spf1 ip4:192.0.2.1 -all",),
+        "mx.example.com": (b"v=spf1 a -all",),
+        "_dmarc.example.com": (b"v=DMARC1; p=reject",),
     }
+
+
+def _lookups(txt: dict[str, tuple[bytes, ...]], cold: set[str] | None = None) -> CachedLookups:
+    return CachedLookups(dict(txt), addresses={"mx.example.com": ("192.0.2.1",)}, cold=cold or set())  # type: ignore[arg-type]
 
 
 def _checks(lookups: CachedLookups):  # type: ignore[no-untyped-def]
@@ -301,17 +297,17 @@ async def _through(lookups: CachedLookups, message: bytes) -> tuple[bool, object
 
 def test_the_end_of_data_runs_inline_only_when_every_answer_is_cached() -> None:
     message, txt = _signed_message()
-    ready, verdict = asyncio.run(_through(CachedLookups(txt), message))
+    ready, verdict = asyncio.run(_through(_lookups(txt), message))
     assert ready
     field = verdict.headers.decode()  # type: ignore[attr-defined]
     assert "dkim=pass" in field and "dmarc=pass" in field and "spf=pass" in field, field
     for cold in ("sel._domainkey.example.com", "_dmarc.example.com"):
-        ready, slow = asyncio.run(_through(CachedLookups(txt, {cold}), message))
+        ready, slow = asyncio.run(_through(_lookups(txt, {cold}), message))
         assert not ready, cold
         assert slow == verdict  # the task's way gives the same field
     # SPF still asking at the end of data (no loop turn since MAIL): not inline either.
     async def spf_waits() -> bool:
-        checks = _checks(CachedLookups(txt, {"example.com"}))
+        checks = _checks(_lookups(txt, {"example.com"}))
         checks.tap(lambda data: None).write(message)
         return bool(checks.ready())
 

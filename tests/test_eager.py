@@ -71,20 +71,22 @@ def test_an_exception_before_any_wait_is_the_futures_and_one_after_is_the_tasks(
     run(main())
 
 
+async def _waits(seen: list[str]) -> None:
+    """Waits long; says when it is cancelled, and when it ends."""
+    try:
+        await asyncio.sleep(10)
+    except asyncio.CancelledError:
+        seen.append("cancelled")
+        raise
+    finally:
+        seen.append("finally")
+
+
 def test_cancelling_the_task_cancels_the_coroutine_where_it_waits() -> None:
     seen: list[str] = []
 
-    async def waits() -> None:
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            seen.append("cancelled")
-            raise
-        finally:
-            seen.append("finally")
-
     async def main() -> None:
-        fut = eager(waits())
+        fut = eager(_waits(seen))
         await asyncio.sleep(0)
         fut.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -152,20 +154,13 @@ def test_an_eager_call_that_raises_inline_is_a_stage_failure() -> None:
 def test_cancelling_a_step_cancels_its_eager_call_where_it_waits() -> None:
     seen: list[str] = []
 
-    async def waits() -> None:
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            seen.append("cancelled")
-            raise
-
     async def main() -> None:
-        step, done = _step((StepCall("a", waits, True, None, eager=True),))
+        step, done = _step((StepCall("a", lambda: _waits(seen), True, None, eager=True),))
         assert step.start() is None
         await asyncio.sleep(0)
         step.cancel()
         for _ in range(10):
             await asyncio.sleep(0)
-        assert seen == ["cancelled"] and done == []
+        assert seen == ["cancelled", "finally"] and done == []
 
     run(main())

@@ -305,6 +305,11 @@ def test_the_end_of_data_runs_inline_only_when_every_answer_is_cached() -> None:
         ready, slow = asyncio.run(_through(_lookups(txt, {cold}), message))
         assert not ready, cold
         assert slow == verdict  # the task's way gives the same field
+    # Two signatures are checked at once (gather's tasks): not inline.
+    first = message.index(b"\r\nFrom:") + 2
+    twice = message[:first] + message[:first] + message[first:]
+    ready, two = asyncio.run(_through(_lookups(txt), twice))
+    assert not ready and "dkim=pass" in two.headers.decode()  # type: ignore[attr-defined]
     # SPF still asking at the end of data (no loop turn since MAIL): not inline either.
     async def spf_waits() -> bool:
         checks = _checks(_lookups(txt, {"example.com"}))
@@ -320,5 +325,8 @@ def test_dmarc_answerable_from_the_cache() -> None:
     assert dmarc.answerable(peek, [b"a@example.com"])
     assert dmarc.answerable(peek, [b"a@sub.example.org"])  # no record there: the organization's is cached
     assert not dmarc.answerable(peek, [b"a@sub.example.net"])
+    # A record that is no usable one sends discover() on to the organization's, which is not cached.
+    for unusable in ((b"v=DMARC1; p=bogus",), (b"v=dmarc1; p=reject",), (b"v=DMARC1; p=none", b"v=DMARC1; p=reject")):
+        assert not dmarc.answerable({"_dmarc.mail.example.com": unusable}.get, [b"a@mail.example.com"]), unusable
     assert not dmarc.answerable(peek, [b"a@example.com, b@example.org"])  # several domains: gathered, with tasks
     assert dmarc.answerable(peek, [])  # no From: domain: permerror, nothing asked

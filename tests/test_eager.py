@@ -164,3 +164,51 @@ def test_cancelling_a_step_cancels_its_eager_call_where_it_waits() -> None:
         assert seen == ["cancelled", "finally"] and done == []
 
     run(main())
+
+
+def test_a_task_cancelled_before_its_first_step_still_cancels_the_coroutine_and_its_wait() -> None:
+    seen: list[str] = []
+
+    async def main() -> None:
+        gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def waits_on_gate() -> None:
+            try:
+                await gate
+            finally:
+                seen.append("told")
+
+        fut = eager(waits_on_gate())
+        fut.cancel()  # before the task ever ran
+        with pytest.raises(asyncio.CancelledError):
+            await fut
+        assert seen == ["told"] and gate.cancelled()
+
+    run(main())
+
+
+def test_a_cancellation_before_any_wait_gives_a_cancelled_future() -> None:
+    async def main() -> None:
+        gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        gone.cancel()
+
+        async def awaits_a_cancelled_future() -> None:
+            await gone
+
+        assert eager(awaits_a_cancelled_future()).cancelled()
+
+    run(main())
+
+
+def test_cancelling_a_step_before_its_task_ran_cancels_the_eager_call_too() -> None:
+    seen: list[str] = []
+
+    async def main() -> None:
+        step, done = _step((StepCall("a", lambda: _waits(seen), True, None, eager=True),))
+        assert step.start() is None
+        step.cancel()  # at once: the step's task has not run a step yet
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert seen == ["cancelled", "finally"] and done == []
+
+    run(main())

@@ -245,3 +245,8 @@ def test_header_fields_edges(impl: ModuleType) -> None:
     assert impl.header_fields(b"", 0) == []
     with pytest.raises(ValueError):
         impl.header_fields(b"ab", 3)
+
+
+def test_relaxed_headers_takes_any_iterable(impl: ModuleType) -> None:
+    fields = [b"From: a\r\n", b"To:  b \r\n"]
+    assert impl.relaxed_headers(f for f in fields) == impl.relaxed_headers(fields) == b"from:a\r\nto:b\r\n"

@@ -548,6 +548,7 @@ def relaxed_headers(fields):
     cdef bint pending, started
     cdef PyObject *out = NULL
     cdef bytes field
+    fields = tuple(fields)   # read twice: one sequence, whatever the caller gave
     for field in fields:
         total += len(field) + 3   # at most the field, a colon and CRLF
     out = _bytes_alloc(NULL, total)

@@ -12,12 +12,15 @@ Rules of this module:
   Callers start eagerly only code that needs no timeout until it waits,
   and say so where they do.
 - Cancelling the task cancels the coroutine where it waits, as for any
-  task; the future of a finished one ignores ``cancel()``.
+  task, even before the task's first step (then the wait it stopped at is
+  cancelled and the coroutine told, by the task's done callback); the
+  future of a finished one ignores ``cancel()``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import types
 from typing import Any, Coroutine, Generator, TypeVar
 
@@ -36,11 +39,30 @@ def eager(coro: Coroutine[Any, Any, _T], loop: asyncio.AbstractEventLoop | None 
         done: asyncio.Future[_T] = loop.create_future()
         done.set_result(stop.value)
         return done
+    except asyncio.CancelledError:  # cancelled before any wait: so is its future, as a task would be
+        cancelled: asyncio.Future[_T] = loop.create_future()
+        cancelled.cancel()
+        return cancelled
     except Exception as exc:  # raised before any wait: the future holds it, as a task's would
         failed: asyncio.Future[_T] = loop.create_future()
         failed.set_exception(exc)
         return failed
-    return loop.create_task(_go_on(coro, waiting))
+    task = loop.create_task(_go_on(coro, waiting))
+    task.add_done_callback(lambda t: _dropped(t, coro, waiting))
+    return task
+
+
+def _dropped(task: asyncio.Task[Any], coro: Coroutine[Any, Any, Any], waiting: Any) -> None:
+    """A task cancelled before its first step never ran _go_on: cancel the wait, and tell the coroutine."""
+    if not task.cancelled() or inspect.getcoroutinestate(coro) != inspect.CORO_SUSPENDED:
+        return  # it ended, or _resume already handed it the cancellation
+    if isinstance(waiting, asyncio.Future):
+        waiting.cancel()
+    try:
+        coro.throw(asyncio.CancelledError())
+    except BaseException:  # it ended (the cancellation, or anything its cleanup raised): as a task's would
+        return
+    coro.close()  # it waits again after a cancellation: nobody will resume it
 
 
 async def _go_on(coro: Coroutine[Any, Any, _T], waiting: Any) -> _T:

@@ -123,7 +123,7 @@ def _merge(headers: bytes, verdict: Verdict) -> bytes:
 class StepRun:
     """One step through its stages: ``start()`` answers now, or later through ``done``."""
 
-    __slots__ = ("_calls", "_args", "_peer", "_done", "_task")
+    __slots__ = ("_calls", "_args", "_peer", "_done", "_task", "_started")
 
     def __init__(
         self, calls: tuple[StepCall, ...], args: tuple[object, ...], peer: str, done: Callable[[Verdict], None]
@@ -133,6 +133,8 @@ class StepRun:
         self._peer = peer
         self._done = done
         self._task: asyncio.Task[Verdict] | None = None
+        #: An eager call that waited: its own task, which _rest awaits.
+        self._started: asyncio.Future[Any] | None = None
 
     def start(self) -> Verdict | None:
         """Run the sync stages; None: an async one runs and ``done`` will be called."""
@@ -149,6 +151,7 @@ class StepRun:
                     continue
             if call.is_async:
                 loop = asyncio.get_running_loop()
+                self._started = started
                 self._task = loop.create_task(self._rest(i, headers, started))
                 self._task.add_done_callback(self._finished)
                 return None
@@ -160,10 +163,13 @@ class StepRun:
 
     def cancel(self) -> None:
         if self._task is not None:
-            # An eager call's own task, awaited inside this one, is
-            # cancelled with it (awaiting a task forwards the cancellation).
             self._task.cancel()
             self._task = None
+        if self._started is not None:
+            # An eager call's own task: cancelled with ours once ours awaits
+            # it, but not if ours is cancelled before its first step.
+            self._started.cancel()
+            self._started = None
 
     def _sync(self, call: StepCall) -> Verdict:
         try:
@@ -219,5 +225,5 @@ class StepRun:
     def _finished(self, task: "asyncio.Task[Verdict]") -> None:
         if self._task is not task or task.cancelled():
             return
-        self._task = None
+        self._task = self._started = None
         self._done(task.result())

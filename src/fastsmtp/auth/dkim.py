@@ -188,6 +188,11 @@ class Verifier:
         """Whether the message has no ARC header field (then arc() asks nothing)."""
         return self._arc.instances == 0
 
+    @property
+    def signatures(self) -> int:
+        """The number of DKIM-Signature fields (dkim() answers one result each)."""
+        return len(self._entries)
+
     def key_names(self) -> list[str]:
         """The DNS names of the keys dkim() will ask for (§3.6.2.1), one per parsed signature."""
         return [f"{e.sig.selector}._domainkey.{e.sig.domain}" for e in self._entries

@@ -175,6 +175,11 @@ async def _record(lookups: Lookups, domain: str) -> Policy | None:
         answers = await lookups.txt("_dmarc." + domain)
     except BadName:
         return None
+    return _usable(answers)
+
+
+def _usable(answers: Sequence[bytes]) -> Policy | None:
+    """The one record of a _dmarc answer that parses; none, or several, is None (§6.6.3)."""
     records = [r for r in (parse_record(a) for a in answers if a[:8].lower() == b"v=dmarc1") if r is not None]
     return records[0] if len(records) == 1 else None
 
@@ -193,8 +198,9 @@ async def discover(lookups: Lookups, domain: str) -> tuple[Policy | None, bool]:
 def answerable(peek: Callable[[str], tuple[bytes, ...] | None], from_values: Sequence[bytes]) -> bool:
     """Whether ``check`` can answer from the cache alone (``peek``: a cached TXT answer, or None).
 
-    True for one From: domain whose _dmarc record is cached, and, when
-    that answer holds no DMARC record, its organization's too; for no
+    True for one From: domain whose _dmarc answer is cached, and, when
+    that answer holds no one usable record (as ``_record`` decides), its
+    organization's too; for no
     From: domain at all (permerror, nothing asked).  Several From:
     domains are checked at once, with tasks: False.
     """
@@ -205,8 +211,8 @@ def answerable(peek: Callable[[str], tuple[bytes, ...] | None], from_values: Seq
     answers = peek("_dmarc." + domain)
     if answers is None:
         return False
-    if any(a[:8].lower() == b"v=dmarc1" for a in answers):
-        return True
+    if _usable(answers) is not None:
+        return True  # discover() ends at the domain's own record
     org = organizational_domain(domain)
     return org == domain or peek("_dmarc." + org) is not None
 

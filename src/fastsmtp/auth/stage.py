@@ -131,7 +131,7 @@ class MessageAuth:
 
     __slots__ = (
         "_auth", "_peer", "_helo", "_sender", "_spf", "_tap", "_verifier", "_from", "results", "summary",
-        "quarantine", "_deadline",
+        "quarantine", "_deadline", "_inline",
     )
 
     def __init__(self, auth: Authenticator, peer: str, helo: str, sender: Address | None) -> None:
@@ -147,6 +147,8 @@ class MessageAuth:
         self.summary: tuple[tuple[str, str], ...] = ()
         #: Set by a DMARC quarantine that is enforced: deliver into .Junk.
         self.quarantine = False
+        #: Set by ready(): finish() runs inline (eager.py) and sets no timer.
+        self._inline = False
         loop = asyncio.get_running_loop()
         self._deadline = loop.time() + auth.budget
         self._spf: asyncio.Future[tuple[SPFResult | None, SPFResult | None]] | None = None
@@ -219,10 +221,13 @@ class MessageAuth:
         """The content is over: whether ``finish()`` can answer from what is known now, with no DNS wait.
 
         The header tap is ended here (as finish() does: a section without
-        its empty line ends with the content).  Then: SPF has ended; each DKIM key, and the From: domain's DMARC policy,
-        is in the resolver's cache; there is no ARC set to validate (its
-        keys are not looked at here: such mail takes the task's way).
-        Then ``finish()`` may run inline (stages.py, ``eager``).
+        its empty line ends with the content).  Then: SPF has ended; there
+        is at most one DKIM-Signature (several are checked at once, which
+        takes tasks), and its key, and the From: domain's DMARC policy (as
+        dmarc.answerable decides), are in the resolver's cache; there is no
+        ARC set to validate (its keys are not looked at here: such mail
+        takes the task's way).  Then ``finish()`` runs inline (stages.py,
+        ``eager``) and sets no timer.
         """
         if self._tap is not None:
             self._tap.end()
@@ -235,12 +240,13 @@ class MessageAuth:
         verifier = self._verifier
         overflow = self._tap is not None and self._tap.overflow
         if verifier is not None:
-            if not verifier.arc_free:
-                return False
+            if not verifier.arc_free or verifier.signatures > 1:
+                return False  # ARC's keys, or several signatures checked at once (gather's tasks)
             if (auth.dkim != "off" or auth.dmarc != "off") and not all(
                     peek(name) is not None for name in verifier.key_names()):
                 return False
-        return auth.dmarc == "off" or overflow or dmarc_check.answerable(peek, self._from)
+        self._inline = auth.dmarc == "off" or overflow or dmarc_check.answerable(peek, self._from)
+        return self._inline
 
     def abandon(self) -> None:
         """The transaction ended without a message (RSET, a refusal, a lost client)."""
@@ -310,10 +316,11 @@ class MessageAuth:
         dkim: list[DKIMResult] | None = [] if verifier is None or not run_dkim else None
         arc: ARCResult | None = None
         dmarc_result: DMARCResult | None = None
-        # Outside a task this runs inline, as ready() allowed: nothing here
-        # waits, and asyncio.timeout could not be used anyway (eager.py).
-        budget: contextlib.AbstractAsyncContextManager[object] = (asyncio.timeout_at(asyncio.get_running_loop().time() + auth.budget)
-                  if asyncio.current_task() is not None else contextlib.nullcontext())
+        # Inline, as ready() allowed: nothing here waits, so no timer (and
+        # asyncio.timeout would bind to whatever task called us, eager.py).
+        budget: contextlib.AbstractAsyncContextManager[object] = (
+            contextlib.nullcontext() if self._inline
+            else asyncio.timeout_at(asyncio.get_running_loop().time() + auth.budget))
         try:
             async with budget:
                 if verifier is not None:

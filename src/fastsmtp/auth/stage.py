@@ -18,8 +18,9 @@ Rules of this module:
   a task only from its first DNS question the cache cannot answer; the
   end of data runs inline, without the budget's timer, when ``ready()``
   finds every answer it needs in the resolver's cache (its peek, a dict
-  probe each), so the usual message costs no task, no hold on reading and
-  no loop turn.  Should an answer expire between that look and its use (a
+  probe each) for a message with at most one signature and no ARC set,
+  so the usual message costs no task, no hold on reading and no loop
+  turn.  Should an answer expire between that look and its use (a
   race of microseconds), the one question asked is bounded by
   ``--dns-timeout`` instead of the budget.
 - The checks have a budget (``--auth-timeout``): SPF from MAIL on, and

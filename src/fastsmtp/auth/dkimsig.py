@@ -84,8 +84,6 @@ class Problem(Exception):
 Tags = dict[str, str]  # name -> value, FWS at its ends removed, in the order of the list
 
 
-
-
 def parse_tags(data: bytes) -> Tags:
     """A tag-list (§3.2): tag names case-sensitive, duplicates and empty specs refused.
 

@@ -200,9 +200,9 @@ def answerable(peek: Callable[[str], tuple[bytes, ...] | None], from_values: Seq
 
     True for one From: domain whose _dmarc answer is cached, and, when
     that answer holds no one usable record (as ``_record`` decides), its
-    organization's too; for no
-    From: domain at all (permerror, nothing asked).  Several From:
-    domains are checked at once, with tasks: False.
+    organization's too; True for no From: domain at all (permerror,
+    nothing asked).  Several From: domains are checked at once, with
+    tasks: False.
     """
     domains = author_domains(from_values)
     if len(domains) != 1:
